@@ -1,0 +1,309 @@
+//! The HTTP/1.1 upgrade (RFC 6455 section 4.2): parsing the client's request head
+//! straight from a borrowed buffer with `httparse`, and writing the 101 answer
+//! or a plain error response.
+//!
+//! Owns the checks of 4.2.1. Routing (which paths exist) and limits on time
+//! belong to the caller; the request size limit is the caller's too, because only
+//! it knows how many bytes it has buffered.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
+use crate::error::HandshakeError;
+
+/// Header lines accepted in a request head; more is answered 431.
+pub const REQUEST_HEADERS_MAX: usize = 32;
+/// The GUID of RFC 6455 section 1.3.
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// A valid upgrade request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The path of the request target, without the query.
+    pub path: &'a str,
+    /// The query string after `?`, if any (not percent-decoded).
+    pub query: Option<&'a str>,
+    /// `Sec-WebSocket-Key`, checked to be the base64 of 16 bytes.
+    pub key: [u8; 24],
+    /// `Origin`, kept for origin checks by the caller.
+    pub origin: Option<&'a str>,
+    /// Bytes the request head takes; any bytes after it are frames.
+    pub head_len: usize,
+}
+
+/// Parses a request head at the start of `buf`.
+///
+/// Returns `Ok(None)` while the head is incomplete: the caller MUST then answer
+/// [`HandshakeError::TooLarge`] once it holds its size limit of bytes without a
+/// complete head.
+pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooLarge),
+        Err(_) => return Err(HandshakeError::Malformed),
+    };
+    if req.method != Some("GET") {
+        return Err(HandshakeError::MethodNotAllowed);
+    }
+    if req.version != Some(1) {
+        return Err(HandshakeError::OldHttpVersion);
+    }
+    let target = req.path.ok_or(HandshakeError::Malformed)?;
+    if !target.starts_with('/') {
+        return Err(HandshakeError::Malformed);
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let mut host = false;
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    let mut key = None;
+    let mut key_count = 0;
+    let mut version = None;
+    let mut origin = None;
+    for header in req.headers.iter() {
+        let value = header.value;
+        let name = header.name;
+        if name.eq_ignore_ascii_case("host") {
+            host = true;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade |= has_token(value, "websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= has_token(value, "upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            key_count += 1;
+            key = Some(trim(value));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            version = Some(trim(value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = std::str::from_utf8(trim(value)).ok();
+        }
+    }
+    if !host {
+        return Err(HandshakeError::MissingHost);
+    }
+    if !upgrade || !connection_upgrade {
+        return Err(HandshakeError::NotUpgrade);
+    }
+    if version != Some(b"13".as_slice()) {
+        return Err(HandshakeError::UnsupportedVersion);
+    }
+    let key = match key {
+        Some(key) if key_count == 1 => check_key(key)?,
+        _ => return Err(HandshakeError::BadKey),
+    };
+    Ok(Some(Request {
+        path,
+        query,
+        key,
+        origin,
+        head_len,
+    }))
+}
+
+fn check_key(key: &[u8]) -> Result<[u8; 24], HandshakeError> {
+    let key: [u8; 24] = key.try_into().map_err(|_| HandshakeError::BadKey)?;
+    let mut decoded = [0u8; 18];
+    match BASE64.decode_slice(key, &mut decoded) {
+        Ok(16) => Ok(key),
+        _ => Err(HandshakeError::BadKey),
+    }
+}
+
+/// Whether a comma-separated header value holds `token` (ASCII case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &bytes[start..end]
+}
+
+/// Computes `Sec-WebSocket-Accept` for `key` (4.2.2 item 5.4).
+fn accept_key(key: &[u8; 24]) -> [u8; 28] {
+    let mut sha1 = sha1_smol::Sha1::new();
+    sha1.update(key);
+    sha1.update(ACCEPT_GUID);
+    let mut out = [0u8; 28];
+    let n = BASE64
+        .encode_slice(sha1.digest().bytes(), &mut out)
+        .expect("20 bytes encode to 28");
+    debug_assert_eq!(n, 28);
+    out
+}
+
+/// Appends the `101 Switching Protocols` response for `key` to `out`.
+pub fn write_switching_protocols(key: &[u8; 24], out: &mut Vec<u8>) {
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(&accept_key(key));
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Appends a plain-text error response that closes the connection to `out`.
+/// `extra_headers` are complete header lines, each ending in CRLF.
+pub fn write_error_response(status: u16, reason: &str, extra_headers: &str, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let text = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n{reason}\n",
+        reason.len() + 1
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /ws?topics=a,b HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://example.com\r\n\r\n";
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(GOOD.contains(replace), "{replace}");
+        GOOD.replace(replace, by)
+    }
+
+    #[test]
+    fn parses_a_valid_request_and_answers_with_the_rfc_sample_key() {
+        let mut buf = GOOD.as_bytes().to_vec();
+        buf.extend_from_slice(b"\x81\x80"); // frame bytes after the head
+        let req = parse_request(&buf).unwrap().unwrap();
+        assert_eq!(req.path, "/ws");
+        assert_eq!(req.query, Some("topics=a,b"));
+        assert_eq!(req.origin, Some("http://example.com"));
+        assert_eq!(req.head_len, GOOD.len());
+        let mut out = Vec::new();
+        write_switching_protocols(&req.key, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        // The example from RFC 6455 section 1.3.
+        assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(text.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete() {
+        for cut in 0..GOOD.len() {
+            assert_eq!(
+                parse_request(&GOOD.as_bytes()[..cut]),
+                Ok(None),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_checks_map_to_statuses() {
+        let cases = [
+            (with("GET", "POST"), HandshakeError::MethodNotAllowed),
+            (with("HTTP/1.1", "HTTP/1.0"), HandshakeError::OldHttpVersion),
+            (with("Host: x\r\n", ""), HandshakeError::MissingHost),
+            (
+                with("Upgrade: websocket\r\n", ""),
+                HandshakeError::NotUpgrade,
+            ),
+            (
+                with("Upgrade: websocket", "Upgrade: h2c"),
+                HandshakeError::NotUpgrade,
+            ),
+            (
+                with("keep-alive, Upgrade", "keep-alive"),
+                HandshakeError::NotUpgrade,
+            ),
+            (
+                with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+                HandshakeError::UnsupportedVersion,
+            ),
+            (
+                with("Sec-WebSocket-Version: 13\r\n", ""),
+                HandshakeError::UnsupportedVersion,
+            ),
+            (
+                with("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ=="),
+                HandshakeError::BadKey,
+            ),
+            (
+                with("dGhlIHNhbXBsZSBub25jZQ==", "!!!!!!!!!!!!!!!!!!!!!!=="),
+                HandshakeError::BadKey,
+            ),
+            (
+                with("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                HandshakeError::BadKey,
+            ),
+            (
+                with(
+                    "Origin",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin",
+                ),
+                HandshakeError::BadKey,
+            ),
+            (with("GET /ws", "GET ws"), HandshakeError::Malformed),
+            (
+                "\x16\x03\x01\x00garbage\r\n\r\n".to_string(),
+                HandshakeError::Malformed,
+            ),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(
+                parse_request(request.as_bytes()),
+                Err(expected),
+                "{request:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_are_case_insensitive() {
+        let req = with("Upgrade: websocket", "upgrade: WebSocket")
+            .replace("keep-alive, Upgrade", "UPGRADE");
+        assert!(parse_request(req.as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn too_many_headers_is_431() {
+        let extra: String = (0..REQUEST_HEADERS_MAX)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect();
+        let req = with("Host: x\r\n", &format!("Host: x\r\n{extra}"));
+        assert_eq!(parse_request(req.as_bytes()), Err(HandshakeError::TooLarge));
+    }
+
+    #[test]
+    fn error_response_is_well_formed() {
+        let mut out = Vec::new();
+        let e = HandshakeError::UnsupportedVersion;
+        write_error_response(e.status(), e.reason(), e.extra_headers(), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+}
