@@ -16,22 +16,26 @@ pub const REQUEST_HEADERS_MAX: usize = 32;
 /// The GUID of RFC 6455 section 1.3.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// A valid upgrade request.
+/// A parsed HTTP/1.1 request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
     /// The path of the request target, without the query.
     pub path: &'a str,
     /// The query string after `?`, if any (not percent-decoded).
     pub query: Option<&'a str>,
-    /// `Sec-WebSocket-Key`, checked to be the base64 of 16 bytes.
-    pub key: [u8; 24],
+    /// The verdict on the upgrade: the `Sec-WebSocket-Key` (checked to be the
+    /// base64 of 16 bytes) when every rule of 4.2.1 holds. Kept apart from the
+    /// parse result so a caller can route by path first (404 before 400).
+    pub upgrade: Result<[u8; 24], HandshakeError>,
     /// `Origin`, kept for origin checks by the caller.
     pub origin: Option<&'a str>,
     /// Bytes the request head takes; any bytes after it are frames.
     pub head_len: usize,
 }
 
-/// Parses a request head at the start of `buf`.
+/// Parses a request head at the start of `buf`. `Err` means the bytes are not an
+/// HTTP/1.1 request head at all; whether it is a valid upgrade is in
+/// [`Request::upgrade`].
 ///
 /// Returns `Ok(None)` while the head is incomplete: the caller MUST then answer
 /// [`HandshakeError::TooLarge`] once it holds its size limit of bytes without a
@@ -45,12 +49,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
         Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooLarge),
         Err(_) => return Err(HandshakeError::Malformed),
     };
-    if req.method != Some("GET") {
-        return Err(HandshakeError::MethodNotAllowed);
-    }
-    if req.version != Some(1) {
-        return Err(HandshakeError::OldHttpVersion);
-    }
     let target = req.path.ok_or(HandshakeError::Malformed)?;
     if !target.starts_with('/') {
         return Err(HandshakeError::Malformed);
@@ -84,23 +82,26 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
             origin = std::str::from_utf8(trim(value)).ok();
         }
     }
-    if !host {
-        return Err(HandshakeError::MissingHost);
-    }
-    if !upgrade || !connection_upgrade {
-        return Err(HandshakeError::NotUpgrade);
-    }
-    if version != Some(b"13".as_slice()) {
-        return Err(HandshakeError::UnsupportedVersion);
-    }
-    let key = match key {
-        Some(key) if key_count == 1 => check_key(key)?,
-        _ => return Err(HandshakeError::BadKey),
+    let verdict = if req.method != Some("GET") {
+        Err(HandshakeError::MethodNotAllowed)
+    } else if req.version != Some(1) {
+        Err(HandshakeError::OldHttpVersion)
+    } else if !host {
+        Err(HandshakeError::MissingHost)
+    } else if !upgrade || !connection_upgrade {
+        Err(HandshakeError::NotUpgrade)
+    } else if version != Some(b"13".as_slice()) {
+        Err(HandshakeError::UnsupportedVersion)
+    } else {
+        match key {
+            Some(key) if key_count == 1 => check_key(key),
+            _ => Err(HandshakeError::BadKey),
+        }
     };
     Ok(Some(Request {
         path,
         query,
-        key,
+        upgrade: verdict,
         origin,
         head_len,
     }))
@@ -200,7 +201,7 @@ mod tests {
         assert_eq!(req.origin, Some("http://example.com"));
         assert_eq!(req.head_len, GOOD.len());
         let mut out = Vec::new();
-        write_switching_protocols(&req.key, &mut out);
+        write_switching_protocols(&req.upgrade.unwrap(), &mut out);
         let text = String::from_utf8(out).unwrap();
         // The example from RFC 6455 section 1.3.
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
@@ -271,11 +272,8 @@ mod tests {
             ),
         ];
         for (request, expected) in cases {
-            assert_eq!(
-                parse_request(request.as_bytes()),
-                Err(expected),
-                "{request:?}"
-            );
+            let verdict = parse_request(request.as_bytes()).and_then(|r| r.unwrap().upgrade);
+            assert_eq!(verdict, Err(expected), "{request:?}");
         }
     }
 
@@ -283,7 +281,20 @@ mod tests {
     fn tokens_are_case_insensitive() {
         let req = with("Upgrade: websocket", "upgrade: WebSocket")
             .replace("keep-alive, Upgrade", "UPGRADE");
-        assert!(parse_request(req.as_bytes()).unwrap().is_some());
+        assert!(parse_request(req.as_bytes())
+            .unwrap()
+            .unwrap()
+            .upgrade
+            .is_ok());
+    }
+
+    #[test]
+    fn the_path_is_known_even_when_the_upgrade_is_invalid() {
+        let req = parse_request(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.path, "/nope");
+        assert_eq!(req.upgrade, Err(HandshakeError::NotUpgrade));
     }
 
     #[test]

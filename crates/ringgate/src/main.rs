@@ -1,1 +1,158 @@
-fn main() {}
+//! The `ringgate` binary: parses the command line, starts the shards and the
+//! control plane, and turns SIGTERM/SIGINT into a graceful drain.
+
+mod cli;
+mod control;
+mod signals;
+mod units;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ringgate_codec::Limits;
+use ringgate_shard::{Command, ShardConfig, REJECT_SLOTS};
+
+use cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("ringgate: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    // Block the shutdown signals before any thread starts, so every thread
+    // inherits the mask and only the main thread's sigwait sees them.
+    signals::block_shutdown_signals();
+    let shard_count = cli.shards.unwrap_or_else(ringgate_shard::cpu_count).max(1);
+    let cfg = shard_config(&cli, shard_count)?;
+    let control_listener = std::net::TcpListener::bind(cli.control)
+        .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
+    let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
+    let runtime = ringgate_shard::start(&cfg, shard_count).map_err(|e| e.to_string())?;
+    let alive: Vec<Arc<AtomicBool>> = runtime
+        .shards
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(true)))
+        .collect();
+    let control = Arc::new(control::Control {
+        shards: runtime.shards.iter().map(|s| s.stats.clone()).collect(),
+        alive: alive.clone(),
+        started: Instant::now(),
+    });
+    control::spawn(control_listener, control)
+        .map_err(|e| format!("cannot start the control plane: {e}"))?;
+    tracing::info!(
+        ws = %runtime.local_addr, control = %control_addr, shards = shard_count,
+        connections_per_shard = cfg.connections_max, echo = cli.echo, "ringgate ready"
+    );
+    // One stable line on stdout for scripts and tests that start ringgate on port 0.
+    println!(
+        "ringgate ready: ws={} control={} shards={shard_count}",
+        runtime.local_addr, control_addr
+    );
+
+    let mut shards = runtime.shards;
+    let signal = loop {
+        if let Some(sig) = signals::wait(Duration::from_secs(1)) {
+            break sig;
+        }
+        for (s, a) in shards.iter().zip(&alive) {
+            if s.is_finished() {
+                a.store(false, Ordering::Relaxed);
+            }
+        }
+        if let Some(dead) = shards.iter().position(|s| s.is_finished()) {
+            let shard = shards.remove(dead);
+            let id = shard.id;
+            let why = shard
+                .join()
+                .err()
+                .map_or_else(|| "exited".to_string(), |e| e.to_string());
+            drain(shards, Instant::now());
+            return Err(format!("shard {id} stopped unexpectedly: {why}"));
+        }
+    };
+    tracing::info!(signal, drain_timeout = ?cli.drain_timeout, "shutting down: closing every connection with 1001");
+    drain(shards, Instant::now() + cli.drain_timeout);
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Tells every shard to drain by `deadline` and waits for them.
+fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) {
+    for shard in &shards {
+        if shard.send(Command::Shutdown { deadline }).is_err() {
+            tracing::warn!(
+                shard = shard.id,
+                "shard inbox full or closed during shutdown"
+            );
+        }
+    }
+    for shard in shards {
+        let id = shard.id;
+        if let Err(e) = shard.join() {
+            tracing::error!(shard = id, "shard ended with an error: {e}");
+        }
+    }
+}
+
+fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
+    let nofile = ringgate_shard::nofile_soft_limit();
+    let wanted = cli.max_connections.div_ceil(shards as u64);
+    // One ring's fixed-file table holds at most the soft RLIMIT_NOFILE slots.
+    let table_max = nofile.saturating_sub(u64::from(REJECT_SLOTS)).max(1);
+    let per_shard = wanted
+        .min(table_max)
+        .min(u64::from(u32::MAX - REJECT_SLOTS));
+    if per_shard < wanted {
+        tracing::warn!(
+            "capacity is {} connections ({shards} shards x {per_shard}): one ring holds at most RLIMIT_NOFILE ({nofile}) sockets; use more --shards for more",
+            per_shard * shards as u64
+        );
+    }
+    let to_u32 =
+        |v: u64, name: &str| u32::try_from(v).map_err(|_| format!("{name} is too large: {v}"));
+    let to_usize =
+        |v: u64, name: &str| usize::try_from(v).map_err(|_| format!("{name} is too large: {v}"));
+    Ok(ShardConfig {
+        listen: cli.listen,
+        connections_max: per_shard as u32,
+        buffers: cli.buffers,
+        buffer_bytes: to_u32(cli.buffer_size, "--buffer-size")?,
+        limits: Limits {
+            frame_bytes_max: cli.max_frame_size,
+            message_bytes_max: cli.max_message_size,
+        },
+        request_bytes_max: to_usize(cli.max_request_size, "--max-request-size")?,
+        send_queue_bytes_max: to_usize(cli.send_queue_limit, "--send-queue-limit")?,
+        handshake_timeout: cli.handshake_timeout,
+        ping_interval: cli.ping_interval,
+        idle_timeout: cli.idle_timeout,
+        echo: cli.echo,
+        cpu: (!cli.no_pin).then_some(0),
+    })
+}

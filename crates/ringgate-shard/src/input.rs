@@ -1,0 +1,378 @@
+//! What a connection does with the bytes it receives: the upgrade request, then
+//! frames. Pure logic over the connection record: no ring, no syscalls, so it is
+//! tested here with plain byte slices.
+//!
+//! Bytes are parsed in place in the buffer they arrived in (payloads unmasked in
+//! place). Only an unfinished frame or request head is copied, into
+//! [`Partial::tail`], which exists while that frame is incomplete; an unfinished
+//! text frame is unmasked and UTF-8-checked as it arrives, so bad text fails fast.
+//!
+//! Outputs go into the connection's send queue; state changes go into the record.
+//! The shard turns both into operations afterwards.
+
+use bytes::Bytes;
+use ringgate_codec::{
+    apply_mask, decode_header, encode_close_payload, encode_header, parse_request,
+    write_error_response, write_switching_protocols, DataKind, Decoded, Event, FrameHeader,
+    HandshakeError, OpCode, ProtocolError, Role,
+};
+
+use crate::config::ShardConfig;
+use crate::conn::{Conn, Partial, Route, State};
+use crate::stats::ShardStats;
+
+/// What input handling needs from the shard.
+pub(crate) struct Env<'a> {
+    pub cfg: &'a ShardConfig,
+    pub stats: &'a ShardStats,
+    pub now: u32,
+}
+
+/// Handles bytes received on `conn`. `data` is the receive buffer, lent for the
+/// call; it is modified (unmasked) in place.
+pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &Env) {
+    env.stats.bytes_received.add(data.len() as u64);
+    match conn.state {
+        State::Handshake => on_request_bytes(conn, data, env),
+        State::Open | State::Closing => {
+            if conn.state == State::Open {
+                conn.since = env.now;
+                conn.clear(crate::conn::flag::PING_SENT);
+            }
+            on_frame_bytes(conn, data, env);
+        }
+        State::Draining | State::Finished => {}
+    }
+}
+
+fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
+    let request_max = env.cfg.request_bytes_max;
+    let mut boxed = conn.partial.take();
+    let head: &mut [u8] = match boxed.as_deref_mut() {
+        Some(p) => {
+            p.tail.extend_from_slice(data);
+            &mut p.tail
+        }
+        None => data,
+    };
+    let parsed = parse_request(head).and_then(|req| match req {
+        Some(req) if req.head_len > request_max => Err(HandshakeError::TooLarge),
+        None if head.len() >= request_max => Err(HandshakeError::TooLarge),
+        other => Ok(other),
+    });
+    let request = match parsed {
+        Ok(Some(req)) => req,
+        Ok(None) => {
+            // Keep the unfinished head: at most request_max plus one buffer.
+            conn.partial = Some(boxed.unwrap_or_else(|| {
+                let mut p = Box::<Partial>::default();
+                p.tail.extend_from_slice(data);
+                p
+            }));
+            return;
+        }
+        Err(e) => return reject(conn, e.status(), e.reason(), e.extra_headers(), env),
+    };
+    let route = match request.path {
+        "/ws" => Route::PubSub,
+        "/echo" if env.cfg.echo => Route::Echo,
+        "/echo" => {
+            return reject(
+                conn,
+                404,
+                "the echo endpoint is off (start ringgate with --echo)",
+                "",
+                env,
+            )
+        }
+        _ => {
+            return reject(
+                conn,
+                404,
+                "no such endpoint (WebSocket endpoints: /ws)",
+                "",
+                env,
+            )
+        }
+    };
+    let key = match request.upgrade {
+        Ok(key) => key,
+        Err(e) => return reject(conn, e.status(), e.reason(), e.extra_headers(), env),
+    };
+    let mut response = Vec::with_capacity(160);
+    write_switching_protocols(&key, &mut response);
+    let head_len = request.head_len;
+    conn.queue(Bytes::from(response));
+    conn.state = State::Open;
+    conn.route = route;
+    conn.since = env.now;
+    env.stats.upgraded.add(1);
+    let rest = &mut head[head_len..];
+    if !rest.is_empty() {
+        on_frame_bytes(conn, rest, env);
+    }
+}
+
+/// Answers an upgrade request with an HTTP error and drains the connection.
+pub(crate) fn reject(conn: &mut Conn, status: u16, reason: &str, extra_headers: &str, env: &Env) {
+    let mut response = Vec::with_capacity(160 + reason.len());
+    write_error_response(status, reason, extra_headers, &mut response);
+    conn.queue(Bytes::from(response));
+    conn.partial = None;
+    conn.state = State::Draining;
+    conn.since = env.now;
+    if status != 503 {
+        env.stats.handshake_failed.add(1);
+    }
+    tracing::debug!(status, reason, "upgrade refused");
+}
+
+/// Whether to go on parsing after a frame.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// The connection no longer reads frames: discard the rest.
+    Stop,
+}
+
+fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
+    let mut boxed = conn.partial.take();
+    let mut local = Partial::default();
+    let p: &mut Partial = boxed.as_deref_mut().unwrap_or(&mut local);
+    let flow = parse_frames(conn, p, data, env);
+    let needed = flow == Flow::Continue && p.is_needed();
+    if needed {
+        conn.partial = Some(boxed.unwrap_or_else(|| Box::new(local)));
+    }
+}
+
+fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &Env) -> Flow {
+    let mut pos = 0;
+    if !p.tail.is_empty() {
+        match complete_tail(conn, p, data, &mut pos, env) {
+            Ok(Some(Flow::Stop)) => return Flow::Stop,
+            Ok(Some(Flow::Continue)) => {}
+            Ok(None) => return Flow::Continue, // still incomplete, all of data used
+            Err(e) => return fail(conn, e, env),
+        }
+    }
+    while pos < data.len() {
+        let decoded =
+            match decode_header(&data[pos..], Role::Server, env.cfg.limits.frame_bytes_max) {
+                Ok(d) => d,
+                Err(e) => return fail(conn, e, env),
+            };
+        let frame_len = decoded.frame_len_min();
+        let available = (data.len() - pos) as u64;
+        match decoded {
+            Decoded::Header { header, header_len } if frame_len <= available => {
+                let frame = &mut data[pos..pos + frame_len as usize];
+                pos += frame_len as usize;
+                match on_frame(conn, p, &header, &mut frame[header_len..], 0, env) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Stop) => return Flow::Stop,
+                    Err(e) => return fail(conn, e, env),
+                }
+            }
+            _ => {
+                // An unfinished frame: keep its bytes (bounded by the frame limit).
+                p.tail.extend_from_slice(&data[pos..]);
+                p.checked = 0;
+                if let Err(e) = check_tail(p, env) {
+                    return fail(conn, e, env);
+                }
+                return Flow::Continue;
+            }
+        }
+    }
+    Flow::Continue
+}
+
+/// Feeds `data` into the unfinished frame in the tail. Returns `None` when the
+/// frame is still incomplete (all of `data` used), else the flow after handling it.
+fn complete_tail(
+    conn: &mut Conn,
+    p: &mut Partial,
+    data: &[u8],
+    pos: &mut usize,
+    env: &Env,
+) -> Result<Option<Flow>, ProtocolError> {
+    let (header, header_len) = loop {
+        let decoded = decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?;
+        let need = (decoded.frame_len_min() as usize).saturating_sub(p.tail.len());
+        let take = need.min(data.len() - *pos);
+        p.tail.extend_from_slice(&data[*pos..*pos + take]);
+        *pos += take;
+        match decoded {
+            Decoded::Header { header, header_len } if take == need => break (header, header_len),
+            Decoded::Header { .. } => {
+                check_tail(p, env)?;
+                return Ok(None);
+            }
+            Decoded::NeedHeader(_) if take < need => return Ok(None),
+            Decoded::NeedHeader(_) => {} // the header may be complete now: decode again
+        }
+    };
+    let mut tail = std::mem::take(&mut p.tail);
+    let checked = std::mem::replace(&mut p.checked, 0);
+    let flow = on_frame(conn, p, &header, &mut tail[header_len..], checked, env);
+    // Keep the allocation only if it is small; a large frame's buffer goes now.
+    tail.clear();
+    if tail.capacity() <= 256 {
+        p.tail = tail;
+    }
+    flow.map(Some)
+}
+
+/// Unmasks and checks the payload bytes of the unfinished data frame in the tail
+/// that arrived since the last check, so invalid text fails before the frame ends.
+fn check_tail(p: &mut Partial, env: &Env) -> Result<(), ProtocolError> {
+    let Decoded::Header { header, header_len } =
+        decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?
+    else {
+        return Ok(());
+    };
+    if header.opcode.is_control() {
+        return Ok(());
+    }
+    let payload = &mut p.tail[header_len..];
+    let fresh = &mut payload[p.checked as usize..];
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    apply_mask(
+        fresh,
+        header.mask.expect("server role requires a mask"),
+        p.checked as usize,
+    );
+    p.state.check_partial(&header, p.checked, fresh)?;
+    p.checked += fresh.len() as u64;
+    Ok(())
+}
+
+/// Handles one complete frame whose payload is `payload`, of which the first
+/// `checked` bytes are already unmasked and checked.
+fn on_frame(
+    conn: &mut Conn,
+    p: &mut Partial,
+    header: &FrameHeader,
+    payload: &mut [u8],
+    checked: u64,
+    env: &Env,
+) -> Result<Flow, ProtocolError> {
+    let mask = header.mask.expect("server role requires a mask");
+    apply_mask(&mut payload[checked as usize..], mask, checked as usize);
+    let event = p
+        .state
+        .handle_frame(header, payload, checked, &env.cfg.limits)?;
+    let open = conn.state == State::Open;
+    match event {
+        Event::Data {
+            kind,
+            first,
+            fin,
+            payload,
+        } => {
+            if fin {
+                env.stats.messages_received.add(1);
+            }
+            if !open {
+                return Ok(Flow::Continue);
+            }
+            match conn.route {
+                Route::Echo if first && fin => queue_data(conn, kind, payload, env),
+                Route::Echo => {
+                    p.message.extend_from_slice(payload);
+                    if fin {
+                        let message = std::mem::take(&mut p.message);
+                        queue_data(conn, kind, &message, env);
+                    }
+                }
+                // The pub/sub protocol is not served yet: data messages are read and dropped.
+                Route::PubSub => {}
+            }
+        }
+        Event::Ping(payload) if open => conn.queue(control_frame(OpCode::Pong, payload)),
+        Event::Ping(_) | Event::Pong(_) => {}
+        Event::Close(close) => {
+            if open {
+                // Echo the peer's code (RFC 6455 5.5.1); an empty close gets an empty close.
+                let reply = match close.code {
+                    Some(code) => close_frame(code, ""),
+                    None => control_frame(OpCode::Close, &[]),
+                };
+                conn.queue(reply);
+            }
+            conn.state = State::Draining;
+            conn.since = env.now;
+            return Ok(Flow::Stop);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Fails the connection (RFC 6455 7.1.7): a Close with the error's code if we
+/// have not sent one, then drain.
+fn fail(conn: &mut Conn, error: ProtocolError, env: &Env) -> Flow {
+    env.stats.protocol_errors.add(1);
+    tracing::debug!(%error, code = error.close_code(), "failing connection");
+    if conn.state == State::Open {
+        conn.queue(close_frame(error.close_code(), error.reason()));
+    }
+    conn.state = State::Draining;
+    conn.since = env.now;
+    Flow::Stop
+}
+
+/// Starts a server-initiated close: sends Close `code` and waits for the peer's.
+pub(crate) fn start_close(conn: &mut Conn, code: u16, reason: &str, now: u32) {
+    if conn.state == State::Open {
+        conn.queue(close_frame(code, reason));
+        conn.state = State::Closing;
+        conn.since = now;
+    }
+}
+
+fn queue_data(conn: &mut Conn, kind: DataKind, payload: &[u8], env: &Env) {
+    let opcode = match kind {
+        DataKind::Text => OpCode::Text,
+        DataKind::Binary => OpCode::Binary,
+    };
+    conn.queue(frame(opcode, payload));
+    env.stats.messages_sent.add(1);
+}
+
+/// Builds one unmasked, unfragmented frame.
+pub(crate) fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let header = FrameHeader {
+        fin: true,
+        opcode,
+        mask: None,
+        payload_len: payload.len() as u64,
+    };
+    let mut head = [0u8; ringgate_codec::HEADER_BYTES_MAX];
+    let head_len = encode_header(&header, &mut head);
+    let mut out = Vec::with_capacity(head_len + payload.len());
+    out.extend_from_slice(&head[..head_len]);
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+pub(crate) fn control_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    debug_assert!(opcode.is_control() && payload.len() <= 125);
+    frame(opcode, payload)
+}
+
+pub(crate) fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut payload = [0u8; 125];
+    let n = encode_close_payload(code, reason, &mut payload);
+    control_frame(OpCode::Close, &payload[..n])
+}
+
+/// The keepalive ping: empty, so it costs the client nothing to echo.
+pub(crate) fn ping_frame() -> Bytes {
+    Bytes::from_static(&[0x89, 0x00])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! The few system calls the shard makes outside io_uring: the listening socket,
+//! the doorbell eventfd, CPU pinning and reading kernel facts.
+//!
+//! Owns every raw `libc` call of the crate except the buffer ring's mmap.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog; the kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a listening TCP socket with SO_REUSEPORT, so every shard can bind the
+/// same address and the kernel spreads connections over them.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY: events are small and latency matters.
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The address a listener is bound to (the real port when 0 was asked for).
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let socket = Socket::from(fd.try_clone()?);
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))
+}
+
+/// The doorbell another thread rings to wake a shard. Blocking on purpose:
+/// io_uring answers a read of an O_NONBLOCK file with EAGAIN instead of waiting,
+/// and a write blocks only if the counter nears 2^64, which never happens.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd's counter.
+pub fn ring_eventfd(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an fd; errors are reported, not UB.
+    let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes a bit inside `set`; cpu is bounds-checked by the macro's callers below.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: passes a valid pointer to a cpu_set_t of the size given.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The soft RLIMIT_NOFILE: the most fixed-file slots one ring may register.
+pub fn nofile_soft_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    rl.rlim_cur
+}
+
+/// The running kernel's release string and (major, minor) version.
+pub fn kernel_version() -> (String, (u32, u32)) {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: passes a valid pointer to a utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return ("unknown".into(), (0, 0));
+    }
+    let release: String = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (release, (major, minor))
+}
+
+/// The number of CPUs this process may run on.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The raw fd of anything that has one (for io_uring's `types::Fd`).
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_listeners_share_a_port_with_reuseport() {
+        let a = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = local_addr(&a).unwrap();
+        assert_ne!(addr.port(), 0);
+        let b = bind_listener(addr).unwrap();
+        assert_eq!(local_addr(&b).unwrap(), addr);
+    }
+
+    #[test]
+    fn kernel_version_parses() {
+        let (release, (major, _)) = kernel_version();
+        assert!(!release.is_empty());
+        assert!(major >= 3, "{release}");
+    }
+}

@@ -1,0 +1,107 @@
+//! The command line: every setting with a default good enough to run with none.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::units::{parse_duration, parse_size};
+
+/// ringgate: a WebSocket gateway on io_uring for millions of mostly idle connections.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Address the WebSocket endpoints listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Address of the control plane (/healthz, /stats).
+    #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
+    pub control: SocketAddr,
+
+    /// Shard threads, each with its own io_uring [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+
+    /// Do not pin shard threads to CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// Serve GET /echo, which echoes every message (for conformance tests and benchmarks).
+    #[arg(long)]
+    pub echo: bool,
+
+    /// Connections held at most, over all shards; more are answered 503.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    pub max_connections: u64,
+
+    /// Largest frame payload accepted (close 1009 past it).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_frame_size: u64,
+
+    /// Largest message accepted, over all its fragments (close 1009 past it).
+    #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_message_size: u64,
+
+    /// Largest HTTP upgrade request head accepted (431 past it).
+    #[arg(long, default_value = "8KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_request_size: u64,
+
+    /// Bytes queued for one client before its reads pause.
+    #[arg(long, default_value = "256KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub send_queue_limit: u64,
+
+    /// Provided receive buffers per shard (a power of two, at most 32768).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub buffers: u32,
+
+    /// Bytes per provided receive buffer.
+    #[arg(long, default_value = "16KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub buffer_size: u64,
+
+    /// Close connections that have not completed the upgrade after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+
+    /// Ping clients silent this long (pings are spread over the last fifth).
+    #[arg(long, default_value = "25s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ping_interval: Duration,
+
+    /// Close clients silent this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, wait this long for clients to finish closing.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn runs_with_no_flags() {
+        let cli = Cli::try_parse_from(["ringgate"]).unwrap();
+        assert_eq!(cli.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(cli.max_frame_size, 64 << 10);
+        assert_eq!(cli.ping_interval, Duration::from_secs(25));
+        assert!(!cli.echo);
+    }
+
+    #[test]
+    fn bad_units_are_named() {
+        let err = Cli::try_parse_from(["ringgate", "--max-frame-size", "64 bananas"]).unwrap_err();
+        assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+}
