@@ -19,8 +19,13 @@ pub(crate) enum State {
     Open,
     /// We sent a Close frame and wait for the peer's.
     Closing,
-    /// Nothing more to read: flush the send queue, shut down our side, wait for
-    /// the peer's FIN (reads are discarded).
+    /// The close handshake is complete: flush the send queue, then close the
+    /// socket at once (RFC 6455 7.1.1: the server closes TCP first). The peer
+    /// sends nothing after its Close, so no unread byte turns the close into a reset.
+    Flushing,
+    /// Failed or refused while the peer may still be sending: flush, shut down our
+    /// side, discard reads until the peer's FIN, so the last thing we sent (a
+    /// close frame or an HTTP error) is not lost to a reset.
     Draining,
     /// The descriptor is being (or has been) closed; waiting for the last completions.
     Finished,

@@ -41,7 +41,7 @@ pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &Env) {
             }
             on_frame_bytes(conn, data, env);
         }
-        State::Draining | State::Finished => {}
+        State::Flushing | State::Draining | State::Finished => {}
     }
 }
 
@@ -303,7 +303,7 @@ fn on_frame(
                 };
                 conn.queue(reply);
             }
-            conn.state = State::Draining;
+            conn.state = State::Flushing;
             conn.since = env.now;
             return Ok(Flow::Stop);
         }

@@ -430,6 +430,10 @@ impl Shard {
             self.staged.push(sqe);
             conn.set(flag::RECV_ARMED);
         }
+        if conn.state == State::Flushing && conn.sendq.is_none() && !conn.has(flag::SEND_INFLIGHT) {
+            self.finish(key);
+            return self.drive(key);
+        }
         if conn.state == State::Draining
             && conn.sendq.is_none()
             && !conn.has(flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT | flag::SHUT_DONE)

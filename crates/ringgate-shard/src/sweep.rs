@@ -60,7 +60,9 @@ pub(crate) fn due(conn: &Conn, key: usize, now: u32, t: &Timeouts) -> Due {
                 Due::Nothing
             }
         }
-        State::Closing | State::Draining if elapsed >= t.close => Due::CloseTimeout,
+        State::Closing | State::Flushing | State::Draining if elapsed >= t.close => {
+            Due::CloseTimeout
+        }
         _ => Due::Nothing,
     }
 }

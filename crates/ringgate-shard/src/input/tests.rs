@@ -221,7 +221,7 @@ fn a_peer_close_is_echoed_and_drains() {
     let mut h = Harness::open();
     h.feed(&client_frame(true, OpCode::Close, b"\x0f\xa0bye"));
     assert_eq!(close_code_of(&h.sent()), 4000);
-    assert_eq!(h.conn.state, State::Draining);
+    assert_eq!(h.conn.state, State::Flushing);
     let mut h = Harness::open();
     h.feed(&client_frame(true, OpCode::Close, b""));
     assert_eq!(h.sent(), vec![0x88, 0x00]);
@@ -238,7 +238,7 @@ fn after_our_close_only_the_peer_close_matters() {
     assert!(h.sent().is_empty(), "no data or pong after our close");
     assert_eq!(h.conn.state, State::Closing);
     h.feed(&client_frame(true, OpCode::Close, b"\x03\xe9"));
-    assert_eq!(h.conn.state, State::Draining);
+    assert_eq!(h.conn.state, State::Flushing);
     assert!(
         h.sent().is_empty(),
         "the close handshake is complete: no second close"

@@ -1,0 +1,287 @@
+//! Shared harness for the end-to-end tests: starts the real `ringgate` binary on
+//! free loopback ports and talks to it as independent clients do (tungstenite for
+//! well-formed traffic, raw TCP for everything a library would refuse to send).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running ringgate, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub ws: SocketAddr,
+    pub control: SocketAddr,
+}
+
+impl Server {
+    /// Starts ringgate on port 0 with `args` added, and waits for its ready line.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--no-pin",
+            ])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ringgate");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let field = |name: &str| -> SocketAddr {
+            let start = line
+                .find(&format!("{name}="))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                + name.len()
+                + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (ws, control) = (field("ws"), field("control"));
+        Server { child, ws, control }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.ws, path)
+    }
+
+    /// GET on the control plane; returns (status, body).
+    pub fn control_get(&self, path: &str) -> (u16, String) {
+        http_get(self.control, path)
+    }
+
+    /// The parsed `/stats` document.
+    pub fn stats(&self) -> Value {
+        let (status, body) = self.control_get("/stats");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// A total from `/stats`.
+    pub fn total(&self, name: &str) -> u64 {
+        self.stats()["totals"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no total {name}"))
+    }
+
+    /// Waits until `f` holds, or panics after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Server) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; stats: {}",
+                self.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringgate did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's resident set size in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    parse_response(&response)
+}
+
+/// (status, body) of an HTTP response.
+pub fn parse_response(response: &str) -> (u16, String) {
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+/// A tungstenite client; limits raised so the server's limits are what is tested.
+pub fn ws_connect(server: &Server, path: &str) -> Ws {
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, response) =
+        tungstenite::client::connect_with_config(server.url(path), Some(config), 3)
+            .expect("upgrade");
+    assert_eq!(response.status(), 101);
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    ws
+}
+
+pub const REQUEST_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// An upgrade request head for `path` with `extra` header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {REQUEST_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A raw TCP client that has completed the upgrade.
+pub fn raw_upgrade(server: &Server, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(server.ws).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    s
+}
+
+/// Reads an HTTP response head byte by byte (so no frame byte is consumed).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A masked client frame; `first_byte` carries FIN, RSV and the opcode.
+pub fn frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0xa1, 0x5e, 0x07, 0xc3];
+    let mut out = vec![first_byte];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+pub const TEXT: u8 = 0x1;
+pub const BINARY: u8 = 0x2;
+pub const CLOSE: u8 = 0x8;
+pub const PING: u8 = 0x9;
+pub const PONG: u8 = 0xA;
+pub const FIN: u8 = 0x80;
+
+/// Reads one server frame: (first byte, payload). `None` on EOF.
+pub fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    if s.read_exact(&mut head).is_err() {
+        return None;
+    }
+    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).unwrap();
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    Some((head[0], payload))
+}
+
+/// Reads frames until a close frame; returns its code. Pings on the way are skipped.
+pub fn read_close_code(s: &mut TcpStream) -> u16 {
+    loop {
+        let (b0, payload) = read_frame(s).expect("a close frame before EOF");
+        if b0 & 0x0f == CLOSE {
+            assert!(payload.len() >= 2, "close without a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+/// Whether the server closes the TCP connection (EOF) within the read timeout.
+pub fn reaches_eof(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}

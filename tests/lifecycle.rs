@@ -1,0 +1,153 @@
+//! End to end: keepalive pings, the idle timeout, graceful shutdown, and start-up
+//! errors a person would hit.
+
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::Message;
+
+#[test]
+fn a_silent_client_is_pinged_then_closed_after_the_idle_timeout() {
+    let server = Server::start(&["--ping-interval", "1s", "--idle-timeout", "3s"]);
+    let mut s = raw_upgrade(&server, "/ws");
+    let started = Instant::now();
+    let (b0, _) = read_frame(&mut s).expect("a keepalive ping");
+    assert_eq!(b0, FIN | PING);
+    // Never answer the ping: the server closes with 1001; answering that close
+    // completes the handshake and the server closes TCP at once.
+    assert_eq!(read_close_code(&mut s), 1001);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    s.write_all(&frame(FIN | CLOSE, &1001u16.to_be_bytes()))
+        .unwrap();
+    assert!(reaches_eof(&mut s));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.total("idle_closed_total"), 1);
+}
+
+#[test]
+fn a_client_that_answers_pings_stays_connected() {
+    let server = Server::start(&["--echo", "--ping-interval", "1s", "--idle-timeout", "2s"]);
+    let mut s = raw_upgrade(&server, "/echo");
+    let until = Instant::now() + Duration::from_millis(3500);
+    let mut pings = 0;
+    while Instant::now() < until {
+        let (b0, payload) = read_frame(&mut s).expect("connection kept");
+        assert_eq!(b0, FIN | PING, "only pings while idle");
+        s.write_all(&frame(FIN | PONG, &payload)).unwrap();
+        pings += 1;
+    }
+    assert!(pings >= 2, "{pings} pings in 3.5 s");
+    s.write_all(&frame(FIN | TEXT, b"still here")).unwrap();
+    assert_eq!(
+        read_frame(&mut s),
+        Some((FIN | TEXT, b"still here".to_vec()))
+    );
+}
+
+#[test]
+fn sigterm_sends_1001_to_every_client_and_exits_0() {
+    let mut server = Server::start(&["--echo", "--shards", "2", "--drain-timeout", "5s"]);
+    let mut clients: Vec<Ws> = (0..8).map(|_| ws_connect(&server, "/echo")).collect();
+    for ws in &mut clients {
+        ws.send(Message::text("before")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("before"));
+    }
+    server.signal(libc::SIGTERM);
+    for ws in &mut clients {
+        match ws.read().unwrap() {
+            Message::Close(Some(close)) => assert_eq!(close.code, CloseCode::Away),
+            other => panic!("expected Close 1001, got {other:?}"),
+        }
+        // tungstenite answers the close; then the server closes TCP.
+        while ws.read().is_ok() {}
+    }
+    // The server closed every socket itself: it did not wait for the drain deadline.
+    let status = server.wait_exit(Duration::from_secs(3));
+    assert!(status.success(), "{status:?}");
+    assert!(std::net::TcpStream::connect(server.ws).is_err());
+    drop(clients);
+}
+
+#[test]
+fn clients_that_never_close_are_cut_at_the_drain_timeout() {
+    let mut server = Server::start(&["--drain-timeout", "1s"]);
+    let mut s = raw_upgrade(&server, "/ws");
+    let started = Instant::now();
+    server.signal(libc::SIGINT);
+    assert_eq!(read_close_code(&mut s), 1001);
+    // The client never answers the close.
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn run_and_fail(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let errors = stderr.lines().filter(|l| l.contains("error")).count();
+    assert_eq!(errors, 1, "one error line expected: {stderr}");
+    stderr
+}
+
+#[test]
+fn bad_flags_and_busy_ports_fail_with_one_clear_line() {
+    let err = run_and_fail(&["--max-frame-size", "lots"]);
+    assert!(
+        err.contains("--max-frame-size") && err.contains("invalid size"),
+        "{err}"
+    );
+    let err = run_and_fail(&[
+        "--buffers",
+        "1000",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("--buffers must be a power of two"), "{err}");
+    let err = run_and_fail(&[
+        "--ping-interval",
+        "30s",
+        "--idle-timeout",
+        "10s",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("--idle-timeout"), "{err}");
+    // A port held by a socket without SO_REUSEPORT.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = run_and_fail(&["--listen", &addr, "--control", "127.0.0.1:0"]);
+    assert!(err.contains("in use"), "{err}");
+    let err = run_and_fail(&["--listen", "127.0.0.1:0", "--control", &addr]);
+    assert!(err.contains("control address"), "{err}");
+}
+
+#[test]
+fn healthz_answers_ok() {
+    let server = Server::start(&[]);
+    assert_eq!(server.control_get("/healthz"), (200, "ok\n".to_string()));
+}
