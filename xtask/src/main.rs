@@ -1,1 +1,85 @@
-fn main() {}
+//! `cargo xtask`: ringgate's developer tasks.
+//!
+//! - `test`: the whole suite as CI runs it (fmt check, clippy -D warnings, every test).
+//! - `autobahn`: the Autobahn TestSuite server cases against a release `--echo`.
+//! - `density`: server memory per idle WebSocket connection, user space and kernel.
+
+mod density;
+mod process;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ringgate developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run everything CI runs: cargo fmt --check, clippy -D warnings, all tests.
+    Test,
+    /// Run the Autobahn server cases (../shared/conformance) against a release `ringgate --echo`.
+    Autobahn {
+        /// Case patterns, e.g. '1.*,2.*' (default: all but 12.* and 13.*).
+        #[arg(default_value = "*")]
+        cases: String,
+        /// Path to the conformance runner.
+        #[arg(long, default_value = "../shared/conformance/run.sh")]
+        runner: String,
+    },
+    /// Measure server RSS and kernel slab growth per idle connection.
+    Density(density::Args),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.task {
+        Task::Test => test(),
+        Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
+        Task::Density(a) => density::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test() -> Result<(), String> {
+    process::cargo(&["fmt", "--all", "--check"])?;
+    process::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    process::cargo(&["test", "--workspace"])
+}
+
+fn autobahn(cases: &str, runner: &str) -> Result<(), String> {
+    process::cargo(&["build", "--release", "-p", "ringgate"])?;
+    let server = process::Ringgate::start(&[
+        "--echo",
+        "--max-frame-size",
+        "16MiB",
+        "--max-message-size",
+        "16MiB",
+    ])?;
+    let url = format!("ws://{}/echo", server.ws);
+    let status = std::process::Command::new("bash")
+        .args([runner, &url, cases, "--exclude", "12.*,13.*"])
+        .status()
+        .map_err(|e| format!("cannot run {runner}: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| "conformance cases failed".into())
+}

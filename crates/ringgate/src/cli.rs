@@ -31,9 +31,10 @@ pub struct Cli {
     #[arg(long)]
     pub echo: bool,
 
-    /// Connections held at most, over all shards; more are answered 503.
-    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
-    pub max_connections: u64,
+    /// Connections held at most, over all shards; more are answered 503
+    /// [default: as many as the shards' rings hold: shards x (RLIMIT_NOFILE - 64)].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u64>,
 
     /// Largest frame payload accepted (close 1009 past it).
     #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]

@@ -122,18 +122,24 @@ fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) {
 
 fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
     let nofile = ringgate_shard::nofile_soft_limit();
-    let wanted = cli.max_connections.div_ceil(shards as u64);
     // One ring's fixed-file table holds at most the soft RLIMIT_NOFILE slots.
-    let table_max = nofile.saturating_sub(u64::from(REJECT_SLOTS)).max(1);
-    let per_shard = wanted
-        .min(table_max)
-        .min(u64::from(u32::MAX - REJECT_SLOTS));
-    if per_shard < wanted {
-        tracing::warn!(
-            "capacity is {} connections ({shards} shards x {per_shard}): one ring holds at most RLIMIT_NOFILE ({nofile}) sockets; use more --shards for more",
-            per_shard * shards as u64
-        );
-    }
+    let table_max = nofile
+        .saturating_sub(u64::from(REJECT_SLOTS))
+        .clamp(1, u64::from(u32::MAX - REJECT_SLOTS));
+    let per_shard = match cli.max_connections {
+        None => table_max,
+        Some(0) => return Err("--max-connections must be at least 1".into()),
+        Some(total) => {
+            let wanted = total.div_ceil(shards as u64);
+            if wanted > table_max {
+                tracing::warn!(
+                    "--max-connections {total} is more than {shards} shards can hold: capacity is {} (one ring holds at most RLIMIT_NOFILE ({nofile}) sockets); use more --shards",
+                    table_max * shards as u64
+                );
+            }
+            wanted.min(table_max)
+        }
+    };
     let to_u32 =
         |v: u64, name: &str| u32::try_from(v).map_err(|_| format!("{name} is too large: {v}"));
     let to_usize =
