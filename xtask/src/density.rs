@@ -36,9 +36,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let rss_before = rss_bytes(server.pid())?;
     let slab_before = meminfo_bytes("Slab")?;
     let started = Instant::now();
-    let request = format!(
-        "GET /ws?topics=user.42 HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let request = upgrade_request("/ws?topics=user.42");
     let mut conns = Vec::with_capacity(args.conns);
     for i in 0..args.conns {
         let mut s = TcpStream::connect(server.ws).map_err(|e| format!("connection {i}: {e}"))?;
@@ -91,12 +89,19 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// A WebSocket upgrade request for `path` (the RFC 6455 sample key).
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
 /// Echoes `bytes` through `/echo` in 32 KiB binary frames (masked with a zero
 /// key, so the payload goes on the wire as is).
 fn warm_buffer_ring(server: &Ringgate, bytes: usize) -> Result<(), String> {
     const CHUNK: usize = 32 * 1024;
     let mut s = TcpStream::connect(server.ws).map_err(|e| e.to_string())?;
-    let request = "GET /echo HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let request = upgrade_request("/echo");
     s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
     let mut response = [0u8; 129];
     s.read_exact(&mut response).map_err(|e| e.to_string())?;
