@@ -6,6 +6,8 @@ mod common;
 
 use std::sync::{Arc, Barrier};
 
+use std::io::Write;
+
 use common::*;
 use tungstenite::Message;
 
@@ -68,4 +70,33 @@ fn a_starved_buffer_ring_loses_no_byte() {
             > 0,
         "the ring never ran dry, so this test did not test the ENOBUFS path: {stats}"
     );
+}
+
+#[test]
+fn a_client_that_does_not_read_its_echoes_is_paused_not_dropped() {
+    const MESSAGES: usize = 256;
+    const SIZE: usize = 16 * 1024;
+    let server = Server::start(&["--echo", "--shards", "1", "--send-queue-limit", "64KiB"]);
+    let mut reader = raw_upgrade(&server, "/echo");
+    let mut writer = reader.try_clone().unwrap();
+    let payload = |i: usize| -> Vec<u8> { (0..SIZE).map(|j| (i * 7 + j) as u8).collect() };
+    // Write 4 MiB of messages while nobody reads the echoes: the server's send
+    // queue passes its limit and its reads of this client pause.
+    let writing = std::thread::spawn(move || {
+        for i in 0..MESSAGES {
+            writer.write_all(&frame(FIN | BINARY, &payload(i))).unwrap();
+        }
+    });
+    server.wait_for("reads to pause", std::time::Duration::from_secs(20), |s| {
+        s.total("reads_paused_total") > 0
+    });
+    // Reading now drains everything, in order; nothing was dropped.
+    for i in 0..MESSAGES {
+        assert_eq!(
+            read_frame(&mut reader),
+            Some((FIN | BINARY, payload(i))),
+            "echo {i}"
+        );
+    }
+    writing.join().unwrap();
 }

@@ -20,6 +20,9 @@ pub struct Args {
     /// Shards for the server.
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Path the idle connections upgrade on (/ws or /echo).
+    #[arg(long, default_value = "/ws?topics=user.42")]
+    path: String,
     /// Seconds to hold the connections before measuring.
     #[arg(long, default_value_t = 2)]
     hold: u64,
@@ -36,7 +39,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let rss_before = rss_bytes(server.pid())?;
     let slab_before = meminfo_bytes("Slab")?;
     let started = Instant::now();
-    let request = upgrade_request("/ws?topics=user.42");
+    let request = upgrade_request(&args.path);
     let mut conns = Vec::with_capacity(args.conns);
     for i in 0..args.conns {
         let mut s = TcpStream::connect(server.ws).map_err(|e| format!("connection {i}: {e}"))?;
@@ -70,6 +73,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let kernel = (slab_after as f64 - slab_before as f64) / n;
     println!("connections          {}", args.conns);
     println!("shards               {}", args.shards);
+    println!("path                 {}", args.path);
     println!(
         "connect+upgrade      {:.2} s ({:.0}/s)",
         connect_seconds,

@@ -61,7 +61,14 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ])?;
-    process::cargo(&["test", "--workspace"])
+    let (passed, failed) = process::cargo_test(&["test", "--workspace", "--no-fail-fast"])?;
+    // One closing line over every test binary (cargo's last line is a doc-test
+    // binary's, which says nothing about the rest).
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        return Err(format!("{failed} tests failed, {passed} passed"));
+    }
+    Ok(())
 }
 
 fn autobahn(cases: &str, runner: &str) -> Result<(), String> {
