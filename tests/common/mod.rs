@@ -238,7 +238,7 @@ pub const PONG: u8 = 0xA;
 pub const FIN: u8 = 0x80;
 
 /// Reads one server frame: (first byte, payload). `None` on EOF.
-pub fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub fn read_frame(s: &mut impl Read) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 2];
     if s.read_exact(&mut head).is_err() {
         return None;
@@ -262,8 +262,8 @@ pub fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((head[0], payload))
 }
 
-/// Reads frames until a close frame; returns its code. Pings on the way are skipped.
-pub fn read_close_code(s: &mut TcpStream) -> u16 {
+/// Reads frames until a close frame; returns its code. Other frames are skipped.
+pub fn read_close_code(s: &mut impl Read) -> u16 {
     loop {
         let (b0, payload) = read_frame(s).expect("a close frame before EOF");
         if b0 & 0x0f == CLOSE {
@@ -284,4 +284,45 @@ pub fn reaches_eof(s: &mut TcpStream) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// POSTs `body` to the control plane; returns (status, body).
+pub fn post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response);
+    parse_response(&String::from_utf8_lossy(&response))
+}
+
+impl Server {
+    /// Publishes `body` to `topic` through the API; returns the parsed answer.
+    pub fn publish(&self, topic: &str, body: &str) -> Value {
+        let (status, answer) = post(self.control, &format!("/publish/{topic}"), body.as_bytes());
+        assert_eq!(status, 200, "publish to {topic}: {answer}");
+        serde_json::from_str(&answer).unwrap()
+    }
+}
+
+/// Reads the next text frame and parses it as JSON (pings are skipped).
+pub fn read_json(s: &mut impl Read) -> Value {
+    loop {
+        let (b0, payload) = read_frame(s).expect("a frame, not EOF");
+        match b0 & 0x0f {
+            TEXT => return serde_json::from_slice(&payload).expect("JSON text"),
+            PING => continue,
+            other => panic!("expected a text frame, got opcode {other:#x}: {payload:?}"),
+        }
+    }
+}
+
+/// Sends a masked text frame.
+pub fn send_text(s: &mut TcpStream, text: &str) {
+    s.write_all(&frame(FIN | TEXT, text.as_bytes())).unwrap();
 }

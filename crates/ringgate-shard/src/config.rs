@@ -26,6 +26,19 @@ pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
 /// How long a connection may take to finish a close handshake and the TCP close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What to do with a subscriber whose send queue is full when an event arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Close it with 1008 "slow consumer" (its queued events are dropped).
+    Close,
+    /// Drop the new event for it, and count the drop.
+    Drop,
+}
+
+/// Client messages that may be bad before a connection is closed with 1008; the
+/// sweep forgives one per second.
+pub const STRIKES_MAX: u8 = 10;
+
 /// Everything one shard needs to run.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -51,6 +64,12 @@ pub struct ShardConfig {
     pub idle_timeout: Duration,
     /// Serve `GET /echo`.
     pub echo: bool,
+    /// Topics one connection may subscribe to.
+    pub subscriptions_max: usize,
+    /// What happens to subscribers that do not keep up.
+    pub slow_consumer: SlowConsumer,
+    /// Topics clients may publish to (`*`, `prefix*` or one name); `None`: none.
+    pub client_publish: Option<String>,
     /// Pin the shard thread to this CPU.
     pub cpu: Option<usize>,
 }
@@ -68,6 +87,12 @@ impl ShardConfig {
             return Err(format!(
                 "--buffer-size must be from 64 bytes to 16 MiB, not {}",
                 self.buffer_bytes
+            ));
+        }
+        if self.subscriptions_max == 0 || self.subscriptions_max > u16::MAX as usize {
+            return Err(format!(
+                "--max-subscriptions must be from 1 to {}",
+                u16::MAX
             ));
         }
         if self.connections_max == 0 {
@@ -123,6 +148,9 @@ pub(crate) fn test_config() -> ShardConfig {
         ping_interval: Duration::from_secs(25),
         idle_timeout: Duration::from_secs(60),
         echo: true,
+        subscriptions_max: 64,
+        slow_consumer: SlowConsumer::Close,
+        client_publish: None,
         cpu: None,
     }
 }

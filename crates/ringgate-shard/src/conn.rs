@@ -1,14 +1,17 @@
 //! The connection record and its send queue: everything a shard keeps per
 //! connection.
 //!
-//! An idle connection is only its [`Conn`] record (32 bytes, checked at compile
-//! time): the partial-input and send-queue boxes are `None` while idle and exist
-//! only while a frame is incomplete or bytes wait to be sent.
+//! An idle connection is only its [`Conn`] record (48 bytes, checked at compile
+//! time, with its first subscription inline): the partial-input, send-queue and
+//! extra-subscription boxes are `None` while idle and exist only while a frame is
+//! incomplete, bytes wait to be sent, or the connection has several topics.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 use ringgate_codec::MessageState;
+
+use crate::topics::Subs;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,8 @@ pub(crate) mod flag {
     pub const READ_PAUSED: u16 = 1 << 7;
     /// The recv ended for lack of buffers; it is re-armed when buffers return.
     pub const REARM_WAIT: u16 = 1 << 8;
+    /// The connection was upgraded on `/echo` (else `/ws`).
+    pub const ROUTE_ECHO: u16 = 1 << 9;
     /// Any operation the kernel may still complete.
     pub const INFLIGHT: u16 = RECV_ARMED | SEND_INFLIGHT | SHUT_INFLIGHT | CLOSE_INFLIGHT;
 }
@@ -76,16 +81,19 @@ pub(crate) struct Conn {
     /// the start of closing (Closing, Draining).
     pub since: u32,
     pub state: State,
-    pub route: Route,
+    /// Bad requests lately; the sweep forgives one per tick.
+    pub strikes: u8,
     pub flags: u16,
     /// Input that ends in an unfinished frame or message; `None` while idle.
     pub partial: Option<Box<Partial>>,
     /// Bytes waiting to be sent; `None` while idle.
     pub sendq: Option<Box<SendQueue>>,
+    /// Topics subscribed to (the first one inline).
+    pub subs: Subs,
 }
 
 // The memory budget of design.md section 4: an idle record is at most 64 bytes.
-const _: () = assert!(std::mem::size_of::<Conn>() <= 32);
+const _: () = assert!(std::mem::size_of::<Conn>() <= 48);
 
 impl Conn {
     pub fn new(slot: u32, generation: u32, now: u32) -> Self {
@@ -94,10 +102,27 @@ impl Conn {
             generation,
             since: now,
             state: State::Handshake,
-            route: Route::PubSub,
+            strikes: 0,
             flags: 0,
             partial: None,
             sendq: None,
+            subs: Subs::default(),
+        }
+    }
+
+    /// What the upgraded connection serves.
+    pub fn route(&self) -> Route {
+        if self.has(flag::ROUTE_ECHO) {
+            Route::Echo
+        } else {
+            Route::PubSub
+        }
+    }
+
+    pub fn set_route(&mut self, route: Route) {
+        match route {
+            Route::Echo => self.set(flag::ROUTE_ECHO),
+            Route::PubSub => self.clear(flag::ROUTE_ECHO),
         }
     }
 
@@ -189,6 +214,21 @@ impl SendQueue {
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
+
+    /// Drops every frame not yet handed to the kernel. The head stays when a
+    /// send of it is in flight (`keep_head`): the kernel still reads it, and a
+    /// frame cut in the middle would corrupt the stream.
+    pub fn discard_unsent(&mut self, keep_head: bool) {
+        if keep_head && !self.frames.is_empty() {
+            for frame in self.frames.drain(1..) {
+                self.bytes -= frame.len();
+            }
+        } else {
+            self.frames.clear();
+            self.bytes = 0;
+            self.head_sent = 0;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +252,21 @@ mod tests {
     }
 
     #[test]
+    fn discarding_keeps_an_in_flight_head() {
+        let mut q = SendQueue::default();
+        for f in [&b"abcd"[..], b"ef", b"gh"] {
+            q.push(Bytes::copy_from_slice(f));
+        }
+        q.advance(1);
+        q.discard_unsent(true);
+        assert_eq!(q.head(), Some(&b"bcd"[..]));
+        assert_eq!(q.bytes, 3);
+        q.discard_unsent(false);
+        assert!(q.is_empty());
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
     fn shared_frames_are_not_copied() {
         let frame = Bytes::from(vec![7u8; 100]);
         let mut a = Conn::new(0, 0, 0);
@@ -228,6 +283,6 @@ mod tests {
     fn an_idle_record_owns_no_heap() {
         let c = Conn::new(3, 1, 0);
         assert!(c.partial.is_none() && c.sendq.is_none());
-        assert!(std::mem::size_of::<Conn>() <= 32);
+        assert!(std::mem::size_of::<Conn>() <= 48);
     }
 }

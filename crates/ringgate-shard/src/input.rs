@@ -21,16 +21,29 @@ use crate::config::ShardConfig;
 use crate::conn::{Conn, Partial, Route, State};
 use crate::stats::ShardStats;
 
-/// What input handling needs from the shard.
+/// What input handling needs from the shard, and where it leaves work that
+/// needs more than the connection (the topic index, the publisher).
 pub(crate) struct Env<'a> {
     pub cfg: &'a ShardConfig,
     pub stats: &'a ShardStats,
     pub now: u32,
+    pub upcalls: &'a mut Vec<Upcall>,
+}
+
+/// Pub/sub work for the shard, from one connection's input.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Upcall {
+    /// Subscribe to these topics (from `?topics=` at the upgrade).
+    Subscribe(Vec<String>),
+    /// A complete text message on `/ws`.
+    Text(Box<[u8]>),
+    /// A complete binary message on `/ws` (not part of the protocol).
+    Binary,
 }
 
 /// Handles bytes received on `conn`. `data` is the receive buffer, lent for the
 /// call; it is modified (unmasked) in place.
-pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &Env) {
+pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     env.stats.bytes_received.add(data.len() as u64);
     match conn.state {
         State::Handshake => on_request_bytes(conn, data, env),
@@ -45,7 +58,7 @@ pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &Env) {
     }
 }
 
-fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
+fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     let request_max = env.cfg.request_bytes_max;
     let mut boxed = conn.partial.take();
     let head: &mut [u8] = match boxed.as_deref_mut() {
@@ -99,12 +112,28 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
         Ok(key) => key,
         Err(e) => return reject(conn, e.status(), e.reason(), e.extra_headers(), env),
     };
+    if route == Route::PubSub {
+        match crate::pubsub::query_topics(request.query) {
+            Ok(topics) if topics.len() > env.cfg.subscriptions_max => {
+                return reject(
+                    conn,
+                    400,
+                    "more topics in ?topics= than --max-subscriptions allows",
+                    "",
+                    env,
+                )
+            }
+            Ok(topics) if !topics.is_empty() => env.upcalls.push(Upcall::Subscribe(topics)),
+            Ok(_) => {}
+            Err(reason) => return reject(conn, 400, reason, "", env),
+        }
+    }
     let mut response = Vec::with_capacity(160);
     write_switching_protocols(&key, &mut response);
     let head_len = request.head_len;
     conn.queue(Bytes::from(response));
     conn.state = State::Open;
-    conn.route = route;
+    conn.set_route(route);
     conn.since = env.now;
     env.stats.upgraded.add(1);
     let rest = &mut head[head_len..];
@@ -114,7 +143,13 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
 }
 
 /// Answers an upgrade request with an HTTP error and drains the connection.
-pub(crate) fn reject(conn: &mut Conn, status: u16, reason: &str, extra_headers: &str, env: &Env) {
+pub(crate) fn reject(
+    conn: &mut Conn,
+    status: u16,
+    reason: &str,
+    extra_headers: &str,
+    env: &mut Env,
+) {
     let mut response = Vec::with_capacity(160 + reason.len());
     write_error_response(status, reason, extra_headers, &mut response);
     conn.queue(Bytes::from(response));
@@ -135,7 +170,7 @@ enum Flow {
     Stop,
 }
 
-fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
+fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     let mut boxed = conn.partial.take();
     let mut local = Partial::default();
     let p: &mut Partial = boxed.as_deref_mut().unwrap_or(&mut local);
@@ -146,7 +181,7 @@ fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &Env) {
     }
 }
 
-fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &Env) -> Flow {
+fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &mut Env) -> Flow {
     let mut pos = 0;
     if !p.tail.is_empty() {
         match complete_tail(conn, p, data, &mut pos, env) {
@@ -195,7 +230,7 @@ fn complete_tail(
     p: &mut Partial,
     data: &[u8],
     pos: &mut usize,
-    env: &Env,
+    env: &mut Env,
 ) -> Result<Option<Flow>, ProtocolError> {
     let (header, header_len) = loop {
         let decoded = decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?;
@@ -226,7 +261,7 @@ fn complete_tail(
 
 /// Unmasks and checks the payload bytes of the unfinished data frame in the tail
 /// that arrived since the last check, so invalid text fails before the frame ends.
-fn check_tail(p: &mut Partial, env: &Env) -> Result<(), ProtocolError> {
+fn check_tail(p: &mut Partial, env: &mut Env) -> Result<(), ProtocolError> {
     let Decoded::Header { header, header_len } =
         decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?
     else {
@@ -258,7 +293,7 @@ fn on_frame(
     header: &FrameHeader,
     payload: &mut [u8],
     checked: u64,
-    env: &Env,
+    env: &mut Env,
 ) -> Result<Flow, ProtocolError> {
     let mask = header.mask.expect("server role requires a mask");
     apply_mask(&mut payload[checked as usize..], mask, checked as usize);
@@ -279,7 +314,7 @@ fn on_frame(
             if !open {
                 return Ok(Flow::Continue);
             }
-            match conn.route {
+            match conn.route() {
                 Route::Echo if first && fin => queue_data(conn, kind, payload, env),
                 Route::Echo => {
                     p.message.extend_from_slice(payload);
@@ -288,8 +323,20 @@ fn on_frame(
                         queue_data(conn, kind, &message, env);
                     }
                 }
-                // The pub/sub protocol is not served yet: data messages are read and dropped.
-                Route::PubSub => {}
+                Route::PubSub if kind == DataKind::Binary => {
+                    if fin {
+                        p.message = Vec::new();
+                        env.upcalls.push(Upcall::Binary);
+                    }
+                }
+                Route::PubSub if first && fin => env.upcalls.push(Upcall::Text(payload.into())),
+                Route::PubSub => {
+                    p.message.extend_from_slice(payload);
+                    if fin {
+                        let message = std::mem::take(&mut p.message);
+                        env.upcalls.push(Upcall::Text(message.into_boxed_slice()));
+                    }
+                }
             }
         }
         Event::Ping(payload) if open => conn.queue(control_frame(OpCode::Pong, payload)),
@@ -313,7 +360,7 @@ fn on_frame(
 
 /// Fails the connection (RFC 6455 7.1.7): a Close with the error's code if we
 /// have not sent one, then drain.
-fn fail(conn: &mut Conn, error: ProtocolError, env: &Env) -> Flow {
+fn fail(conn: &mut Conn, error: ProtocolError, env: &mut Env) -> Flow {
     env.stats.protocol_errors.add(1);
     tracing::debug!(%error, code = error.close_code(), "failing connection");
     if conn.state == State::Open {
@@ -333,7 +380,7 @@ pub(crate) fn start_close(conn: &mut Conn, code: u16, reason: &str, now: u32) {
     }
 }
 
-fn queue_data(conn: &mut Conn, kind: DataKind, payload: &[u8], env: &Env) {
+fn queue_data(conn: &mut Conn, kind: DataKind, payload: &[u8], env: &mut Env) {
     let opcode = match kind {
         DataKind::Text => OpCode::Text,
         DataKind::Binary => OpCode::Binary,

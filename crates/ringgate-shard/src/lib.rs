@@ -22,29 +22,52 @@
 mod bufring;
 mod config;
 mod conn;
+mod inbox;
 mod input;
+mod pubsub;
 mod shard;
 mod stats;
 mod sweep;
 mod sys;
 mod token;
+mod topics;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use config::{ShardConfig, BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS};
-pub use shard::Command;
+use bytes::Bytes;
+
+pub use config::{
+    ShardConfig, SlowConsumer, BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX,
+};
+pub use inbox::Command;
+pub use pubsub::{event_frame, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX};
 pub use stats::{Counter, ShardStats};
 pub use sys::{cpu_count, nofile_soft_limit};
 
+use inbox::Inbox;
 use shard::{Shard, ShardInit};
 
-/// Commands a shard's inbox holds before senders see it as full.
-const INBOX_CAPACITY: usize = 1024;
+/// Commands a shard's inbox holds before senders see it as full: a burst of
+/// this many publishes waits for one shard without loss.
+const INBOX_CAPACITY: usize = 4096;
+
+/// A publish request from a client on `/ws` (`{"op":"pub",...}`), already
+/// checked against `--client-publish`. `data` is raw JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPublish {
+    /// The topic.
+    pub topic: String,
+    /// The event data, valid JSON.
+    pub data: String,
+}
+
+/// Where shards hand client publishes: the embedded broker, which owns `seq`.
+/// `Err` means it is overloaded; the client is told so.
+pub type Publisher = Arc<dyn Fn(ClientPublish) -> Result<(), ()> + Send + Sync>;
 /// The oldest kernel with every feature the shards use: multishot recv with
 /// buffer select (6.0); multishot accept into direct descriptors and provided
 /// buffer rings came in 5.19.
@@ -123,21 +146,25 @@ pub struct ShardHandle {
     pub id: usize,
     /// The shard's counters.
     pub stats: Arc<ShardStats>,
-    inbox: SyncSender<Command>,
-    doorbell: Arc<OwnedFd>,
+    inbox: Arc<Inbox>,
     thread: JoinHandle<io::Result<()>>,
 }
 
 impl ShardHandle {
-    /// Delivers a command and rings the doorbell. A full inbox is back-pressure:
-    /// the command is handed back.
+    /// Delivers a command and, if the shard is not already notified, rings its
+    /// doorbell. A full inbox is back-pressure: the command is handed back.
     pub fn send(&self, command: Command) -> Result<(), Command> {
-        match self.inbox.try_send(command) {
-            Ok(()) => {
-                sys::ring_eventfd(sys::raw(&self.doorbell));
-                Ok(())
-            }
-            Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => Err(c),
+        if self.thread.is_finished() {
+            return Err(command);
+        }
+        self.inbox.push(command)
+    }
+
+    /// A cloneable handle that can only send to this shard.
+    pub fn sender(&self) -> ShardSender {
+        ShardSender {
+            id: self.id,
+            inbox: self.inbox.clone(),
         }
     }
 
@@ -154,6 +181,22 @@ impl ShardHandle {
     }
 }
 
+/// Sends commands to one shard from any thread.
+#[derive(Clone)]
+pub struct ShardSender {
+    /// The shard's index.
+    pub id: usize,
+    inbox: Arc<Inbox>,
+}
+
+impl ShardSender {
+    /// Queues an encoded event frame for the shard's subscribers of `topic`.
+    /// A full inbox hands the command back.
+    pub fn deliver(&self, topic: Arc<str>, frame: Bytes) -> Result<(), Command> {
+        self.inbox.push(Command::Deliver { topic, frame })
+    }
+}
+
 /// The started shards and the address they listen on.
 pub struct Runtime {
     /// One handle per shard.
@@ -163,7 +206,12 @@ pub struct Runtime {
 }
 
 /// Starts `count` shards on `cfg.listen`; returns once every shard is ready.
-pub fn start(cfg: &ShardConfig, count: usize) -> Result<Runtime, StartError> {
+/// `publisher` receives client publishes (needed when `cfg.client_publish` is set).
+pub fn start(
+    cfg: &ShardConfig,
+    count: usize,
+    publisher: Option<Publisher>,
+) -> Result<Runtime, StartError> {
     cfg.validate().map_err(StartError::Config)?;
     assert!(count > 0, "at least one shard");
     check_kernel()?;
@@ -180,16 +228,15 @@ pub fn start(cfg: &ShardConfig, count: usize) -> Result<Runtime, StartError> {
     for (id, listener) in listeners.into_iter().enumerate() {
         let mut shard_cfg = cfg.clone();
         shard_cfg.cpu = cfg.cpu.map(|base| (base + id) % cpus);
-        let (inbox_tx, inbox_rx) = mpsc::sync_channel(INBOX_CAPACITY);
-        let doorbell = Arc::new(sys::eventfd().map_err(|e| StartError::Shard(id, e))?);
+        let inbox = Arc::new(Inbox::new(INBOX_CAPACITY).map_err(|e| StartError::Shard(id, e))?);
         let stats = Arc::new(ShardStats::default());
         let init = ShardInit {
             id,
             cfg: shard_cfg,
             listener,
-            doorbell: doorbell.clone(),
-            inbox: inbox_rx,
+            inbox: inbox.clone(),
             stats: stats.clone(),
+            publisher: publisher.clone(),
         };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
@@ -199,8 +246,7 @@ pub fn start(cfg: &ShardConfig, count: usize) -> Result<Runtime, StartError> {
         shards.push(ShardHandle {
             id,
             stats,
-            inbox: inbox_tx,
-            doorbell,
+            inbox,
             thread,
         });
     }

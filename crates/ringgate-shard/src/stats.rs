@@ -76,4 +76,14 @@ pub struct ShardStats {
     pub reads_paused: Counter,
     /// Bytes waiting in send queues now.
     pub send_queue_bytes: Counter,
+    /// Published events this shard received for fanout.
+    pub events_received: Counter,
+    /// Subscribers closed with 1008 for not keeping up.
+    pub slow_consumers: Counter,
+    /// Events not queued for a subscriber that was not keeping up (`--slow-consumer=drop`).
+    pub events_dropped: Counter,
+    /// Topics with at least one local subscriber.
+    pub topics: Counter,
+    /// Subscriptions held by local connections.
+    pub subscriptions: Counter,
 }

@@ -76,9 +76,31 @@ pub struct Cli {
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
+    /// Topics one connection may subscribe to.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_subscriptions: usize,
+
+    /// What to do with a subscriber whose send queue is full when an event arrives.
+    #[arg(long, value_enum, default_value_t = SlowConsumerPolicy::Close)]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// Let clients publish with {"op":"pub"} to topics matching PATTERN: `*`, `prefix*` or one name
+    /// [default: clients may not publish].
+    #[arg(long, value_name = "PATTERN")]
+    pub client_publish: Option<String>,
+
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// `--slow-consumer` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlowConsumerPolicy {
+    /// Close the subscriber with 1008 "slow consumer".
+    Close,
+    /// Drop the event for that subscriber and count it.
+    Drop,
 }
 
 #[cfg(test)]

@@ -2,20 +2,27 @@
 //! current-thread tokio runtime) that operators and tests talk to. It never
 //! touches a connection; it reads the shards' counters and sends them commands.
 //!
-//! Endpoints: `GET /healthz` (200 while every shard runs) and `GET /stats`
-//! (JSON: every counter per shard and summed, with uptime and version).
+//! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
+//! other UTF-8 text is sent as a JSON string), `GET /healthz` (200 while every
+//! shard runs) and `GET /stats` (JSON: every counter per shard and summed, with
+//! uptime and version). Client publishes from the shards arrive on a bounded
+//! channel and go through the same broker.
 
 use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use ringgate_shard::ShardStats;
+use ringgate_shard::{ClientPublish, EventData, ShardStats};
 use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::broker::{Broker, PublishError};
 
 /// What the control thread can see of the running gateway.
 pub struct Control {
@@ -23,10 +30,17 @@ pub struct Control {
     /// Shard threads still running, by shard; set by the main thread.
     pub alive: Vec<Arc<std::sync::atomic::AtomicBool>>,
     pub started: Instant,
+    pub broker: Arc<Broker>,
+    /// The largest publish body accepted.
+    pub message_bytes_max: usize,
 }
 
 /// Starts the control thread on an already bound listener.
-pub fn spawn(listener: std::net::TcpListener, control: Arc<Control>) -> io::Result<JoinHandle<()>> {
+pub fn spawn(
+    listener: std::net::TcpListener,
+    control: Arc<Control>,
+    client_publishes: mpsc::Receiver<ClientPublish>,
+) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("ringgate-control".into())
@@ -39,9 +53,16 @@ pub fn spawn(listener: std::net::TcpListener, control: Arc<Control>) -> io::Resu
                 Err(e) => return tracing::error!("control plane: cannot start its runtime: {e}"),
             };
             runtime.block_on(async move {
+                tokio::spawn(forward_client_publishes(
+                    client_publishes,
+                    control.broker.clone(),
+                ));
+                let body_max = control.message_bytes_max;
                 let app = Router::new()
+                    .route("/publish/{*topic}", post(publish))
                     .route("/healthz", get(healthz))
                     .route("/stats", get(stats))
+                    .layer(DefaultBodyLimit::max(body_max))
                     .with_state(control);
                 let result = match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => axum::serve(listener, app).await,
@@ -52,6 +73,48 @@ pub fn spawn(listener: std::net::TcpListener, control: Arc<Control>) -> io::Resu
                 }
             });
         })
+}
+
+async fn publish(
+    State(control): State<Arc<Control>>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> (StatusCode, Json<Value>) {
+    let Some(data) = EventData::classify(&body) else {
+        let msg = "the event must be UTF-8 text or JSON";
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": msg })));
+    };
+    match control.broker.publish(&topic, data) {
+        Ok(p) => (
+            StatusCode::OK,
+            Json(json!({ "topic": topic, "seq": p.seq, "shards": p.shards })),
+        ),
+        Err(e @ PublishError::Busy { seq, delivered, .. }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": e.message(), "topic": topic, "seq": seq, "shards": delivered })),
+        ),
+        Err(e @ PublishError::TooManyTopics) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": e.message() })),
+        ),
+        Err(e @ PublishError::BadTopic) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": e.message() })),
+        ),
+    }
+}
+
+/// Publishes what clients sent with `{"op":"pub"}` (already allowed by the shard).
+async fn forward_client_publishes(mut rx: mpsc::Receiver<ClientPublish>, broker: Arc<Broker>) {
+    while let Some(p) = rx.recv().await {
+        if let Err(e) = broker.publish(&p.topic, EventData::Json(&p.data)) {
+            tracing::debug!(
+                topic = p.topic,
+                "client publish not fully delivered: {}",
+                e.message()
+            );
+        }
+    }
 }
 
 async fn healthz(State(control): State<Arc<Control>>) -> (StatusCode, &'static str) {
@@ -84,6 +147,20 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
             Value::Object(m)
         })
         .collect();
+    totals.insert(
+        "publish_total".into(),
+        json!(control
+            .broker
+            .published
+            .load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    totals.insert(
+        "publish_rejected_total".into(),
+        json!(control
+            .broker
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)),
+    );
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
@@ -115,6 +192,11 @@ fn counters(s: &ShardStats) -> Map<String, Value> {
         ("buffer_ring_exhausted_total", &s.buffer_ring_exhausted),
         ("reads_paused_total", &s.reads_paused),
         ("send_queue_bytes", &s.send_queue_bytes),
+        ("events_received_total", &s.events_received),
+        ("slow_consumer_total", &s.slow_consumers),
+        ("events_dropped_total", &s.events_dropped),
+        ("topics", &s.topics),
+        ("subscriptions", &s.subscriptions),
     ];
     pairs
         .into_iter()

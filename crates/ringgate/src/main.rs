@@ -1,6 +1,7 @@
 //! The `ringgate` binary: parses the command line, starts the shards and the
 //! control plane, and turns SIGTERM/SIGINT into a graceful drain.
 
+mod broker;
 mod cli;
 mod control;
 mod signals;
@@ -13,9 +14,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ringgate_codec::Limits;
-use ringgate_shard::{Command, ShardConfig, REJECT_SLOTS};
+use ringgate_shard::{ClientPublish, Command, Publisher, ShardConfig, SlowConsumer, REJECT_SLOTS};
 
-use cli::Cli;
+use broker::Broker;
+use cli::{Cli, SlowConsumerPolicy};
+
+/// Client publishes waiting for the broker before clients are told it is busy.
+const CLIENT_PUBLISH_QUEUE: usize = 4096;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -52,7 +57,13 @@ fn run(cli: Cli) -> Result<(), String> {
     let control_listener = std::net::TcpListener::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
     let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
-    let runtime = ringgate_shard::start(&cfg, shard_count).map_err(|e| e.to_string())?;
+    let (client_tx, client_rx) = tokio::sync::mpsc::channel::<ClientPublish>(CLIENT_PUBLISH_QUEUE);
+    let publisher: Publisher = Arc::new(move |p| client_tx.try_send(p).map_err(|_| ()));
+    let runtime =
+        ringgate_shard::start(&cfg, shard_count, Some(publisher)).map_err(|e| e.to_string())?;
+    let broker = Arc::new(Broker::new(
+        runtime.shards.iter().map(|s| s.sender()).collect(),
+    ));
     let alive: Vec<Arc<AtomicBool>> = runtime
         .shards
         .iter()
@@ -62,8 +73,10 @@ fn run(cli: Cli) -> Result<(), String> {
         shards: runtime.shards.iter().map(|s| s.stats.clone()).collect(),
         alive: alive.clone(),
         started: Instant::now(),
+        broker,
+        message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
     });
-    control::spawn(control_listener, control)
+    control::spawn(control_listener, control, client_rx)
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     tracing::info!(
         ws = %runtime.local_addr, control = %control_addr, shards = shard_count,
@@ -159,6 +172,12 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         ping_interval: cli.ping_interval,
         idle_timeout: cli.idle_timeout,
         echo: cli.echo,
+        subscriptions_max: cli.max_subscriptions,
+        slow_consumer: match cli.slow_consumer {
+            SlowConsumerPolicy::Close => SlowConsumer::Close,
+            SlowConsumerPolicy::Drop => SlowConsumer::Drop,
+        },
+        client_publish: cli.client_publish.clone(),
         cpu: (!cli.no_pin).then_some(0),
     })
 }

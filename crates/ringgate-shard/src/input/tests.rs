@@ -28,6 +28,7 @@ struct Harness {
     cfg: ShardConfig,
     stats: ShardStats,
     conn: Conn,
+    upcalls: Vec<Upcall>,
 }
 
 impl Harness {
@@ -36,6 +37,7 @@ impl Harness {
             cfg: test_config(),
             stats: ShardStats::default(),
             conn: Conn::new(0, 0, 0),
+            upcalls: Vec::new(),
         }
     }
 
@@ -49,12 +51,13 @@ impl Harness {
 
     fn feed(&mut self, bytes: &[u8]) {
         let mut copy = bytes.to_vec();
-        let env = Env {
+        let mut env = Env {
             cfg: &self.cfg,
             stats: &self.stats,
             now: 1,
+            upcalls: &mut self.upcalls,
         };
-        on_recv(&mut self.conn, &mut copy, &env);
+        on_recv(&mut self.conn, &mut copy, &mut env);
     }
 
     /// Everything queued for sending, as one byte string; empties the queue.
@@ -83,7 +86,7 @@ fn request_split_anywhere_upgrades_and_frees_the_tail() {
         assert_eq!(h.conn.state, State::Handshake, "cut {cut}");
         h.feed(&REQUEST[cut..]);
         assert_eq!(h.conn.state, State::Open, "cut {cut}");
-        assert_eq!(h.conn.route, Route::Echo);
+        assert_eq!(h.conn.route(), Route::Echo);
         assert!(
             h.conn.partial.is_none(),
             "cut {cut}: tail kept after the upgrade"
@@ -324,4 +327,59 @@ fn receiving_resets_the_idle_clock_and_the_ping_flag() {
     h.feed(&client_frame(true, OpCode::Pong, b""));
     assert_eq!(h.conn.since, 1);
     assert!(!h.conn.has(crate::conn::flag::PING_SENT));
+}
+
+fn ws_request(target: &str) -> Vec<u8> {
+    String::from_utf8(REQUEST.to_vec())
+        .unwrap()
+        .replace("GET /echo", &format!("GET {target}"))
+        .into_bytes()
+}
+
+#[test]
+fn topics_in_the_query_become_one_subscribe_upcall() {
+    let mut h = Harness::new();
+    h.feed(&ws_request("/ws?topics=a,user%3A42"));
+    assert_eq!(h.conn.state, State::Open);
+    assert_eq!(
+        h.upcalls,
+        vec![Upcall::Subscribe(vec!["a".into(), "user:42".into()])]
+    );
+}
+
+#[test]
+fn bad_or_too_many_query_topics_are_400() {
+    let mut h = Harness::new();
+    h.feed(&ws_request("/ws?topics=bad%20name"));
+    assert_eq!(status_of(&mut h), "HTTP/1.1 400 Bad Request");
+    let mut h = Harness::new();
+    h.cfg.subscriptions_max = 2;
+    h.feed(&ws_request("/ws?topics=a,b,c"));
+    assert_eq!(status_of(&mut h), "HTTP/1.1 400 Bad Request");
+    assert!(h.upcalls.is_empty());
+}
+
+#[test]
+fn ws_messages_are_handed_to_the_shard_whole() {
+    let mut h = Harness::new();
+    h.feed(&ws_request("/ws"));
+    h.sent();
+    let mut wire = client_frame(false, OpCode::Text, br#"{"op":"sub","#);
+    wire.extend(client_frame(true, OpCode::Continuation, br#""topic":"a"}"#));
+    wire.extend(client_frame(
+        true,
+        OpCode::Text,
+        br#"{"op":"unsub","topic":"a"}"#,
+    ));
+    wire.extend(client_frame(true, OpCode::Binary, &[1, 2, 3]));
+    h.feed(&wire);
+    assert_eq!(
+        h.upcalls,
+        vec![
+            Upcall::Text(br#"{"op":"sub","topic":"a"}"#.to_vec().into()),
+            Upcall::Text(br#"{"op":"unsub","topic":"a"}"#.to_vec().into()),
+            Upcall::Binary,
+        ]
+    );
+    assert!(h.sent().is_empty(), "the shard answers, not input handling");
 }

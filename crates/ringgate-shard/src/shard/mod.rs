@@ -7,9 +7,10 @@
 //! kernel stays alive and unmoved until its last completion, and a connection
 //! record is freed only when no operation on it is in flight.
 
+mod fanout;
+
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,34 +22,26 @@ use slab::Slab;
 use crate::bufring::BufRing;
 use crate::config::{ShardConfig, CQE_BATCH_MAX, CQ_ENTRIES, SQ_ENTRIES};
 use crate::conn::{flag, Conn, State};
-use crate::input::{self, Env};
+use crate::inbox::{Command, Inbox};
+use crate::input::{self, Env, Upcall};
 use crate::stats::ShardStats;
 use crate::sweep::{self, Due, Timeouts};
 use crate::sys;
 use crate::token::{Op, Token};
+use crate::topics::TopicIndex;
+use crate::Publisher;
 
 /// The buffer group id of the shard's one buffer ring.
 const BGID: u16 = 0;
-
-/// Messages the control thread sends to a shard.
-#[derive(Debug)]
-pub enum Command {
-    /// Stop accepting, send Close 1001 to every client, exit when all are closed
-    /// or at `deadline`, whichever comes first.
-    Shutdown {
-        /// When to give up on clients that have not closed.
-        deadline: Instant,
-    },
-}
 
 /// What a shard thread is started with.
 pub(crate) struct ShardInit {
     pub id: usize,
     pub cfg: ShardConfig,
     pub listener: OwnedFd,
-    pub doorbell: Arc<OwnedFd>,
-    pub inbox: Receiver<Command>,
+    pub inbox: Arc<Inbox>,
     pub stats: Arc<ShardStats>,
+    pub publisher: Option<Publisher>,
 }
 
 pub(crate) struct Shard {
@@ -60,9 +53,14 @@ pub(crate) struct Shard {
     id: usize,
     cfg: ShardConfig,
     listener: Option<OwnedFd>,
-    doorbell: Arc<OwnedFd>,
-    inbox: Receiver<Command>,
+    inbox: Arc<Inbox>,
     stats: Arc<ShardStats>,
+    topics: TopicIndex,
+    publisher: Option<Publisher>,
+    /// Pub/sub work left by input handling, for the connection being handled.
+    upcalls: Vec<Upcall>,
+    /// Commands drained from the inbox.
+    commands: Vec<Command>,
     timeouts: Timeouts,
     /// SQEs staged by handlers, pushed to the SQ by the loop.
     staged: Vec<squeue::Entry>,
@@ -87,9 +85,9 @@ impl Shard {
             id,
             cfg,
             listener,
-            doorbell,
             inbox,
             stats,
+            publisher,
         } = init;
         let ring = build_ring()?;
         ring.submitter()
@@ -112,9 +110,12 @@ impl Shard {
             timeouts,
             cfg,
             listener: Some(listener),
-            doorbell,
             inbox,
             stats,
+            topics: TopicIndex::default(),
+            publisher,
+            upcalls: Vec::new(),
+            commands: Vec::new(),
             staged: Vec::with_capacity(1024),
             rearm: Vec::new(),
             due: Vec::new(),
@@ -240,10 +241,11 @@ impl Shard {
         let key = self.conns.insert(Conn::new(slot, generation, self.now));
         if full {
             self.stats.rejected_limit.add(1);
-            let env = Env {
+            let mut env = Env {
                 cfg: &self.cfg,
                 stats: &self.stats,
                 now: self.now,
+                upcalls: &mut self.upcalls,
             };
             let conn = &mut self.conns[key];
             input::reject(
@@ -251,7 +253,7 @@ impl Shard {
                 503,
                 "server at its connection limit, try again later",
                 "Retry-After: 1\r\n",
-                &env,
+                &mut env,
             );
         }
         self.drive(key);
@@ -274,16 +276,20 @@ impl Shard {
             // kernel writes only past them) until `finish` below, and nothing else
             // refers to it meanwhile.
             let data = unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len) };
-            let env = Env {
+            let mut env = Env {
                 cfg: &self.cfg,
                 stats: &self.stats,
                 now: self.now,
+                upcalls: &mut self.upcalls,
             };
-            input::on_recv(&mut self.conns[key], data, &env);
+            input::on_recv(&mut self.conns[key], data, &mut env);
             self.bufs
                 .as_mut()
                 .expect("present until exit")
                 .finish(chunk);
+            if !self.upcalls.is_empty() {
+                self.handle_upcalls(key);
+            }
             return;
         }
         match -result {
@@ -368,6 +374,11 @@ impl Shard {
         }
         conn.state = State::Finished;
         conn.partial = None;
+        if conn.subs.len() > 0 {
+            self.topics.unsubscribe_all(&mut self.conns, key);
+            self.update_topic_gauges();
+        }
+        let conn = &mut self.conns[key];
         if conn.has(flag::RECV_ARMED | flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT) {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(conn.slot)).all())
                 .build()
@@ -394,18 +405,7 @@ impl Shard {
             }
             return;
         }
-        // Send the head of the queue, one send in flight at a time.
-        if !conn.has(flag::SEND_INFLIGHT) {
-            if let Some(head) = conn.sendq.as_ref().and_then(|q| q.head()) {
-                let sqe = opcode::Send::new(fixed, head.as_ptr(), head.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(Token::new(Op::Send, generation, key).encode());
-                // The head `Bytes` stays in the queue, unmoved, until this completes.
-                self.staged.push(sqe);
-                conn.set(flag::SEND_INFLIGHT);
-            }
-        }
+        stage_send(conn, key, &mut self.staged);
         let queued = conn.queued_bytes();
         // Back-pressure: a peer that does not read its echoes stops being read.
         if queued > self.cfg.send_queue_bytes_max && !conn.has(flag::READ_PAUSED) {
@@ -471,8 +471,9 @@ impl Shard {
     fn sweep(&mut self) {
         let mut due = std::mem::take(&mut self.due);
         let mut queued = 0;
-        for (key, conn) in self.conns.iter() {
+        for (key, conn) in self.conns.iter_mut() {
             queued += conn.queued_bytes() as u64;
+            conn.strikes = conn.strikes.saturating_sub(1);
             let d = sweep::due(conn, key, self.now, &self.timeouts);
             if d != Due::Nothing {
                 due.push((key, d));
@@ -516,7 +517,7 @@ impl Shard {
 
     fn arm_doorbell(&mut self) {
         let buf: *mut u64 = &mut *self.doorbell_buf;
-        let sqe = opcode::Read::new(Fd(sys::raw(&self.doorbell)), buf.cast(), 8)
+        let sqe = opcode::Read::new(Fd(sys::raw(self.inbox.doorbell())), buf.cast(), 8)
             .build()
             .user_data(Token::shard(Op::Doorbell).encode());
         self.staged.push(sqe);
@@ -530,16 +531,15 @@ impl Shard {
                 io::Error::from_raw_os_error(-result)
             );
         }
-        loop {
-            match self.inbox.try_recv() {
-                Ok(Command::Shutdown { deadline }) => self.begin_shutdown(deadline),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    self.begin_shutdown(Instant::now());
-                    return;
-                }
+        let mut commands = std::mem::take(&mut self.commands);
+        self.inbox.drain(&mut commands);
+        for command in commands.drain(..) {
+            match command {
+                Command::Deliver { topic, frame } => self.deliver(&topic, &frame),
+                Command::Shutdown { deadline } => self.begin_shutdown(deadline),
             }
         }
+        self.commands = commands;
         self.arm_doorbell();
     }
 
@@ -626,6 +626,23 @@ impl Shard {
             }
         }
         Ok(())
+    }
+}
+
+/// Stages a send of the head of the connection's queue, if one is not in flight
+/// already (one send per connection at a time, so frames go out in order).
+fn stage_send(conn: &mut Conn, key: usize, staged: &mut Vec<squeue::Entry>) {
+    if conn.has(flag::SEND_INFLIGHT) || conn.state == State::Finished {
+        return;
+    }
+    if let Some(head) = conn.sendq.as_ref().and_then(|q| q.head()) {
+        let sqe = opcode::Send::new(Fixed(conn.slot), head.as_ptr(), head.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(Token::new(Op::Send, conn.generation, key).encode());
+        // The head `Bytes` stays in the queue, unmoved, until this completes.
+        staged.push(sqe);
+        conn.set(flag::SEND_INFLIGHT);
     }
 }
 

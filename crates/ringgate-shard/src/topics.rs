@@ -1,0 +1,364 @@
+//! A shard's topic index: which local connections subscribe to which topic, and
+//! each connection's own subscription set, kept in step.
+//!
+//! Memory: a subscription costs 4 bytes in its topic's subscriber array (the
+//! connection key) and 8 bytes in the connection's set (topic id and position in
+//! that array). The first subscription of a connection lives inline in its record;
+//! only connections with more than one get a heap array. Subscribe, unsubscribe
+//! and disconnect are O(1) in the topic's size: removal swaps the last subscriber
+//! into the hole and fixes that subscriber's stored position. A topic's memory
+//! is returned when its last subscriber leaves.
+//!
+//! Owns the topic table and the `Subs` type; connections are reached through the
+//! slab passed in, so nothing here holds a second reference to a record.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::conn::Conn;
+
+/// One subscription as the connection records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sub {
+    pub topic: u32,
+    /// Index of the connection's key in the topic's subscriber array.
+    pub pos: u32,
+}
+
+const NO_TOPIC: u32 = u32::MAX;
+
+/// A connection's subscriptions: the first inline, the rest on the heap.
+/// Invariant: `more` is `None` or non-empty, and only while `first` is set.
+#[derive(Debug)]
+pub(crate) struct Subs {
+    first: Sub,
+    // Boxed on purpose: 8 bytes in every connection record instead of a Vec's
+    // 24, for the few connections that have more than one topic.
+    #[allow(clippy::box_collection)]
+    more: Option<Box<Vec<Sub>>>,
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Subs {
+            first: Sub {
+                topic: NO_TOPIC,
+                pos: 0,
+            },
+            more: None,
+        }
+    }
+}
+
+impl Subs {
+    pub fn len(&self) -> usize {
+        if self.first.topic == NO_TOPIC {
+            0
+        } else {
+            1 + self.more.as_ref().map_or(0, |m| m.len())
+        }
+    }
+
+    pub fn find_mut(&mut self, topic: u32) -> Option<&mut Sub> {
+        if self.first.topic == topic {
+            return Some(&mut self.first);
+        }
+        self.more.as_mut()?.iter_mut().find(|s| s.topic == topic)
+    }
+
+    fn push(&mut self, sub: Sub) {
+        if self.first.topic == NO_TOPIC {
+            self.first = sub;
+        } else {
+            self.more.get_or_insert_with(Default::default).push(sub);
+        }
+    }
+
+    fn remove(&mut self, topic: u32) -> Option<Sub> {
+        if self.first.topic == topic {
+            let removed = self.first;
+            self.first = match self.more.as_mut().and_then(|m| m.pop()) {
+                Some(next) => next,
+                None => Sub {
+                    topic: NO_TOPIC,
+                    pos: 0,
+                },
+            };
+            self.drop_empty_more();
+            return Some(removed);
+        }
+        let more = self.more.as_mut()?;
+        let at = more.iter().position(|s| s.topic == topic)?;
+        let removed = more.swap_remove(at);
+        self.drop_empty_more();
+        Some(removed)
+    }
+
+    fn drop_empty_more(&mut self) {
+        if self.more.as_ref().is_some_and(|m| m.is_empty()) {
+            self.more = None;
+        }
+    }
+
+    /// Takes every subscription out, leaving the set empty.
+    fn take_all(&mut self) -> Vec<Sub> {
+        let mut all = Vec::with_capacity(self.len());
+        if self.first.topic != NO_TOPIC {
+            all.push(self.first);
+        }
+        if let Some(more) = self.more.take() {
+            all.extend(more.iter().copied());
+        }
+        self.first = Sub {
+            topic: NO_TOPIC,
+            pos: 0,
+        };
+        all
+    }
+}
+
+struct Topic {
+    name: Arc<str>,
+    subscribers: Vec<u32>,
+}
+
+/// Outcome of a subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Subscribed {
+    New,
+    Already,
+    /// The connection holds its maximum number of subscriptions.
+    Full,
+}
+
+/// Topic name -> local subscribers, for one shard.
+#[derive(Default)]
+pub(crate) struct TopicIndex {
+    ids: HashMap<Arc<str>, u32>,
+    topics: Slab<Topic>,
+    subscriptions: usize,
+}
+
+impl TopicIndex {
+    pub fn topics(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions
+    }
+
+    /// The local subscribers of `name` (connection keys).
+    pub fn subscribers(&self, name: &str) -> &[u32] {
+        match self.ids.get(name) {
+            Some(&id) => &self.topics[id as usize].subscribers,
+            None => &[],
+        }
+    }
+
+    pub fn subscribe(
+        &mut self,
+        conns: &mut Slab<Conn>,
+        key: usize,
+        name: &str,
+        max: usize,
+    ) -> Subscribed {
+        let id = match self.ids.get(name) {
+            Some(&id) => id,
+            None => {
+                if conns[key].subs.len() >= max {
+                    return Subscribed::Full;
+                }
+                let name: Arc<str> = Arc::from(name);
+                let id = self.topics.insert(Topic {
+                    name: name.clone(),
+                    subscribers: Vec::new(),
+                });
+                let id = u32::try_from(id).expect("fewer than 2^32 topics");
+                self.ids.insert(name, id);
+                id
+            }
+        };
+        let conn = &mut conns[key];
+        if conn.subs.find_mut(id).is_some() {
+            return Subscribed::Already;
+        }
+        if conn.subs.len() >= max {
+            self.drop_if_empty(id);
+            return Subscribed::Full;
+        }
+        let subscribers = &mut self.topics[id as usize].subscribers;
+        let pos = u32::try_from(subscribers.len()).expect("fewer than 2^32 subscribers");
+        subscribers.push(u32::try_from(key).expect("keys fit in 32 bits"));
+        conn.subs.push(Sub { topic: id, pos });
+        self.subscriptions += 1;
+        Subscribed::New
+    }
+
+    /// Removes `key`'s subscription to `name`; false if it had none.
+    pub fn unsubscribe(&mut self, conns: &mut Slab<Conn>, key: usize, name: &str) -> bool {
+        let Some(&id) = self.ids.get(name) else {
+            return false;
+        };
+        match conns[key].subs.remove(id) {
+            Some(sub) => {
+                self.detach(conns, sub);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes every subscription of `key` (on disconnect).
+    pub fn unsubscribe_all(&mut self, conns: &mut Slab<Conn>, key: usize) {
+        for sub in conns[key].subs.take_all() {
+            self.detach(conns, sub);
+        }
+    }
+
+    /// Removes a subscriber from its topic's array by swapping the last one in.
+    fn detach(&mut self, conns: &mut Slab<Conn>, sub: Sub) {
+        let topic = &mut self.topics[sub.topic as usize];
+        let subscribers = &mut topic.subscribers;
+        subscribers.swap_remove(sub.pos as usize);
+        if let Some(&moved) = subscribers.get(sub.pos as usize) {
+            let moved = conns[moved as usize]
+                .subs
+                .find_mut(sub.topic)
+                .expect("a subscriber's set names its topics");
+            moved.pos = sub.pos;
+        }
+        // Give memory back after a mass unsubscribe.
+        if subscribers.capacity() > 16 && subscribers.len() < subscribers.capacity() / 4 {
+            subscribers.shrink_to(subscribers.capacity() / 2);
+        }
+        self.subscriptions -= 1;
+        self.drop_if_empty(sub.topic);
+    }
+
+    fn drop_if_empty(&mut self, id: u32) {
+        if self.topics[id as usize].subscribers.is_empty() {
+            let topic = self.topics.remove(id as usize);
+            self.ids.remove(&topic.name);
+        }
+    }
+
+    /// Checks every cross-reference (tests only).
+    #[cfg(test)]
+    pub fn check(&self, conns: &Slab<Conn>) {
+        let mut total = 0;
+        for (id, topic) in self.topics.iter() {
+            assert!(!topic.subscribers.is_empty(), "empty topic kept");
+            assert_eq!(self.ids[&topic.name], id as u32);
+            for (pos, &key) in topic.subscribers.iter().enumerate() {
+                let mut subs = Subs {
+                    first: conns[key as usize].subs.first,
+                    more: conns[key as usize].subs.more.clone(),
+                };
+                let sub = subs
+                    .find_mut(id as u32)
+                    .expect("subscriber knows its topic");
+                assert_eq!(sub.pos as usize, pos);
+            }
+            total += topic.subscribers.len();
+        }
+        assert_eq!(total, self.subscriptions);
+        assert_eq!(self.ids.len(), self.topics.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conns(n: usize) -> Slab<Conn> {
+        let mut slab = Slab::new();
+        for i in 0..n {
+            slab.insert(Conn::new(i as u32, 0, 0));
+        }
+        slab
+    }
+
+    #[test]
+    fn subscribe_unsubscribe_and_memory_comes_back() {
+        let mut conns = conns(3);
+        let mut index = TopicIndex::default();
+        assert_eq!(index.subscribe(&mut conns, 0, "a", 64), Subscribed::New);
+        assert_eq!(index.subscribe(&mut conns, 1, "a", 64), Subscribed::New);
+        assert_eq!(index.subscribe(&mut conns, 1, "a", 64), Subscribed::Already);
+        assert_eq!(index.subscribe(&mut conns, 2, "b", 64), Subscribed::New);
+        assert_eq!(index.subscribers("a"), &[0, 1]);
+        index.check(&conns);
+        assert!(index.unsubscribe(&mut conns, 0, "a"));
+        assert!(!index.unsubscribe(&mut conns, 0, "a"));
+        assert_eq!(index.subscribers("a"), &[1]);
+        index.check(&conns);
+        index.unsubscribe_all(&mut conns, 1);
+        index.unsubscribe_all(&mut conns, 2);
+        assert_eq!((index.topics(), index.subscriptions()), (0, 0));
+        assert!(index.ids.is_empty());
+    }
+
+    #[test]
+    fn the_subscription_limit_holds_and_leaves_no_empty_topic() {
+        let mut conns = conns(1);
+        let mut index = TopicIndex::default();
+        assert_eq!(index.subscribe(&mut conns, 0, "a", 2), Subscribed::New);
+        assert_eq!(index.subscribe(&mut conns, 0, "b", 2), Subscribed::New);
+        assert_eq!(index.subscribe(&mut conns, 0, "c", 2), Subscribed::Full);
+        assert_eq!(index.topics(), 2);
+        index.check(&conns);
+    }
+
+    #[test]
+    fn one_inline_subscription_needs_no_heap() {
+        let mut conns = conns(1);
+        let mut index = TopicIndex::default();
+        index.subscribe(&mut conns, 0, "user.42", 64);
+        assert!(conns[0].subs.more.is_none());
+        index.subscribe(&mut conns, 0, "user.43", 64);
+        assert!(conns[0].subs.more.is_some());
+        index.unsubscribe(&mut conns, 0, "user.42");
+        assert!(
+            conns[0].subs.more.is_none(),
+            "the heap part goes when one is left"
+        );
+        assert_eq!(conns[0].subs.len(), 1);
+        index.check(&conns);
+    }
+
+    #[test]
+    fn random_operations_keep_every_cross_reference() {
+        // A deterministic pseudo-random walk over 50 connections and 8 topics.
+        let mut conns = conns(50);
+        let mut index = TopicIndex::default();
+        let mut state: u64 = 0x9e3779b97f4a7c15;
+        for step in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let key = (state % 50) as usize;
+            let topic = format!("t{}", (state >> 8) % 8);
+            match (state >> 16) % 5 {
+                0 | 1 => {
+                    index.subscribe(&mut conns, key, &topic, 5);
+                }
+                2 | 3 => {
+                    index.unsubscribe(&mut conns, key, &topic);
+                }
+                _ => index.unsubscribe_all(&mut conns, key),
+            }
+            if step % 997 == 0 {
+                index.check(&conns);
+            }
+        }
+        index.check(&conns);
+        for key in 0..50 {
+            assert!(conns[key].subs.len() <= 5);
+            index.unsubscribe_all(&mut conns, key);
+        }
+        assert_eq!((index.topics(), index.subscriptions()), (0, 0));
+    }
+}
