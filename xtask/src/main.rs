@@ -3,8 +3,10 @@
 //! - `test`: the whole suite as CI runs it (fmt check, clippy -D warnings, every test).
 //! - `autobahn`: the Autobahn TestSuite server cases against a release `--echo`.
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
+//! - `fanout`: delivered events per second and publish-to-receive latency.
 
 mod density;
+mod fanout;
 mod process;
 
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Task {
     },
     /// Measure server RSS and kernel slab growth per idle connection.
     Density(density::Args),
+    /// Fanout benchmark: one topic, many subscribers, events as fast as the API takes them.
+    Fanout(fanout::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
         Task::Density(a) => density::run(&a),
+        Task::Fanout(a) => fanout::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -169,16 +169,60 @@ impl Partial {
     }
 }
 
+/// Frames gathered into one vectored send: fewer, larger sends when a
+/// connection has a backlog (a burst of events), one plain send otherwise.
+pub(crate) const SEND_FRAMES_MAX: usize = 32;
+
 /// A connection's outgoing frames. Frames are refcounted `Bytes`, so a frame
-/// shared by many connections is never copied; the head stays alive (and
-/// unmoved) until its send completes.
-#[derive(Debug, Default)]
+/// shared by many connections is never copied. Every frame covered by the send
+/// in flight stays in the queue, unmoved, until that send completes; so do the
+/// gather list and message header the kernel reads, which live in this (boxed)
+/// queue.
 pub(crate) struct SendQueue {
     frames: VecDeque<Bytes>,
     /// Bytes of the head frame already sent.
     head_sent: usize,
     /// Bytes queued and not yet sent, over all frames.
     pub bytes: usize,
+    /// Frames covered by the send in flight; 0 when none is.
+    in_flight: usize,
+    iov: [libc::iovec; SEND_FRAMES_MAX],
+    msg: libc::msghdr,
+}
+
+impl Default for SendQueue {
+    fn default() -> Self {
+        SendQueue {
+            frames: VecDeque::new(),
+            head_sent: 0,
+            bytes: 0,
+            in_flight: 0,
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; SEND_FRAMES_MAX],
+            // SAFETY: msghdr is plain data; all-zero is an empty header.
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+impl std::fmt::Debug for SendQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendQueue")
+            .field("frames", &self.frames.len())
+            .field("bytes", &self.bytes)
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+/// The next send to submit for a queue.
+pub(crate) enum NextSend {
+    /// One contiguous range: a plain send.
+    One(*const u8, usize),
+    /// Several frames: a sendmsg of this header (pointing into the queue).
+    Many(*const libc::msghdr),
 }
 
 impl SendQueue {
@@ -188,43 +232,80 @@ impl SendQueue {
     }
 
     /// The unsent part of the head frame.
+    #[cfg(test)]
     pub fn head(&self) -> Option<&[u8]> {
         self.frames.front().map(|f| &f[self.head_sent..])
     }
 
-    /// Records `sent` bytes of the head as sent (a short send leaves the rest);
-    /// returns how many frames were completed.
-    pub fn advance(&mut self, sent: usize) -> usize {
-        let head = self
-            .frames
-            .front()
-            .expect("a send completed with an empty queue");
-        let remaining = head.len() - self.head_sent;
-        assert!(sent <= remaining, "sent {sent} of {remaining} bytes");
-        self.bytes -= sent;
-        if sent < remaining {
-            self.head_sent += sent;
-            return 0;
+    /// Prepares a send of up to [`SEND_FRAMES_MAX`] frames from the head and
+    /// marks them in flight. `None` if the queue is empty or a send is in flight.
+    pub fn next_send(&mut self) -> Option<NextSend> {
+        if self.in_flight > 0 || self.frames.is_empty() {
+            return None;
         }
-        self.frames.pop_front();
-        self.head_sent = 0;
-        1
+        let count = self.frames.len().min(SEND_FRAMES_MAX);
+        self.in_flight = count;
+        let head = &self.frames[0][self.head_sent..];
+        if count == 1 {
+            return Some(NextSend::One(head.as_ptr(), head.len()));
+        }
+        for (i, frame) in self.frames.iter().take(count).enumerate() {
+            let part = if i == 0 { head } else { &frame[..] };
+            self.iov[i] = libc::iovec {
+                iov_base: part.as_ptr() as *mut _,
+                iov_len: part.len(),
+            };
+        }
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = count as _;
+        Some(NextSend::Many(&self.msg))
+    }
+
+    /// Records the completion of the send in flight that wrote `sent` bytes (a
+    /// short send leaves the rest queued); returns how many frames completed.
+    pub fn complete(&mut self, sent: usize) -> usize {
+        assert!(self.in_flight > 0, "a send completed with none in flight");
+        assert!(
+            sent <= self.bytes,
+            "sent {sent} of {} queued bytes",
+            self.bytes
+        );
+        self.in_flight = 0;
+        self.bytes -= sent;
+        let mut left = sent;
+        let mut done = 0;
+        while left > 0 {
+            let remaining = self.frames[0].len() - self.head_sent;
+            if left < remaining {
+                self.head_sent += left;
+                break;
+            }
+            left -= remaining;
+            self.frames.pop_front();
+            self.head_sent = 0;
+            done += 1;
+        }
+        done
+    }
+
+    /// Ends the send in flight without progress (it failed or was cancelled).
+    pub fn abandon_in_flight(&mut self) {
+        self.in_flight = 0;
     }
 
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
 
-    /// Drops every frame not yet handed to the kernel. The head stays when a
-    /// send of it is in flight (`keep_head`): the kernel still reads it, and a
-    /// frame cut in the middle would corrupt the stream.
-    pub fn discard_unsent(&mut self, keep_head: bool) {
-        if keep_head && !self.frames.is_empty() {
-            for frame in self.frames.drain(1..) {
-                self.bytes -= frame.len();
-            }
-        } else {
-            self.frames.clear();
+    /// Drops every frame not handed to the kernel. Frames covered by a send in
+    /// flight stay: the kernel still reads them, and a frame cut in the middle
+    /// would corrupt the stream.
+    pub fn discard_unsent(&mut self) {
+        let keep = self.in_flight;
+        for frame in self.frames.drain(keep..) {
+            self.bytes -= frame.len();
+        }
+        if keep == 0 {
             self.bytes = 0;
             self.head_sent = 0;
         }
@@ -235,33 +316,84 @@ impl SendQueue {
 mod tests {
     use super::*;
 
+    /// The bytes a send would write, read through the pointers the kernel gets.
+    fn bytes_of(next: &NextSend) -> Vec<u8> {
+        match *next {
+            // SAFETY: `next_send` points into frames that stay in the queue
+            // until `complete`, which the caller has not called yet.
+            NextSend::One(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec(),
+            NextSend::Many(msg) => {
+                // SAFETY: the header lives in the queue, as above.
+                let msg = unsafe { &*msg };
+                // SAFETY: it points at `msg_iovlen` initialised iovecs in the queue.
+                let iovs = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen) };
+                iovs.iter()
+                    // SAFETY: each iovec names a live frame, as above.
+                    .flat_map(|iov| unsafe {
+                        std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+                    })
+                    .copied()
+                    .collect()
+            }
+        }
+    }
+
+    fn drain_all(q: &mut SendQueue) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(next) = q.next_send() {
+            // Pretend the kernel takes 3 bytes at most, to exercise short sends.
+            let bytes = bytes_of(&next);
+            let sent = bytes.len().min(3);
+            out.extend_from_slice(&bytes[..sent]);
+            q.complete(sent);
+        }
+        out
+    }
+
     #[test]
-    fn short_sends_keep_the_rest_of_the_head() {
+    fn short_and_vectored_sends_deliver_every_byte_in_order() {
         let mut q = SendQueue::default();
-        q.push(Bytes::from_static(b"hello"));
-        q.push(Bytes::from_static(b"world"));
-        assert_eq!(q.bytes, 10);
-        assert_eq!(q.advance(2), 0);
-        assert_eq!(q.head(), Some(&b"llo"[..]));
-        assert_eq!(q.bytes, 8);
-        assert_eq!(q.advance(3), 1);
-        assert_eq!(q.head(), Some(&b"world"[..]));
-        assert_eq!(q.advance(5), 1);
+        let mut expected = Vec::new();
+        for i in 0..(SEND_FRAMES_MAX * 2 + 5) {
+            let frame: Vec<u8> = (0..(i % 7 + 1)).map(|j| (i * 10 + j) as u8).collect();
+            expected.extend_from_slice(&frame);
+            q.push(Bytes::from(frame));
+        }
+        assert_eq!(drain_all(&mut q), expected);
         assert!(q.is_empty());
         assert_eq!(q.bytes, 0);
     }
 
     #[test]
-    fn discarding_keeps_an_in_flight_head() {
+    fn one_send_at_a_time_and_a_full_batch_completes_many_frames() {
+        let mut q = SendQueue::default();
+        for _ in 0..SEND_FRAMES_MAX + 3 {
+            q.push(Bytes::from_static(b"ab"));
+        }
+        assert!(matches!(q.next_send(), Some(NextSend::Many(_))));
+        assert!(q.next_send().is_none(), "one send in flight at a time");
+        assert_eq!(q.complete(2 * SEND_FRAMES_MAX), SEND_FRAMES_MAX);
+        assert!(matches!(q.next_send(), Some(NextSend::Many(_))));
+        assert_eq!(q.complete(5), 2);
+        assert!(matches!(q.next_send(), Some(NextSend::One(_, 1))));
+    }
+
+    #[test]
+    fn discarding_keeps_the_frames_in_flight() {
         let mut q = SendQueue::default();
         for f in [&b"abcd"[..], b"ef", b"gh"] {
             q.push(Bytes::copy_from_slice(f));
         }
-        q.advance(1);
-        q.discard_unsent(true);
-        assert_eq!(q.head(), Some(&b"bcd"[..]));
-        assert_eq!(q.bytes, 3);
-        q.discard_unsent(false);
+        let _ = q.next_send();
+        q.complete(1);
+        let _ = q.next_send(); // covers all three frames
+        q.push(Bytes::from_static(b"ij"));
+        q.discard_unsent();
+        assert_eq!(q.bytes, 3 + 2 + 2, "only the new frame was dropped");
+        q.complete(7);
+        assert!(q.is_empty());
+        q.push(Bytes::from_static(b"kl"));
+        q.discard_unsent();
         assert!(q.is_empty());
         assert_eq!(q.bytes, 0);
     }

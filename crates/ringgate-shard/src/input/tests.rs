@@ -67,7 +67,8 @@ impl Harness {
             while let Some(head) = q.head() {
                 let n = head.len();
                 out.extend_from_slice(head);
-                q.advance(n);
+                let _ = q.next_send();
+                q.complete(n);
             }
         }
         out

@@ -14,7 +14,7 @@ use ringgate_codec::close_code;
 
 use super::{stage_send, Shard};
 use crate::config::{SlowConsumer, STRIKES_MAX};
-use crate::conn::{flag, Conn, State};
+use crate::conn::{Conn, State};
 use crate::input::{self, Upcall};
 use crate::pubsub::{self, Request};
 use crate::stats::ShardStats;
@@ -178,9 +178,8 @@ pub(crate) fn queue_event(
             }
             SlowConsumer::Close => {
                 stats.slow_consumers.add(1);
-                let in_flight = conn.has(flag::SEND_INFLIGHT);
                 if let Some(q) = conn.sendq.as_mut() {
-                    q.discard_unsent(in_flight);
+                    q.discard_unsent();
                 }
                 conn.queue(input::close_frame(
                     close_code::POLICY_VIOLATION,
@@ -200,6 +199,7 @@ pub(crate) fn queue_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::NextSend;
     use crate::pubsub::{event_frame, EventData};
     use crate::topics::TopicIndex;
     use slab::Slab;
@@ -228,10 +228,17 @@ mod tests {
                 Queued::Event
             );
         }
-        for (_, conn) in conns.iter() {
-            let head = conn.sendq.as_ref().unwrap().head().unwrap();
-            assert_eq!(head.as_ptr(), frame.as_ptr(), "a subscriber got a copy");
-            assert_eq!(head.len(), frame.len());
+        for (_, conn) in conns.iter_mut() {
+            match conn.sendq.as_mut().unwrap().next_send() {
+                Some(NextSend::One(ptr, len)) => {
+                    assert_eq!(ptr, frame.as_ptr(), "a subscriber got a copy");
+                    assert_eq!(len, frame.len());
+                }
+                other => panic!(
+                    "expected one send of the shared frame, got {}",
+                    other.is_some()
+                ),
+            }
         }
         assert_eq!(stats.messages_sent.get(), 100);
     }

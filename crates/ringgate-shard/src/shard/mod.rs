@@ -21,7 +21,7 @@ use slab::Slab;
 
 use crate::bufring::BufRing;
 use crate::config::{ShardConfig, CQE_BATCH_MAX, CQ_ENTRIES, SQ_ENTRIES};
-use crate::conn::{flag, Conn, State};
+use crate::conn::{flag, Conn, NextSend, State};
 use crate::inbox::{Command, Inbox};
 use crate::input::{self, Env, Upcall};
 use crate::stats::ShardStats;
@@ -331,7 +331,9 @@ impl Shard {
     fn on_send(&mut self, key: usize, result: i32) {
         let conn = &mut self.conns[key];
         conn.clear(flag::SEND_INFLIGHT);
+        let queue = conn.sendq.as_mut().expect("a send was in flight");
         if result <= 0 {
+            queue.abandon_in_flight();
             if result < 0 && -result != libc::ECANCELED {
                 tracing::debug!(
                     shard = self.id,
@@ -344,8 +346,7 @@ impl Shard {
         }
         let sent = result as usize;
         self.stats.bytes_sent.add(sent as u64);
-        let queue = conn.sendq.as_mut().expect("a send was in flight");
-        queue.advance(sent);
+        queue.complete(sent);
         if queue.is_empty() {
             conn.sendq = None;
         }
@@ -635,15 +636,22 @@ fn stage_send(conn: &mut Conn, key: usize, staged: &mut Vec<squeue::Entry>) {
     if conn.has(flag::SEND_INFLIGHT) || conn.state == State::Finished {
         return;
     }
-    if let Some(head) = conn.sendq.as_ref().and_then(|q| q.head()) {
-        let sqe = opcode::Send::new(Fixed(conn.slot), head.as_ptr(), head.len() as u32)
+    let Some(next) = conn.sendq.as_mut().and_then(|q| q.next_send()) else {
+        return;
+    };
+    let fixed = Fixed(conn.slot);
+    let sqe = match next {
+        NextSend::One(ptr, len) => opcode::Send::new(fixed, ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(Token::new(Op::Send, conn.generation, key).encode());
-        // The head `Bytes` stays in the queue, unmoved, until this completes.
-        staged.push(sqe);
-        conn.set(flag::SEND_INFLIGHT);
-    }
+            .build(),
+        NextSend::Many(msg) => opcode::SendMsg::new(fixed, msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build(),
+    };
+    // The frames (and for SendMsg the header and gather list) stay in the boxed
+    // queue, unmoved, until this completes: see SendQueue.
+    staged.push(sqe.user_data(Token::new(Op::Send, conn.generation, key).encode()));
+    conn.set(flag::SEND_INFLIGHT);
 }
 
 fn build_ring() -> io::Result<IoUring> {
