@@ -32,6 +32,9 @@ pub struct Args {
     /// Event body size in bytes (at least 40: it carries a timestamp).
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// Publish at this many events per second (default: as fast as the API takes them).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Server shards.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -88,8 +91,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     let lost = report.lost(&accepted);
     let delivered = report.latency.len();
     let ms = |v: u64| v as f64 / 1e6;
+    let pace = args.rate.map_or("as fast as accepted".to_string(), |r| {
+        format!("at {r} events/s")
+    });
     println!(
-        "fanout: {} subscribers x {} events of {} B, {} shard(s)",
+        "fanout: {} subscribers x {} events of {} B, {pace}, {} shard(s)",
         args.subs, args.events, args.size, args.shards
     );
     println!(
@@ -120,6 +126,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         cpu,
         cpu * 1e6 / delivered.max(1) as f64
     );
+    println!(
+        "benchmark CPU        {:.2} s (near the elapsed time: the client was the bottleneck)",
+        own_cpu_seconds()
+    );
     if lost > 0 || report.out_of_order > 0 {
         return Err(format!(
             "{lost} deliveries lost, {} out of order",
@@ -148,7 +158,12 @@ fn publish(
         busy: 0,
     };
     let mut buf = vec![0u8; 4096];
-    for _ in 0..args.events {
+    let started = Instant::now();
+    for i in 0..args.events {
+        if let Some(rate) = args.rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -353,6 +368,8 @@ fn parse_frames(buf: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> u64 {
     count
 }
 
+/// The number after `key` in `haystack`. Events start `{"topic":T,"seq":N,"data":{"t":...`,
+/// so the search is short.
 fn number_after(haystack: &[u8], key: &[u8]) -> Option<u64> {
     let at = haystack.windows(key.len()).position(|w| w == key)? + key.len();
     let digits = haystack[at..]
@@ -386,6 +403,16 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
     // SAFETY: sysconf has no pointer arguments.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
+}
+
+/// This process's user + system CPU time, in seconds.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain data filled by getrusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: passes a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn pin_to(cpu: usize) {
