@@ -125,5 +125,8 @@ fn a_silent_handshake_is_closed_after_the_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(server.total("handshake_timeouts_total"), 1);
+    assert_eq!(
+        server.total("connections_rejected_handshake_timeout_total"),
+        1
+    );
 }

@@ -38,6 +38,8 @@ pub(crate) struct BufRing {
     dirty: bool,
     /// Per buffer, bytes the kernel has filled so far (incremental mode).
     consumed: Box<[u32]>,
+    /// Buffers out of the ring: being filled (incremental mode) or being parsed.
+    in_use: u32,
 }
 
 impl BufRing {
@@ -94,12 +96,18 @@ impl BufRing {
             tail: 0,
             dirty: false,
             consumed: vec![0; entries as usize].into_boxed_slice(),
+            in_use: 0,
         };
         for bid in 0..entries16 {
             this.push(bid);
         }
         this.publish();
         Ok(this)
+    }
+
+    /// Buffers out of the ring now.
+    pub fn in_use(&self) -> u32 {
+        self.in_use
     }
 
     /// Whether the kernel consumes buffers incrementally.
@@ -123,6 +131,9 @@ impl BufRing {
         } else {
             0
         };
+        if offset == 0 {
+            self.in_use += 1;
+        }
         assert!(
             offset as usize + len <= self.buf_bytes as usize,
             "recv overran buffer {bid}"
@@ -142,6 +153,7 @@ impl BufRing {
     pub fn finish(&mut self, chunk: Chunk) {
         if chunk.last {
             self.consumed[chunk.bid as usize] = 0;
+            self.in_use -= 1;
             self.push(chunk.bid);
         }
     }

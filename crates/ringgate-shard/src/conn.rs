@@ -140,7 +140,14 @@ impl Conn {
 
     /// Appends a frame to the send queue, creating it if needed.
     pub fn queue(&mut self, frame: Bytes) {
-        self.sendq.get_or_insert_with(Default::default).push(frame);
+        self.queue_event(frame, 0);
+    }
+
+    /// Appends a published event, stamped with its publish time.
+    pub fn queue_event(&mut self, frame: Bytes, published_ns: u64) {
+        self.sendq
+            .get_or_insert_with(Default::default)
+            .push(frame, published_ns);
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -179,7 +186,9 @@ pub(crate) const SEND_FRAMES_MAX: usize = 32;
 /// gather list and message header the kernel reads, which live in this (boxed)
 /// queue.
 pub(crate) struct SendQueue {
-    frames: VecDeque<Bytes>,
+    /// Frames, each with its publish time ([`crate::clock_ns`]; 0 for frames
+    /// that are not published events).
+    frames: VecDeque<(Bytes, u64)>,
     /// Bytes of the head frame already sent.
     head_sent: usize,
     /// Bytes queued and not yet sent, over all frames.
@@ -226,15 +235,16 @@ pub(crate) enum NextSend {
 }
 
 impl SendQueue {
-    pub fn push(&mut self, frame: Bytes) {
+    /// Queues a frame; `published_ns` is the event's publish time, or 0.
+    pub fn push(&mut self, frame: Bytes, published_ns: u64) {
         self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back((frame, published_ns));
     }
 
     /// The unsent part of the head frame.
     #[cfg(test)]
     pub fn head(&self) -> Option<&[u8]> {
-        self.frames.front().map(|f| &f[self.head_sent..])
+        self.frames.front().map(|(f, _)| &f[self.head_sent..])
     }
 
     /// Prepares a send of up to [`SEND_FRAMES_MAX`] frames from the head and
@@ -245,11 +255,11 @@ impl SendQueue {
         }
         let count = self.frames.len().min(SEND_FRAMES_MAX);
         self.in_flight = count;
-        let head = &self.frames[0][self.head_sent..];
+        let head = &self.frames[0].0[self.head_sent..];
         if count == 1 {
             return Some(NextSend::One(head.as_ptr(), head.len()));
         }
-        for (i, frame) in self.frames.iter().take(count).enumerate() {
+        for (i, (frame, _)) in self.frames.iter().take(count).enumerate() {
             let part = if i == 0 { head } else { &frame[..] };
             self.iov[i] = libc::iovec {
                 iov_base: part.as_ptr() as *mut _,
@@ -262,8 +272,10 @@ impl SendQueue {
     }
 
     /// Records the completion of the send in flight that wrote `sent` bytes (a
-    /// short send leaves the rest queued); returns how many frames completed.
-    pub fn complete(&mut self, sent: usize) -> usize {
+    /// short send leaves the rest queued); calls `event_sent` with the publish
+    /// time of each published event that is now fully sent, and returns how many
+    /// frames completed.
+    pub fn complete(&mut self, sent: usize, mut event_sent: impl FnMut(u64)) -> usize {
         assert!(self.in_flight > 0, "a send completed with none in flight");
         assert!(
             sent <= self.bytes,
@@ -275,13 +287,19 @@ impl SendQueue {
         let mut left = sent;
         let mut done = 0;
         while left > 0 {
-            let remaining = self.frames[0].len() - self.head_sent;
+            let remaining = self.frames[0].0.len() - self.head_sent;
             if left < remaining {
                 self.head_sent += left;
                 break;
             }
             left -= remaining;
-            self.frames.pop_front();
+            let (_, published_ns) = self
+                .frames
+                .pop_front()
+                .expect("sent bytes belong to queued frames");
+            if published_ns != 0 {
+                event_sent(published_ns);
+            }
             self.head_sent = 0;
             done += 1;
         }
@@ -302,7 +320,7 @@ impl SendQueue {
     /// would corrupt the stream.
     pub fn discard_unsent(&mut self) {
         let keep = self.in_flight;
-        for frame in self.frames.drain(keep..) {
+        for (frame, _) in self.frames.drain(keep..) {
             self.bytes -= frame.len();
         }
         if keep == 0 {
@@ -345,7 +363,7 @@ mod tests {
             let bytes = bytes_of(&next);
             let sent = bytes.len().min(3);
             out.extend_from_slice(&bytes[..sent]);
-            q.complete(sent);
+            q.complete(sent, |_| {});
         }
         out
     }
@@ -357,7 +375,7 @@ mod tests {
         for i in 0..(SEND_FRAMES_MAX * 2 + 5) {
             let frame: Vec<u8> = (0..(i % 7 + 1)).map(|j| (i * 10 + j) as u8).collect();
             expected.extend_from_slice(&frame);
-            q.push(Bytes::from(frame));
+            q.push(Bytes::from(frame), 0);
         }
         assert_eq!(drain_all(&mut q), expected);
         assert!(q.is_empty());
@@ -368,31 +386,38 @@ mod tests {
     fn one_send_at_a_time_and_a_full_batch_completes_many_frames() {
         let mut q = SendQueue::default();
         for _ in 0..SEND_FRAMES_MAX + 3 {
-            q.push(Bytes::from_static(b"ab"));
+            q.push(Bytes::from_static(b"ab"), 0);
         }
         assert!(matches!(q.next_send(), Some(NextSend::Many(_))));
         assert!(q.next_send().is_none(), "one send in flight at a time");
-        assert_eq!(q.complete(2 * SEND_FRAMES_MAX), SEND_FRAMES_MAX);
+        assert_eq!(q.complete(2 * SEND_FRAMES_MAX, |_| {}), SEND_FRAMES_MAX);
         assert!(matches!(q.next_send(), Some(NextSend::Many(_))));
-        assert_eq!(q.complete(5), 2);
+        assert_eq!(q.complete(5, |_| {}), 2);
         assert!(matches!(q.next_send(), Some(NextSend::One(_, 1))));
     }
 
     #[test]
     fn discarding_keeps_the_frames_in_flight() {
         let mut q = SendQueue::default();
-        for f in [&b"abcd"[..], b"ef", b"gh"] {
-            q.push(Bytes::copy_from_slice(f));
+        for (i, f) in [&b"abcd"[..], b"ef", b"gh"].into_iter().enumerate() {
+            q.push(Bytes::copy_from_slice(f), i as u64 + 1);
         }
         let _ = q.next_send();
-        q.complete(1);
+        let mut events = Vec::new();
+        q.complete(1, |ns| events.push(ns));
+        assert!(events.is_empty(), "a partly sent event is not done");
         let _ = q.next_send(); // covers all three frames
-        q.push(Bytes::from_static(b"ij"));
+        q.push(Bytes::from_static(b"ij"), 9);
         q.discard_unsent();
         assert_eq!(q.bytes, 3 + 2 + 2, "only the new frame was dropped");
-        q.complete(7);
+        q.complete(7, |ns| events.push(ns));
+        assert_eq!(
+            events,
+            vec![1, 2, 3],
+            "each sent event reports its publish time once"
+        );
         assert!(q.is_empty());
-        q.push(Bytes::from_static(b"kl"));
+        q.push(Bytes::from_static(b"kl"), 0);
         q.discard_unsent();
         assert!(q.is_empty());
         assert_eq!(q.bytes, 0);

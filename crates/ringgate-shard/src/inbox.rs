@@ -25,6 +25,8 @@ pub enum Command {
         topic: Arc<str>,
         /// The frame, shared by every shard and every subscriber.
         frame: Bytes,
+        /// When it was published ([`crate::clock_ns`]), for the latency histogram.
+        published_ns: u64,
     },
     /// Stop accepting, send Close 1001 to every client, exit when all are closed
     /// or at `deadline`, whichever comes first.

@@ -156,9 +156,7 @@ pub(crate) fn reject(
     conn.partial = None;
     conn.state = State::Draining;
     conn.since = env.now;
-    if status != 503 {
-        env.stats.handshake_failed.add(1);
-    }
+    env.stats.count_rejection(status);
     tracing::debug!(status, reason, "upgrade refused");
 }
 

@@ -45,7 +45,7 @@ pub use config::{
 };
 pub use inbox::Command;
 pub use pubsub::{event_frame, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX};
-pub use stats::{Counter, ShardStats};
+pub use stats::{clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US};
 pub use sys::{cpu_count, nofile_soft_limit};
 
 use inbox::Inbox;
@@ -192,8 +192,12 @@ pub struct ShardSender {
 impl ShardSender {
     /// Queues an encoded event frame for the shard's subscribers of `topic`.
     /// A full inbox hands the command back.
-    pub fn deliver(&self, topic: Arc<str>, frame: Bytes) -> Result<(), Command> {
-        self.inbox.push(Command::Deliver { topic, frame })
+    pub fn deliver(&self, topic: Arc<str>, frame: Bytes, published_ns: u64) -> Result<(), Command> {
+        self.inbox.push(Command::Deliver {
+            topic,
+            frame,
+            published_ns,
+        })
     }
 }
 

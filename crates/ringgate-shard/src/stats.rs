@@ -6,6 +6,14 @@
 //! loads: a scrape sees each value as of some recent moment.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+/// Latencies are recorded in microseconds, from 1 us to 10 minutes, to 2
+/// significant digits (about 10 KiB per histogram).
+pub const LATENCY_MAX_US: u64 = 600_000_000;
 
 /// One single-writer counter or gauge.
 #[derive(Debug, Default)]
@@ -52,8 +60,16 @@ pub struct ShardStats {
     pub rejected_limit: Counter,
     /// Accepts the kernel failed because the fixed-file table was full.
     pub rejected_table_full: Counter,
-    /// Handshakes answered with an HTTP error (4xx).
-    pub handshake_failed: Counter,
+    /// Upgrades refused with 400 (malformed or not an upgrade).
+    pub rejected_bad_request: Counter,
+    /// Upgrades refused with 404 (unknown path).
+    pub rejected_not_found: Counter,
+    /// Upgrades refused with 405 (not GET).
+    pub rejected_method: Counter,
+    /// Upgrades refused with 426 (WebSocket version not 13).
+    pub rejected_version: Counter,
+    /// Upgrades refused with 431 (request head too large).
+    pub rejected_too_large: Counter,
     /// Handshakes that did not finish in time.
     pub handshake_timeouts: Counter,
     /// Connections closed after the idle timeout.
@@ -86,4 +102,70 @@ pub struct ShardStats {
     pub topics: Counter,
     /// Subscriptions held by local connections.
     pub subscriptions: Counter,
+    /// Provided buffers the kernel or the shard holds now (not in the ring).
+    pub buffer_ring_in_use: Counter,
+    /// Direct descriptors (sockets) open now.
+    pub direct_descriptors: Counter,
+    /// Publish-to-send-completion latency of events, in microseconds, merged
+    /// from the shard's own histogram once per tick.
+    pub delivery_latency: Mutex<Option<Histogram<u64>>>,
+}
+
+impl ShardStats {
+    /// Counts an upgrade refused with HTTP `status` (503s are counted apart).
+    pub fn count_rejection(&self, status: u16) {
+        match status {
+            404 => self.rejected_not_found.add(1),
+            405 => self.rejected_method.add(1),
+            426 => self.rejected_version.add(1),
+            431 => self.rejected_too_large.add(1),
+            503 => {}
+            _ => self.rejected_bad_request.add(1),
+        }
+    }
+
+    /// Upgrades refused with a 4xx, all causes.
+    pub fn handshake_failed(&self) -> u64 {
+        self.rejected_bad_request.get()
+            + self.rejected_not_found.get()
+            + self.rejected_method.get()
+            + self.rejected_version.get()
+            + self.rejected_too_large.get()
+    }
+
+    /// A copy of the delivery latency histogram (microseconds).
+    pub fn latency_snapshot(&self) -> Histogram<u64> {
+        let shared = self
+            .delivery_latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        shared.clone().unwrap_or_else(new_latency_histogram)
+    }
+
+    /// Adds `local` to the shared histogram and empties it (shard thread, once per tick).
+    pub(crate) fn merge_latency(&self, local: &mut Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        let mut shared = self
+            .delivery_latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let shared = shared.get_or_insert_with(new_latency_histogram);
+        // Both have the same bounds, so adding cannot fail.
+        let _ = shared.add(&*local);
+        local.reset();
+    }
+}
+
+/// An empty latency histogram with ringgate's bounds.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 2).expect("valid bounds")
+}
+
+/// Nanoseconds since a process-wide epoch: how publishers stamp events and
+/// shards measure their delivery.
+pub fn clock_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ringgate_shard::{event_frame, valid_topic, EventData, ShardSender};
+use ringgate_shard::{clock_ns, event_frame, valid_topic, EventData, ShardSender};
 
 /// Topics the broker keeps a `seq` for; a publish to a new topic past this is refused.
 pub const TOPICS_MAX: usize = 1_000_000;
@@ -103,10 +103,15 @@ impl Broker {
             (name, *seq)
         };
         let frame = event_frame(topic, seq, data);
+        let published_ns = clock_ns();
         let delivered = self
             .shards
             .iter()
-            .filter(|shard| shard.deliver(name.clone(), frame.clone()).is_ok())
+            .filter(|shard| {
+                shard
+                    .deliver(name.clone(), frame.clone(), published_ns)
+                    .is_ok()
+            })
             .count();
         if delivered < self.shards.len() {
             return Err(PublishError::Busy {

@@ -60,6 +60,7 @@ pub fn spawn(
                 let body_max = control.message_bytes_max;
                 let app = Router::new()
                     .route("/publish/{*topic}", post(publish))
+                    .route("/metrics", get(metrics))
                     .route("/healthz", get(healthz))
                     .route("/stats", get(stats))
                     .layer(DefaultBodyLimit::max(body_max))
@@ -117,6 +118,19 @@ async fn forward_client_publishes(mut rx: mpsc::Receiver<ClientPublish>, broker:
     }
 }
 
+async fn metrics(
+    State(control): State<Arc<Control>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let body = crate::metrics::render(&control);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
 async fn healthz(State(control): State<Arc<Control>>) -> (StatusCode, &'static str) {
     let all_alive = control
         .alive
@@ -169,37 +183,10 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
     }))
 }
 
-/// Every counter of a shard by its metric name.
+/// Every counter of a shard by its `/stats` name.
 fn counters(s: &ShardStats) -> Map<String, Value> {
-    let pairs = [
-        ("connections", &s.connections),
-        ("connections_accepted_total", &s.accepted),
-        ("connections_upgraded_total", &s.upgraded),
-        ("connections_rejected_limit_total", &s.rejected_limit),
-        (
-            "connections_rejected_table_full_total",
-            &s.rejected_table_full,
-        ),
-        ("handshake_failed_total", &s.handshake_failed),
-        ("handshake_timeouts_total", &s.handshake_timeouts),
-        ("idle_closed_total", &s.idle_closed),
-        ("protocol_errors_total", &s.protocol_errors),
-        ("messages_received_total", &s.messages_received),
-        ("messages_sent_total", &s.messages_sent),
-        ("bytes_received_total", &s.bytes_received),
-        ("bytes_sent_total", &s.bytes_sent),
-        ("pings_sent_total", &s.pings_sent),
-        ("buffer_ring_exhausted_total", &s.buffer_ring_exhausted),
-        ("reads_paused_total", &s.reads_paused),
-        ("send_queue_bytes", &s.send_queue_bytes),
-        ("events_received_total", &s.events_received),
-        ("slow_consumer_total", &s.slow_consumers),
-        ("events_dropped_total", &s.events_dropped),
-        ("topics", &s.topics),
-        ("subscriptions", &s.subscriptions),
-    ];
-    pairs
+    crate::metrics::shard_counters(s)
         .into_iter()
-        .map(|(k, c)| (k.to_string(), json!(c.get())))
+        .map(|(k, v)| (k, json!(v)))
         .collect()
 }

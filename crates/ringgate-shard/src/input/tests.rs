@@ -68,7 +68,7 @@ impl Harness {
                 let n = head.len();
                 out.extend_from_slice(head);
                 let _ = q.next_send();
-                q.complete(n);
+                q.complete(n, |_| {});
             }
         }
         out

@@ -116,7 +116,7 @@ impl Shard {
     }
 
     /// Queues `frame` on every open local subscriber of `topic`.
-    pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes) {
+    pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes, published_ns: u64) {
         let limit = self.cfg.send_queue_bytes_max;
         let policy = self.cfg.slow_consumer;
         let Shard {
@@ -130,7 +130,8 @@ impl Shard {
         for &key in topics.subscribers(topic) {
             let key = key as usize;
             let conn = &mut conns[key];
-            if queue_event(conn, frame, limit, policy, *now, stats) != Queued::Skipped {
+            if queue_event(conn, frame, published_ns, limit, policy, *now, stats) != Queued::Skipped
+            {
                 stage_send(conn, key, staged);
             }
         }
@@ -161,6 +162,7 @@ pub(crate) enum Queued {
 pub(crate) fn queue_event(
     conn: &mut Conn,
     frame: &Bytes,
+    published_ns: u64,
     limit: usize,
     policy: SlowConsumer,
     now: u32,
@@ -191,7 +193,7 @@ pub(crate) fn queue_event(
             }
         }
     }
-    conn.queue(frame.clone());
+    conn.queue_event(frame.clone(), published_ns);
     stats.messages_sent.add(1);
     Queued::Event
 }
@@ -224,7 +226,7 @@ mod tests {
         for &key in index.subscribers("news") {
             let conn = &mut conns[key as usize];
             assert_eq!(
-                queue_event(conn, &frame, 1 << 20, SlowConsumer::Close, 0, &stats),
+                queue_event(conn, &frame, 1, 1 << 20, SlowConsumer::Close, 0, &stats),
                 Queued::Event
             );
         }
@@ -251,11 +253,27 @@ mod tests {
         let (a, b) = (0, 1);
         // The first event always fits, whatever its size.
         assert_eq!(
-            queue_event(&mut conns[a], &frame, 150, SlowConsumer::Close, 7, &stats),
+            queue_event(
+                &mut conns[a],
+                &frame,
+                1,
+                150,
+                SlowConsumer::Close,
+                7,
+                &stats
+            ),
             Queued::Event
         );
         assert_eq!(
-            queue_event(&mut conns[a], &frame, 150, SlowConsumer::Close, 7, &stats),
+            queue_event(
+                &mut conns[a],
+                &frame,
+                1,
+                150,
+                SlowConsumer::Close,
+                7,
+                &stats
+            ),
             Queued::Closed
         );
         let conn = &conns[a];
@@ -269,16 +287,24 @@ mod tests {
         assert_eq!(stats.slow_consumers.get(), 1);
         // Closed connections get nothing more.
         assert_eq!(
-            queue_event(&mut conns[a], &frame, 150, SlowConsumer::Close, 7, &stats),
+            queue_event(
+                &mut conns[a],
+                &frame,
+                1,
+                150,
+                SlowConsumer::Close,
+                7,
+                &stats
+            ),
             Queued::Skipped
         );
         // The drop policy keeps the connection and skips the event.
         assert_eq!(
-            queue_event(&mut conns[b], &frame, 150, SlowConsumer::Drop, 7, &stats),
+            queue_event(&mut conns[b], &frame, 1, 150, SlowConsumer::Drop, 7, &stats),
             Queued::Event
         );
         assert_eq!(
-            queue_event(&mut conns[b], &frame, 150, SlowConsumer::Drop, 7, &stats),
+            queue_event(&mut conns[b], &frame, 1, 150, SlowConsumer::Drop, 7, &stats),
             Queued::Skipped
         );
         assert_eq!(conns[b].state, State::Open);

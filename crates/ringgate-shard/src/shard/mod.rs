@@ -24,12 +24,13 @@ use crate::config::{ShardConfig, CQE_BATCH_MAX, CQ_ENTRIES, SQ_ENTRIES};
 use crate::conn::{flag, Conn, NextSend, State};
 use crate::inbox::{Command, Inbox};
 use crate::input::{self, Env, Upcall};
-use crate::stats::ShardStats;
+use crate::stats::{clock_ns, new_latency_histogram, ShardStats, LATENCY_MAX_US};
 use crate::sweep::{self, Due, Timeouts};
 use crate::sys;
 use crate::token::{Op, Token};
 use crate::topics::TopicIndex;
 use crate::Publisher;
+use hdrhistogram::Histogram;
 
 /// The buffer group id of the shard's one buffer ring.
 const BGID: u16 = 0;
@@ -61,6 +62,9 @@ pub(crate) struct Shard {
     upcalls: Vec<Upcall>,
     /// Commands drained from the inbox.
     commands: Vec<Command>,
+    /// Delivery latencies since the last tick (microseconds); merged into the
+    /// shared histogram once per tick.
+    latency: Histogram<u64>,
     timeouts: Timeouts,
     /// SQEs staged by handlers, pushed to the SQ by the loop.
     staged: Vec<squeue::Entry>,
@@ -116,6 +120,7 @@ impl Shard {
             publisher,
             upcalls: Vec::new(),
             commands: Vec::new(),
+            latency: new_latency_histogram(),
             staged: Vec::with_capacity(1024),
             rearm: Vec::new(),
             due: Vec::new(),
@@ -155,7 +160,9 @@ impl Shard {
             for &(user_data, result, flags) in &batch {
                 self.dispatch(Token::decode(user_data), result, flags);
             }
-            self.bufs.as_mut().expect("present until exit").publish();
+            let bufs = self.bufs.as_mut().expect("present until exit");
+            bufs.publish();
+            self.stats.buffer_ring_in_use.set(u64::from(bufs.in_use()));
             self.rearm_starved();
             if self.shutdown_done() {
                 break;
@@ -234,6 +241,7 @@ impl Shard {
 
     fn admit(&mut self, slot: u32) {
         self.stats.accepted.add(1);
+        self.stats.direct_descriptors.add(1);
         self.stats.connections.add(1);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1) & crate::token::GENERATION_MASK;
@@ -346,7 +354,13 @@ impl Shard {
         }
         let sent = result as usize;
         self.stats.bytes_sent.add(sent as u64);
-        queue.complete(sent);
+        let latency = &mut self.latency;
+        let mut now_ns = None;
+        queue.complete(sent, |published_ns| {
+            let now = *now_ns.get_or_insert_with(clock_ns);
+            let us = (now.saturating_sub(published_ns) / 1000).clamp(1, LATENCY_MAX_US);
+            let _ = latency.record(us);
+        });
         if queue.is_empty() {
             conn.sendq = None;
         }
@@ -362,6 +376,7 @@ impl Shard {
     }
 
     fn on_close(&mut self, key: usize) {
+        self.stats.direct_descriptors.sub(1);
         let conn = &mut self.conns[key];
         conn.clear(flag::CLOSE_INFLIGHT);
         conn.set(flag::CLOSED);
@@ -481,6 +496,7 @@ impl Shard {
             }
         }
         self.stats.send_queue_bytes.set(queued);
+        self.stats.merge_latency(&mut self.latency);
         for (key, d) in due.drain(..) {
             let conn = &mut self.conns[key];
             match d {
@@ -536,7 +552,11 @@ impl Shard {
         self.inbox.drain(&mut commands);
         for command in commands.drain(..) {
             match command {
-                Command::Deliver { topic, frame } => self.deliver(&topic, &frame),
+                Command::Deliver {
+                    topic,
+                    frame,
+                    published_ns,
+                } => self.deliver(&topic, &frame, published_ns),
                 Command::Shutdown { deadline } => self.begin_shutdown(deadline),
             }
         }

@@ -1,0 +1,299 @@
+//! `GET /metrics`: every shard counter and gauge in the Prometheus text
+//! exposition format (version 0.0.4), plus process figures and the delivery
+//! latency histogram merged over shards.
+//!
+//! Written by hand: the format is small and fully specified, the scrape path is
+//! not hot, and the end-to-end tests parse the output with a real parser. Each
+//! metric has one `# HELP` and one `# TYPE` line, then its samples.
+
+use std::fmt::Write as _;
+
+use ringgate_shard::{new_latency_histogram, Counter, ShardStats};
+
+use crate::control::Control;
+
+/// Counters and gauges kept per shard, exported with a `shard` label.
+/// (name, type, help, accessor)
+type Field = fn(&ShardStats) -> &Counter;
+const PER_SHARD: &[(&str, &str, &str, Field)] = &[
+    (
+        "ringgate_connections",
+        "gauge",
+        "Connections held now (including ones closing).",
+        |s| &s.connections,
+    ),
+    (
+        "ringgate_direct_descriptors",
+        "gauge",
+        "Sockets open now as io_uring direct descriptors.",
+        |s| &s.direct_descriptors,
+    ),
+    (
+        "ringgate_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |s| &s.accepted,
+    ),
+    (
+        "ringgate_connections_upgraded_total",
+        "counter",
+        "Connections upgraded to WebSocket.",
+        |s| &s.upgraded,
+    ),
+    (
+        "ringgate_messages_received_total",
+        "counter",
+        "Complete data messages received from clients.",
+        |s| &s.messages_received,
+    ),
+    (
+        "ringgate_messages_sent_total",
+        "counter",
+        "Data frames queued to clients (events and echoes).",
+        |s| &s.messages_sent,
+    ),
+    (
+        "ringgate_bytes_received_total",
+        "counter",
+        "Bytes received from clients.",
+        |s| &s.bytes_received,
+    ),
+    (
+        "ringgate_bytes_sent_total",
+        "counter",
+        "Bytes sent to clients.",
+        |s| &s.bytes_sent,
+    ),
+    (
+        "ringgate_events_received_total",
+        "counter",
+        "Published events handed to this shard for fanout.",
+        |s| &s.events_received,
+    ),
+    (
+        "ringgate_slow_consumer_total",
+        "counter",
+        "Subscribers closed with 1008 for not keeping up.",
+        |s| &s.slow_consumers,
+    ),
+    (
+        "ringgate_events_dropped_total",
+        "counter",
+        "Events skipped for a subscriber not keeping up (--slow-consumer drop).",
+        |s| &s.events_dropped,
+    ),
+    (
+        "ringgate_protocol_errors_total",
+        "counter",
+        "Connections failed for a protocol violation or abuse.",
+        |s| &s.protocol_errors,
+    ),
+    (
+        "ringgate_idle_closed_total",
+        "counter",
+        "Connections closed after the idle timeout.",
+        |s| &s.idle_closed,
+    ),
+    (
+        "ringgate_pings_sent_total",
+        "counter",
+        "Keepalive pings sent.",
+        |s| &s.pings_sent,
+    ),
+    (
+        "ringgate_reads_paused_total",
+        "counter",
+        "Times a connection's reads paused on a full send queue.",
+        |s| &s.reads_paused,
+    ),
+    (
+        "ringgate_buffer_ring_in_use",
+        "gauge",
+        "Provided receive buffers out of the ring now.",
+        |s| &s.buffer_ring_in_use,
+    ),
+    (
+        "ringgate_buffer_ring_exhausted_total",
+        "counter",
+        "Receives ended by an empty buffer ring (ENOBUFS), re-armed later.",
+        |s| &s.buffer_ring_exhausted,
+    ),
+    (
+        "ringgate_send_queue_bytes",
+        "gauge",
+        "Bytes waiting in send queues (updated every second).",
+        |s| &s.send_queue_bytes,
+    ),
+    (
+        "ringgate_topics",
+        "gauge",
+        "Topics with at least one local subscriber.",
+        |s| &s.topics,
+    ),
+    (
+        "ringgate_subscriptions",
+        "gauge",
+        "Subscriptions held by local connections.",
+        |s| &s.subscriptions,
+    ),
+];
+
+/// `ringgate_connections_rejected_total{reason}`: why connections were refused.
+const REJECTED: &[(&str, Field)] = &[
+    ("limit", |s| &s.rejected_limit),
+    ("table_full", |s| &s.rejected_table_full),
+    ("bad_request", |s| &s.rejected_bad_request),
+    ("not_found", |s| &s.rejected_not_found),
+    ("method_not_allowed", |s| &s.rejected_method),
+    ("unsupported_version", |s| &s.rejected_version),
+    ("request_too_large", |s| &s.rejected_too_large),
+    ("handshake_timeout", |s| &s.handshake_timeouts),
+];
+
+/// Latency bucket bounds, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Every counter of a shard under its `/stats` name (the metric name without
+/// `ringgate_`; refusals as `connections_rejected_{reason}_total`).
+pub fn shard_counters(s: &ShardStats) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = PER_SHARD
+        .iter()
+        .map(|(name, _, _, field)| {
+            (
+                name.trim_start_matches("ringgate_").to_string(),
+                field(s).get(),
+            )
+        })
+        .collect();
+    for (reason, field) in REJECTED {
+        out.push((
+            format!("connections_rejected_{reason}_total"),
+            field(s).get(),
+        ));
+    }
+    out.push(("handshake_failed_total".into(), s.handshake_failed()));
+    out
+}
+
+/// The whole exposition.
+pub fn render(control: &Control) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    for (name, kind, help, field) in PER_SHARD {
+        header(&mut out, name, kind, help);
+        for (id, shard) in control.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {}", field(shard).get());
+        }
+    }
+    header(
+        &mut out,
+        "ringgate_connections_rejected_total",
+        "counter",
+        "Connections refused, by reason.",
+    );
+    for (reason, field) in REJECTED {
+        let total: u64 = control.shards.iter().map(|s| field(s).get()).sum();
+        let _ = writeln!(
+            out,
+            "ringgate_connections_rejected_total{{reason=\"{reason}\"}} {total}"
+        );
+    }
+    let broker = &control.broker;
+    header(
+        &mut out,
+        "ringgate_publish_total",
+        "counter",
+        "Events published and handed to every shard.",
+    );
+    let _ = writeln!(
+        out,
+        "ringgate_publish_total {}",
+        broker.published.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "ringgate_publish_rejected_total",
+        "counter",
+        "Publishes refused or only partly delivered (full inbox, bad topic).",
+    );
+    let _ = writeln!(
+        out,
+        "ringgate_publish_rejected_total {}",
+        broker.rejected.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    latency(&mut out, control);
+    header(
+        &mut out,
+        "ringgate_process_resident_memory_bytes",
+        "gauge",
+        "Resident set size of the process.",
+    );
+    let _ = writeln!(
+        out,
+        "ringgate_process_resident_memory_bytes {}",
+        rss_bytes().unwrap_or(0)
+    );
+    header(
+        &mut out,
+        "ringgate_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+    );
+    let _ = writeln!(
+        out,
+        "ringgate_uptime_seconds {:.3}",
+        control.started.elapsed().as_secs_f64()
+    );
+    header(&mut out, "ringgate_info", "gauge", "Build information.");
+    let _ = writeln!(
+        out,
+        "ringgate_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// `ringgate_delivery_latency_seconds`: publish to send completion, merged over shards.
+fn latency(out: &mut String, control: &Control) {
+    let mut merged = new_latency_histogram();
+    for shard in &control.shards {
+        let _ = merged.add(shard.latency_snapshot());
+    }
+    let name = "ringgate_delivery_latency_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "Time from publish to the send completion of an event, per subscriber.",
+    );
+    for bound in LATENCY_BUCKETS {
+        let us = (bound * 1e6) as u64;
+        let count = if merged.is_empty() {
+            0
+        } else {
+            merged.count_between(0, us)
+        };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", merged.len());
+    let sum_us: f64 = merged
+        .iter_recorded()
+        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+        .sum();
+    let _ = writeln!(out, "{name}_sum {:.6}", sum_us / 1e6);
+    let _ = writeln!(out, "{name}_count {}", merged.len());
+}
+
+/// This process's resident set size, from /proc.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}

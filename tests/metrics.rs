@@ -1,0 +1,209 @@
+//! End to end: `/metrics` in the Prometheus exposition format, parsed by a real
+//! parser and checked line by line, with figures that match what the test did.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+/// A parsed scrape: sample values by metric name and sorted labels.
+struct Metrics {
+    samples: Vec<prometheus_parse::Sample>,
+}
+
+impl Metrics {
+    fn scrape(server: &Server) -> Metrics {
+        let (status, body) = server.control_get("/metrics");
+        assert_eq!(status, 200);
+        check_exposition(&body);
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
+        Metrics {
+            samples: scrape.samples,
+        }
+    }
+
+    /// The sum over every sample of `name` whose labels include `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(buckets) => {
+                    buckets.last().map_or(0.0, |b| b.count)
+                }
+                other => panic!("{name}: unexpected {other:?}"),
+            })
+            .collect();
+        assert!(!matching.is_empty(), "no sample {name} {labels:?}");
+        matching.iter().sum()
+    }
+}
+
+/// Every line is a HELP, a TYPE, or a sample `name{labels} value` of a metric
+/// whose TYPE came first; names and label syntax follow the format.
+fn check_exposition(body: &str) {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c == '_' || c == ':' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            assert!(valid_name(rest.split(' ').next().unwrap()), "{line}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "TYPE twice: {line}"
+            );
+        } else {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("no value: {line}"));
+            assert!(
+                value.parse::<f64>().is_ok() || value == "+Inf",
+                "bad value: {line}"
+            );
+            let name = series.split('{').next().unwrap();
+            assert!(valid_name(name), "{line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+                })
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "sample before its TYPE: {line}");
+            if let Some(labels) = series.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                    for pair in labels[1..labels.len() - 1].split(',') {
+                        let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{line}"));
+                        assert!(
+                            valid_name(k) && v.starts_with('"') && v.ends_with('"'),
+                            "{line}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn metrics_match_what_the_clients_did() {
+    let server = Server::start(&["--shards", "2", "--echo"]);
+    let before = Metrics::scrape(&server);
+    assert_eq!(before.sum("ringgate_connections", &[]), 0.0);
+    let subscribers: Vec<_> = (0..10)
+        .map(|_| raw_upgrade(&server, "/ws?topics=m"))
+        .collect();
+    let mut echo = ws_connect(&server, "/echo");
+    for i in 0..7 {
+        echo.send(Message::text(format!("e{i}"))).unwrap();
+        echo.read().unwrap();
+    }
+    server.wait_for("11 connections", Duration::from_secs(10), |s| {
+        s.total("connections") == 11
+    });
+    for i in 0..5 {
+        server.publish("m", &i.to_string());
+    }
+    let _ = http_get(server.ws, "/nope"); // a refusal: 404
+    server.wait_for(
+        "every delivery sent and merged",
+        Duration::from_secs(10),
+        |s| {
+            let m = Metrics::scrape(s);
+            m.sum("ringgate_delivery_latency_seconds", &[]) >= 50.0
+        },
+    );
+    let m = Metrics::scrape(&server);
+    assert_eq!(m.sum("ringgate_connections", &[]), 11.0);
+    assert_eq!(m.sum("ringgate_direct_descriptors", &[]), 11.0);
+    assert_eq!(m.sum("ringgate_subscriptions", &[]), 10.0);
+    assert_eq!(
+        m.sum("ringgate_topics", &[]),
+        2.0,
+        "one topic per shard (clients land on both)"
+    );
+    assert_eq!(m.sum("ringgate_publish_total", &[]), 5.0);
+    assert_eq!(m.sum("ringgate_messages_sent_total", &[]), 5.0 * 10.0 + 7.0);
+    assert_eq!(m.sum("ringgate_messages_received_total", &[]), 7.0);
+    assert_eq!(m.sum("ringgate_delivery_latency_seconds", &[]), 50.0);
+    assert_eq!(
+        m.sum(
+            "ringgate_connections_rejected_total",
+            &[("reason", "not_found")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("ringgate_connections_accepted_total", &[]), 12.0);
+    assert!(m.sum("ringgate_bytes_sent_total", &[]) > 0.0);
+    assert!(m.sum("ringgate_process_resident_memory_bytes", &[]) > 1e6);
+    let per_shard: Vec<f64> = ["0", "1"]
+        .iter()
+        .map(|id| m.sum("ringgate_connections", &[("shard", id)]))
+        .collect();
+    assert_eq!(per_shard.iter().sum::<f64>(), 11.0);
+    drop(subscribers);
+    server.wait_for("the subscribers to go", Duration::from_secs(10), |s| {
+        s.total("connections") == 1
+    });
+    let m = Metrics::scrape(&server);
+    assert_eq!(m.sum("ringgate_subscriptions", &[]), 0.0);
+    assert_eq!(m.sum("ringgate_topics", &[]), 0.0);
+}
+
+#[test]
+fn an_enobufs_run_moves_the_exhausted_counter() {
+    let server = Server::start(&[
+        "--echo",
+        "--shards",
+        "1",
+        "--buffers",
+        "4",
+        "--buffer-size",
+        "512",
+    ]);
+    assert_eq!(
+        Metrics::scrape(&server).sum("ringgate_buffer_ring_exhausted_total", &[]),
+        0.0
+    );
+    let threads: Vec<_> = (0..50)
+        .map(|_| {
+            let mut ws = ws_connect(&server, "/echo");
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    ws.send(Message::binary(vec![7u8; 2000])).unwrap();
+                }
+                for _ in 0..10 {
+                    assert_eq!(ws.read().unwrap().len(), 2000);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let m = Metrics::scrape(&server);
+    assert!(m.sum("ringgate_buffer_ring_exhausted_total", &[]) > 0.0);
+    // Every buffer went back, except (with incremental consumption) the one the
+    // kernel is partly filling.
+    assert!(m.sum("ringgate_buffer_ring_in_use", &[]) <= 1.0);
+}
