@@ -20,6 +20,11 @@ pub struct Server {
 impl Server {
     /// Starts ringgate on port 0 with `args` added, and waits for its ready line.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`], with environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
             .args([
                 "--listen",
@@ -29,6 +34,7 @@ impl Server {
                 "--no-pin",
             ])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

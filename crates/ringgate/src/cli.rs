@@ -8,90 +8,135 @@ use clap::Parser;
 use crate::units::{parse_duration, parse_size};
 
 /// ringgate: a WebSocket gateway on io_uring for millions of mostly idle connections.
+///
+/// Every setting can also come from the environment (RINGGATE_<FLAG>, e.g.
+/// RINGGATE_MAX_CONNECTIONS=100000) or a TOML file (--config; keys are the flag
+/// names, e.g. max-connections = 100000). Precedence: flag > environment > file > default.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+
+    /// Read settings from this TOML file (flags and RINGGATE_* variables override it).
+    #[arg(long, env = "RINGGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Address the WebSocket endpoints listen on (every shard binds it with SO_REUSEPORT).
-    #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "RINGGATE_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
     pub listen: SocketAddr,
 
     /// Address of the control plane (/healthz, /stats).
-    #[arg(long, default_value = "127.0.0.1:9090", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "RINGGATE_CONTROL",
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR"
+    )]
     pub control: SocketAddr,
 
     /// Shard threads, each with its own io_uring [default: number of CPUs].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "RINGGATE_SHARDS", value_name = "N")]
     pub shards: Option<usize>,
 
     /// Do not pin shard threads to CPUs.
-    #[arg(long)]
+    #[arg(long, env = "RINGGATE_NO_PIN")]
     pub no_pin: bool,
 
     /// Serve GET /echo, which echoes every message (for conformance tests and benchmarks).
-    #[arg(long)]
+    #[arg(long, env = "RINGGATE_ECHO")]
     pub echo: bool,
 
     /// Connections held at most, over all shards; more are answered 503
     /// [default: as many as the shards' rings hold: shards x (RLIMIT_NOFILE - 64)].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "RINGGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<u64>,
 
     /// Largest frame payload accepted (close 1009 past it).
-    #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, env = "RINGGATE_MAX_FRAME_SIZE", default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_frame_size: u64,
 
     /// Largest message accepted, over all its fragments (close 1009 past it).
-    #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, env = "RINGGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_message_size: u64,
 
     /// Largest HTTP upgrade request head accepted (431 past it).
-    #[arg(long, default_value = "8KiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, env = "RINGGATE_MAX_REQUEST_SIZE", default_value = "8KiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_request_size: u64,
 
     /// Bytes queued for one client before its reads pause.
-    #[arg(long, default_value = "256KiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, env = "RINGGATE_SEND_QUEUE_LIMIT", default_value = "256KiB", value_parser = parse_size, value_name = "SIZE")]
     pub send_queue_limit: u64,
 
     /// Provided receive buffers per shard (a power of two, at most 32768).
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    #[arg(
+        long,
+        env = "RINGGATE_BUFFERS",
+        default_value_t = 512,
+        value_name = "N"
+    )]
     pub buffers: u32,
 
     /// Bytes per provided receive buffer.
-    #[arg(long, default_value = "16KiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, env = "RINGGATE_BUFFER_SIZE", default_value = "16KiB", value_parser = parse_size, value_name = "SIZE")]
     pub buffer_size: u64,
 
     /// Close connections that have not completed the upgrade after this long.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "RINGGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
 
     /// Ping clients silent this long (pings are spread over the last fifth).
-    #[arg(long, default_value = "25s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "RINGGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration, value_name = "DURATION")]
     pub ping_interval: Duration,
 
     /// Close clients silent this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "RINGGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
 
     /// On SIGTERM/SIGINT, wait this long for clients to finish closing.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "RINGGATE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
     /// Topics one connection may subscribe to.
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(
+        long,
+        env = "RINGGATE_MAX_SUBSCRIPTIONS",
+        default_value_t = 64,
+        value_name = "N"
+    )]
     pub max_subscriptions: usize,
 
     /// What to do with a subscriber whose send queue is full when an event arrives.
-    #[arg(long, value_enum, default_value_t = SlowConsumerPolicy::Close)]
+    #[arg(long, env = "RINGGATE_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]
     pub slow_consumer: SlowConsumerPolicy,
 
     /// Let clients publish with {"op":"pub"} to topics matching PATTERN: `*`, `prefix*` or one name
     /// [default: clients may not publish].
-    #[arg(long, value_name = "PATTERN")]
+    #[arg(long, env = "RINGGATE_CLIENT_PUBLISH", value_name = "PATTERN")]
     pub client_publish: Option<String>,
 
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// What to do instead of running the gateway.
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Validate a configuration file (and the environment) without starting.
+    CheckConfig {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
 }
 
 /// `--slow-consumer` values.

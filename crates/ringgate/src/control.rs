@@ -31,6 +31,8 @@ pub struct Control {
     pub alive: Vec<Arc<std::sync::atomic::AtomicBool>>,
     pub started: Instant,
     pub broker: Arc<Broker>,
+    /// The effective configuration, for `/stats`.
+    pub settings: Value,
     /// The largest publish body accepted.
     pub message_bytes_max: usize,
 }
@@ -178,6 +180,7 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
+        "settings": control.settings,
         "totals": totals,
         "shards": shards,
     }))

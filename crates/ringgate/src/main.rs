@@ -3,6 +3,7 @@
 
 mod broker;
 mod cli;
+mod config;
 mod control;
 mod metrics;
 mod signals;
@@ -13,26 +14,80 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use ringgate_codec::Limits;
 use ringgate_shard::{ClientPublish, Command, Publisher, ShardConfig, SlowConsumer, REJECT_SLOTS};
 
 use broker::Broker;
-use cli::{Cli, SlowConsumerPolicy};
+use cli::{Cli, SlowConsumerPolicy, Subcommand};
 
 /// Client publishes waiting for the broker before clients are told it is busy.
 const CLIENT_PUBLISH_QUEUE: usize = 4096;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.verbose);
-    match run(cli) {
+    let loaded = match config::load(std::env::args_os().collect()) {
+        Ok(loaded) => loaded,
+        Err(config::LoadError::Clap(e)) => e.exit(),
+        Err(config::LoadError::File(msg)) => {
+            eprintln!("ringgate: error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    if loaded.cli.print_config {
+        print!("{}", config::print(&loaded.matches));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(loaded.cli.verbose);
+    if let Some(Subcommand::CheckConfig { file }) = &loaded.cli.command {
+        return check_config(file);
+    }
+    let settings = config::effective(&loaded.matches);
+    match run(loaded.cli, settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("ringgate: error: {msg}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ringgate check-config FILE`: the file, with the environment, through every
+/// check a start makes short of binding ports.
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let args = vec![
+        "ringgate".into(),
+        "--config".into(),
+        file.as_os_str().to_owned(),
+    ];
+    let result = match config::load(args) {
+        Ok(loaded) => {
+            let shards = loaded
+                .cli
+                .shards
+                .unwrap_or_else(ringgate_shard::cpu_count)
+                .max(1);
+            shard_config(&loaded.cli, shards).and_then(|cfg| cfg.validate())
+        }
+        Err(config::LoadError::Clap(e)) => Err(first_line(&e.to_string())),
+        Err(config::LoadError::File(msg)) => Err(msg),
+    };
+    match result {
+        Ok(()) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("ringgate: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 fn init_logging(verbose: u8) {
@@ -49,7 +104,7 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     // Block the shutdown signals before any thread starts, so every thread
     // inherits the mask and only the main thread's sigwait sees them.
     signals::block_shutdown_signals();
@@ -75,6 +130,7 @@ fn run(cli: Cli) -> Result<(), String> {
         alive: alive.clone(),
         started: Instant::now(),
         broker,
+        settings: serde_json::to_value(&settings).map_err(|e| e.to_string())?,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
     });
     control::spawn(control_listener, control, client_rx)

@@ -1,0 +1,96 @@
+//! End to end: configuration from a TOML file, RINGGATE_* variables and flags,
+//! with flag > environment > file > default; errors that name the key and line;
+//! `--print-config` round-tripping through `check-config`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("ringgate-e2e-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn ringgate(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn flag_beats_environment_beats_file_beats_default() {
+    let file = temp_file(
+        "layers.toml",
+        "max-subscriptions = 11\nsend-queue-limit = \"1MiB\"\nping-interval = 7\necho = true\n",
+    );
+    let path = file.to_str().unwrap();
+    let server = Server::start_with_env(
+        &["--config", path, "--max-subscriptions", "33"],
+        &[
+            ("RINGGATE_MAX_SUBSCRIPTIONS", "22"),
+            ("RINGGATE_SEND_QUEUE_LIMIT", "512KiB"),
+        ],
+    );
+    let settings = &server.stats()["settings"];
+    assert_eq!(settings["max-subscriptions"], 33, "the flag wins");
+    assert_eq!(
+        settings["send-queue-limit"], "512KiB",
+        "the environment beats the file"
+    );
+    assert_eq!(settings["ping-interval"], 7, "the file beats the default");
+    assert_eq!(settings["idle-timeout"], "60s", "the default");
+    assert_eq!(settings["echo"], true);
+    // And it is in force, not just reported: /echo is served.
+    let _ws = ws_connect(&server, "/echo");
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_line() {
+    let file = temp_file("bad.toml", "# comment\necho = true\nmax-conections = 5\n");
+    let out = ringgate(&["check-config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":3: unknown key `max-conections`"), "{err}");
+    // Starting with it fails the same way, before binding anything.
+    let out = ringgate(&["--config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key `max-conections`"));
+    let bad_value = temp_file("bad-value.toml", "buffers = 1000\n");
+    let out = ringgate(&["check-config", bad_value.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(bad_value);
+}
+
+#[test]
+fn print_config_round_trips_through_check_config() {
+    let out = ringgate(
+        &["--print-config", "--echo", "--max-connections", "1234"],
+        &[("RINGGATE_PING_INTERVAL", "9s")],
+    );
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("max-connections = 1234") && printed.contains("ping-interval = \"9s\""),
+        "{printed}"
+    );
+    let file = temp_file("printed.toml", &printed);
+    let out = ringgate(&["check-config", file.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Printing again from that file gives the same configuration.
+    let again = ringgate(&["--config", file.to_str().unwrap(), "--print-config"], &[]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
+    let _ = std::fs::remove_file(file);
+}
