@@ -151,3 +151,38 @@ fn healthz_answers_ok() {
     let server = Server::start(&[]);
     assert_eq!(server.control_get("/healthz"), (200, "ok\n".to_string()));
 }
+
+#[test]
+fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
+    let mut old = Server::start(&["--shards", "2", "--drain-timeout", "10s"]);
+    let address = old.ws.to_string();
+    let mut subscribers: Vec<_> = (0..20).map(|_| raw_upgrade(&old, "/ws?topics=z")).collect();
+    old.wait_for("20 subscriptions", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == 20
+    });
+    for i in 1..=50 {
+        old.publish("z", &i.to_string());
+    }
+    // The new process binds the same address (SO_REUSEPORT) while the old one runs.
+    let new = Server::start(&["--listen", &address]);
+    assert_eq!(new.ws, old.ws);
+    old.signal(libc::SIGTERM);
+    // Every client of the old process gets every event published before its
+    // drain began, in order, and then Close 1001.
+    for s in &mut subscribers {
+        for seq in 1..=50 {
+            assert_eq!(read_json(s)["seq"], seq);
+        }
+        assert_eq!(read_close_code(s), 1001);
+        s.write_all(&frame(FIN | CLOSE, &1001u16.to_be_bytes()))
+            .unwrap();
+    }
+    assert!(old.wait_exit(Duration::from_secs(10)).success());
+    // Clients reconnecting to the same address reach the new process.
+    let mut again = raw_upgrade(&new, "/ws?topics=z");
+    new.wait_for("the new subscription", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == 1
+    });
+    new.publish("z", "\"after the restart\"");
+    assert_eq!(read_json(&mut again)["data"], "after the restart");
+}

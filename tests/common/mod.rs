@@ -25,14 +25,15 @@ impl Server {
 
     /// Like [`Server::start`], with environment variables set.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        // Port 0 unless the test names an address.
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--control",
-                "127.0.0.1:0",
-                "--no-pin",
-            ])
+            .args(listen)
+            .args(["--control", "127.0.0.1:0", "--no-pin"])
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")

@@ -91,6 +91,7 @@ mod tests {
         Command::Deliver {
             topic: Arc::from("t"),
             frame: Bytes::from(vec![n]),
+            published_ns: 0,
         }
     }
 

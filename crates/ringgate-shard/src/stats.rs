@@ -106,6 +106,8 @@ pub struct ShardStats {
     pub buffer_ring_in_use: Counter,
     /// Direct descriptors (sockets) open now.
     pub direct_descriptors: Counter,
+    /// Ticks the shard's loop has handled (one per second): its liveness.
+    pub loop_ticks: Counter,
     /// Publish-to-send-completion latency of events, in microseconds, merged
     /// from the shard's own histogram once per tick.
     pub delivery_latency: Mutex<Option<Histogram<u64>>>,

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod control;
 mod metrics;
+mod notify;
 mod signals;
 mod units;
 
@@ -145,12 +146,27 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         runtime.local_addr, control_addr
     );
 
-    let mut shards = runtime.shards;
+    let notifier = notify::Notifier::from_env();
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving WebSockets on {} ({shard_count} shards), control on {control_addr}",
+        runtime.local_addr
+    ));
+    serve(runtime.shards, &alive, &notifier, cli.drain_timeout)
+}
+
+/// Waits for SIGTERM/SIGINT while watching the shards, then drains them.
+fn serve(
+    mut shards: Vec<ringgate_shard::ShardHandle>,
+    alive: &[Arc<AtomicBool>],
+    notifier: &notify::Notifier,
+    drain_timeout: Duration,
+) -> Result<(), String> {
+    let mut progress = ShardProgress::new(&shards);
     let signal = loop {
         if let Some(sig) = signals::wait(Duration::from_secs(1)) {
             break sig;
         }
-        for (s, a) in shards.iter().zip(&alive) {
+        for (s, a) in shards.iter().zip(alive) {
             if s.is_finished() {
                 a.store(false, Ordering::Relaxed);
             }
@@ -165,11 +181,58 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
             drain(shards, Instant::now());
             return Err(format!("shard {id} stopped unexpectedly: {why}"));
         }
+        // The watchdog is fed only while every shard's loop is turning: a hung
+        // shard gets the service restarted, not only a dead one.
+        if progress.all_turning(&shards) && notifier.watchdog.is_some() {
+            notifier.send("WATCHDOG=1");
+        }
     };
-    tracing::info!(signal, drain_timeout = ?cli.drain_timeout, "shutting down: closing every connection with 1001");
-    drain(shards, Instant::now() + cli.drain_timeout);
+    tracing::info!(
+        signal,
+        ?drain_timeout,
+        "shutting down: closing every connection with 1001"
+    );
+    notifier.send("STOPPING=1\nSTATUS=draining");
+    drain(shards, Instant::now() + drain_timeout);
     tracing::info!("bye");
     Ok(())
+}
+
+/// Whether each shard's loop has ticked recently (it ticks once a second).
+struct ShardProgress {
+    ticks: Vec<(u64, Instant)>,
+}
+
+impl ShardProgress {
+    /// A shard whose tick count has not moved for this long is stuck.
+    const STUCK_AFTER: Duration = Duration::from_secs(5);
+
+    fn new(shards: &[ringgate_shard::ShardHandle]) -> Self {
+        ShardProgress {
+            ticks: shards
+                .iter()
+                .map(|s| (s.stats.loop_ticks.get(), Instant::now()))
+                .collect(),
+        }
+    }
+
+    fn all_turning(&mut self, shards: &[ringgate_shard::ShardHandle]) -> bool {
+        let mut all = true;
+        for (shard, (seen, at)) in shards.iter().zip(&mut self.ticks) {
+            let now = shard.stats.loop_ticks.get();
+            if now != *seen {
+                (*seen, *at) = (now, Instant::now());
+            } else if at.elapsed() > Self::STUCK_AFTER {
+                tracing::error!(
+                    shard = shard.id,
+                    "shard loop has not turned for {:?}",
+                    at.elapsed()
+                );
+                all = false;
+            }
+        }
+        all
+    }
 }
 
 /// Tells every shard to drain by `deadline` and waits for them.

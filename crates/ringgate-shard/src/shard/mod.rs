@@ -473,6 +473,7 @@ impl Shard {
     }
 
     fn on_tick(&mut self, flags: u32) {
+        self.stats.loop_ticks.add(1);
         if !cqueue::more(flags) {
             self.arm_tick();
         }
