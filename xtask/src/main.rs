@@ -7,6 +7,7 @@
 
 mod density;
 mod fanout;
+mod loadgen;
 mod process;
 
 use std::process::ExitCode;
@@ -37,6 +38,11 @@ enum Task {
     Density(density::Args),
     /// Fanout benchmark: one topic, many subscribers, events as fast as the API takes them.
     Fanout(fanout::Args),
+    /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
+    Loadgen(loadgen::Args),
+    /// (internal) One load generator worker process.
+    #[command(hide = true)]
+    LoadgenWorker { job: String },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +52,10 @@ fn main() -> ExitCode {
         Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
         Task::Density(a) => density::run(&a),
         Task::Fanout(a) => fanout::run(&a),
+        Task::Loadgen(a) => loadgen::main(&a),
+        Task::LoadgenWorker { job } => serde_json::from_str(&job)
+            .map_err(|e| format!("bad worker job: {e}"))
+            .and_then(loadgen::worker::run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

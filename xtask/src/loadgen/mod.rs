@@ -1,0 +1,609 @@
+//! `cargo xtask loadgen SCENARIO`: drives real load at a ringgate (or anything
+//! speaking the same protocol, like the baseline server) and reports what it saw
+//! next to what the server reports.
+//!
+//! The parent process orchestrates: it splits the connections over `--procs`
+//! worker processes (each under the open-file limit; `--sources` spreads their
+//! sockets over loopback source addresses), publishes events for `fanout`,
+//! scrapes `/stats`, reads the server's RSS and CPU time from /proc, merges the
+//! workers' histograms and prints a table (and `--json`, `--plot`). Every run is
+//! bounded by `--timeout` and stops by itself.
+
+pub mod report;
+pub mod wire;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use report::{Percentiles, Report, ServerFigures};
+use wire::Http;
+use worker::{Job, Line, WorkerResult};
+
+const SCENARIOS: &str = "Scenarios:
+  connect  open --conns WebSocket connections to /ws?topics=... at --ramp per second (or as fast as
+           possible) and hold them --hold seconds: connect rate, handshake latency, failures by cause,
+           server memory per connection (RSS and direct descriptors from /stats and /proc, and the
+           machine's MemAvailable drop).
+  fanout   --conns subscribers over --topics topics; publish --events events of --size bytes through
+           the control plane at --rate per second (or as fast as it takes them), each carrying its
+           send time: delivered events/s, losses per topic, duplicates and out-of-order by seq,
+           publish-to-receive latency percentiles.
+  echo     --conns clients on /echo, each with --inflight messages of --size bytes outstanding, for
+           --duration seconds: messages/s and round-trip percentiles.
+  churn    open and close connections continuously at --rate per second for --duration seconds;
+           checks the server's connection gauge returns to where it started (no leak).
+
+Examples:
+  cargo xtask loadgen connect --conns 50000 --procs 4 --sources 127.0.0.2-127.0.0.20 --hold 10
+  cargo xtask loadgen fanout --conns 10000 --events 2000 --size 64 --plot fanout.svg
+  cargo xtask loadgen echo --conns 100 --inflight 4 --duration 10 --json echo.json";
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Connect,
+    Fanout,
+    Echo,
+    Churn,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = SCENARIOS)]
+pub struct Args {
+    /// connect | fanout | echo | churn (see below).
+    pub scenario: Scenario,
+    /// The WebSocket address (ws://HOST:PORT).
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub target: String,
+    /// The control plane (http://HOST:PORT): /stats, and /publish for fanout.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    pub control: String,
+    /// Connections (connect, fanout, echo).
+    #[arg(long, default_value_t = 100)]
+    pub conns: usize,
+    /// New connections per second over all workers [default: as fast as possible].
+    #[arg(long)]
+    pub ramp: Option<f64>,
+    /// connect: seconds to hold the connections once open.
+    #[arg(long, default_value_t = 2.0)]
+    pub hold: f64,
+    /// fanout: topics the subscribers are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// fanout: events to publish.
+    #[arg(long, default_value_t = 1000)]
+    pub events: u64,
+    /// fanout: event body bytes (at least 40); echo: message bytes (at least 8).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// fanout: events per second; churn: connections per second [fanout default: as fast as accepted].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// echo: messages outstanding per connection.
+    #[arg(long, default_value_t = 1)]
+    pub inflight: usize,
+    /// echo and churn: seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Loopback source addresses for client sockets: a range (127.0.0.2-127.0.0.60) or a list.
+    #[arg(long)]
+    pub sources: Option<String>,
+    /// Worker processes to split the connections over (each under the open-file limit).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Pin the load generator (all its processes) to this CPU.
+    #[arg(long)]
+    pub pin: Option<usize>,
+    /// Write every figure as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw the latency percentile distribution to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Allow targets outside the loopback range.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn main(args: &Args) -> Result<(), String> {
+    let report = run(args)?;
+    report.print();
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&report).expect("serialisable"),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        report::plot(&report, path)?;
+    }
+    report.verdict()
+}
+
+/// Runs a scenario and returns its report.
+pub fn run(args: &Args) -> Result<Report, String> {
+    let target = address(&args.target, "ws://")?;
+    let control = address(&args.control, "http://")?;
+    let sources = parse_sources(args.sources.as_deref())?;
+    if !args.allow_remote {
+        for ip in std::iter::once(target.ip())
+            .chain(std::iter::once(control.ip()))
+            .chain(sources.iter().copied())
+        {
+            if !ip.is_loopback() {
+                return Err(format!(
+                    "{ip} is not a loopback address; pass --allow-remote to load another host"
+                ));
+            }
+        }
+    }
+    if args.procs == 0 || args.procs > 64 {
+        return Err("--procs must be from 1 to 64".into());
+    }
+    if args.scenario == Scenario::Fanout && args.size < 40 {
+        return Err("fanout --size must be at least 40 bytes (events carry a timestamp)".into());
+    }
+    if let Some(cpu) = args.pin {
+        pin_to(cpu);
+    }
+    let server_pid = pid_listening_on(target.port());
+    let mut http = Http::connect(control).ok();
+    let stats_before = http.as_mut().and_then(|h| h.stats().ok());
+    let before = Sample::take(server_pid);
+    let started = Instant::now();
+    let mut workers = spawn_workers(args, target, &sources)?;
+    let (tx, rx) = mpsc::channel();
+    for (i, w) in workers.iter_mut().enumerate() {
+        let stdout = w.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(line) = serde_json::from_str::<Line>(&line) {
+                    if tx.send((i, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let progress = Progress::new(args);
+    let deadline = started + Duration::from_secs_f64(args.timeout + 10.0);
+    let mut ready = 0;
+    let mut connected_at = None;
+    let mut after = None;
+    let mut stats_after = None;
+    let mut published = Published::default();
+    let mut results: Vec<Option<WorkerResult>> = (0..workers.len()).map(|_| None).collect();
+    let mut progress_by_worker = vec![(0u64, 0u64, 0u64); workers.len()];
+    while results.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (i, line) = match rx.recv_timeout(left) {
+            Ok(x) => x,
+            Err(_) => break,
+        };
+        match line {
+            Line::Progress {
+                connected,
+                failed,
+                received,
+            } => {
+                progress_by_worker[i] = (connected, failed, received);
+                progress.update(&progress_by_worker);
+            }
+            Line::Ready => {
+                ready += 1;
+                if ready < workers.len() {
+                    continue;
+                }
+                connected_at = Some(started.elapsed());
+                after = Some(Sample::take(server_pid));
+                stats_after = http.as_mut().and_then(|h| h.stats().ok());
+                if args.scenario == Scenario::Fanout {
+                    let subscribers: u64 = progress_by_worker.iter().map(|p| p.0).sum();
+                    let http = http
+                        .as_mut()
+                        .ok_or("fanout needs the control plane (--control)")?;
+                    wait_for_subscriptions(http, subscribers)?;
+                    published = publish(http, args, control)?;
+                    let line = serde_json::to_string(&Line::Expect {
+                        per_topic: published.per_topic.clone(),
+                    })
+                    .expect("serialisable");
+                    for w in &mut workers {
+                        let stdin = w.stdin.as_mut().expect("piped");
+                        let _ = writeln!(stdin, "{line}");
+                        let _ = stdin.flush();
+                    }
+                }
+            }
+            Line::Result(result) => results[i] = Some(*result),
+            Line::Expect { .. } => {}
+        }
+    }
+    progress.finish();
+    for mut w in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let results: Vec<WorkerResult> = results.into_iter().map(|r| r.unwrap_or_default()).collect();
+    let end = Sample::take(server_pid);
+    let stats_end = http.as_mut().and_then(|h| h.stats().ok());
+    let mut figures = ServerFigures::default();
+    figures.pid = server_pid;
+    figures.cpu_seconds = match (before.cpu, end.cpu) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    if let Some(after) = &after {
+        figures.rss_before = before.rss;
+        figures.rss_after = after.rss;
+        figures.mem_available_drop = before
+            .mem_available
+            .zip(after.mem_available)
+            .map(|(a, b)| a.saturating_sub(b));
+    }
+    let total = |s: &Option<serde_json::Value>, name: &str| {
+        s.as_ref().and_then(|s| s["totals"][name].as_u64())
+    };
+    figures.connections_before = total(&stats_before, "connections");
+    figures.connections_after = total(&stats_after, "connections");
+    figures.connections_end = total(&stats_end, "connections");
+    figures.direct_descriptors_after = total(&stats_after, "direct_descriptors");
+    figures.messages_sent_before = total(&stats_before, "messages_sent_total");
+    figures.messages_sent_end = total(&stats_end, "messages_sent_total");
+    if args.scenario == Scenario::Churn {
+        figures.connections_end = settle_connections(http.as_mut(), figures.connections_before);
+    }
+    Ok(Report::build(
+        args,
+        &results,
+        &published,
+        connected_at,
+        figures,
+    ))
+}
+
+/// Connections back to the count before the run (churn: no leak), or what it is after waiting.
+fn settle_connections(http: Option<&mut Http>, before: Option<u64>) -> Option<u64> {
+    let http = http?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = http
+            .stats()
+            .ok()
+            .and_then(|s| s["totals"]["connections"].as_u64());
+        if now == before || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for_subscriptions(http: &mut Http, subscribers: u64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = http.stats()?;
+        if stats["totals"]["subscriptions"].as_u64().unwrap_or(0) >= subscribers {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the server never counted {subscribers} subscriptions: {}",
+                stats["totals"]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the publisher got accepted.
+#[derive(Debug, Default, Clone)]
+pub struct Published {
+    pub per_topic: BTreeMap<String, u64>,
+    pub accepted: u64,
+    pub busy: u64,
+    pub seconds: f64,
+}
+
+/// Publishes `--events` round-robin over the topics, each carrying its send time.
+fn publish(http: &mut Http, args: &Args, control: SocketAddr) -> Result<Published, String> {
+    let _ = control;
+    let mut out = Published::default();
+    let started = Instant::now();
+    for i in 0..args.events {
+        if let Some(rate) = args.rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let topic = format!("t{}", i as usize % args.topics.max(1));
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let head = format!("{{\"t\":{t},\"p\":\"");
+        let body = format!(
+            "{head}{}\"}}",
+            "x".repeat(args.size.saturating_sub(head.len() + 2))
+        );
+        let (status, answer) =
+            http.request("POST", &format!("/publish/{topic}"), body.as_bytes())?;
+        match status {
+            200 => {
+                out.accepted += 1;
+                *out.per_topic.entry(topic).or_default() += 1;
+            }
+            503 => {
+                out.busy += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => {
+                return Err(format!(
+                    "publish answered {other}: {}",
+                    String::from_utf8_lossy(&answer)
+                ))
+            }
+        }
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+fn spawn_workers(
+    args: &Args,
+    target: SocketAddr,
+    sources: &[IpAddr],
+) -> Result<Vec<Child>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let procs = args.procs;
+    let mut first = 0;
+    let mut children = Vec::with_capacity(procs);
+    for p in 0..procs {
+        let conns = args.conns / procs + usize::from(p < args.conns % procs);
+        let ramp = match args.scenario {
+            Scenario::Churn => args.rate.unwrap_or(100.0) / procs as f64,
+            _ => args.ramp.unwrap_or(0.0) / procs as f64,
+        };
+        let job = Job {
+            scenario: args.scenario,
+            target,
+            conns: if args.scenario == Scenario::Churn {
+                0
+            } else {
+                conns
+            },
+            first,
+            topics: args.topics,
+            ramp,
+            sources: sources.to_vec(),
+            inflight: args.inflight,
+            size: args.size,
+            duration_s: args.duration,
+            hold_s: args.hold,
+            deadline_s: args.timeout,
+        };
+        first += conns;
+        let child = Command::new(&exe)
+            .arg("loadgen-worker")
+            .arg(serde_json::to_string(&job).expect("serialisable"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting a worker: {e}"))?;
+        children.push(child);
+    }
+    Ok(children)
+}
+
+/// Server and machine figures read at one moment.
+struct Sample {
+    rss: Option<u64>,
+    cpu: Option<f64>,
+    mem_available: Option<u64>,
+}
+
+impl Sample {
+    fn take(pid: Option<u32>) -> Sample {
+        Sample {
+            rss: pid.and_then(|p| proc_kib(&format!("/proc/{p}/status"), "VmRSS:")),
+            cpu: pid.and_then(cpu_seconds),
+            mem_available: proc_kib("/proc/meminfo", "MemAvailable:"),
+        }
+    }
+}
+
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no pointer arguments.
+    Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// The process that holds a listening TCP socket on `port` on this machine
+/// (found through /proc/net/tcp and the processes' fds), for RSS and CPU time.
+pub fn pid_listening_on(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                inodes.push(format!("socket:[{}]", f.get(9)?));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| link.to_string_lossy() == *i) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn address(url: &str, scheme: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix(scheme)
+        .ok_or_else(|| format!("{url}: expected {scheme}HOST:PORT"))?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: no address"))
+}
+
+/// `127.0.0.2-127.0.0.60` or `127.0.0.2,127.0.0.3`.
+pub fn parse_sources(text: Option<&str>) -> Result<Vec<IpAddr>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
+                    a.trim().parse().map_err(|_| format!("bad address {a}"))?,
+                    b.trim().parse().map_err(|_| format!("bad address {b}"))?,
+                );
+                let (a, b) = (u32::from(a), u32::from(b));
+                if b < a || b - a > 65536 {
+                    return Err(format!("bad range {part}"));
+                }
+                out.extend((a..=b).map(|n| IpAddr::V4(n.into())));
+            }
+            None => out.push(
+                part.trim()
+                    .parse()
+                    .map_err(|_| format!("bad address {part}"))?,
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The live progress line.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    scenario: Scenario,
+}
+
+impl Progress {
+    fn new(args: &Args) -> Progress {
+        let bar = (!args.quiet).then(|| {
+            let bar = indicatif::ProgressBar::new(args.conns as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} connected  {msg}",
+                )
+                .expect("valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            bar,
+            scenario: args.scenario,
+        }
+    }
+
+    fn update(&self, workers: &[(u64, u64, u64)]) {
+        let Some(bar) = &self.bar else { return };
+        let (c, f, r) = workers
+            .iter()
+            .fold((0, 0, 0), |a, w| (a.0 + w.0, a.1 + w.1, a.2 + w.2));
+        bar.set_position(c);
+        let what = match self.scenario {
+            Scenario::Fanout => "events received",
+            Scenario::Echo => "echoes",
+            Scenario::Churn => "connections cycled",
+            Scenario::Connect => "",
+        };
+        bar.set_message(format!("{f} failed  {r} {what}"));
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Merges (value, count) lists into one histogram's percentiles.
+pub fn percentiles(parts: impl Iterator<Item = Vec<(u64, u64)>>) -> Option<Percentiles> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    for part in parts {
+        for (value, count) in part {
+            let _ = h.record_n(value, count);
+        }
+    }
+    Percentiles::of(&h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse() {
+        assert_eq!(parse_sources(Some("127.0.0.2-127.0.0.4")).unwrap().len(), 3);
+        assert_eq!(parse_sources(Some("127.0.0.2,127.0.0.9")).unwrap().len(), 2);
+        assert!(parse_sources(Some("127.0.0.9-127.0.0.2")).is_err());
+        assert!(parse_sources(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            address("ws://127.0.0.1:8080", "ws://").unwrap().port(),
+            8080
+        );
+        assert!(address("http://127.0.0.1:9", "ws://").is_err());
+    }
+}

@@ -1,0 +1,389 @@
+//! The load generator's report: every figure, a table for people, JSON for
+//! scripts, an SVG of the latency percentile distribution, and a verdict (the
+//! exit status) that fails on any loss, duplicate, failure or leak.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::worker::WorkerResult;
+use super::{percentiles, Args, Published, Scenario};
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    /// (percentile, milliseconds) along the distribution, for the plot.
+    pub curve: Vec<(f64, f64)>,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Option<Percentiles> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        // Points evenly spaced in "nines": 0, 0.5, 0.75, ..., 0.9999.
+        let curve = (0..=80)
+            .map(|i| 1.0 - 0.5f64.powf(i as f64 / 6.0))
+            .filter(|q| *q <= 0.9999)
+            .map(|q| (q * 100.0, ms(q)))
+            .collect();
+        Some(Percentiles {
+            count: h.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+            curve,
+        })
+    }
+}
+
+/// What the server and the machine showed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ServerFigures {
+    pub pid: Option<u32>,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub mem_available_drop: Option<u64>,
+    pub connections_before: Option<u64>,
+    pub connections_after: Option<u64>,
+    pub connections_end: Option<u64>,
+    pub direct_descriptors_after: Option<u64>,
+    pub messages_sent_before: Option<u64>,
+    pub messages_sent_end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub procs: usize,
+    pub conns: usize,
+    pub connected: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub connect_seconds: Option<f64>,
+    pub connects_per_second: Option<f64>,
+    pub handshake_ms: Option<Percentiles>,
+    pub latency_ms: Option<Percentiles>,
+    pub published: u64,
+    pub publish_busy: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost_per_topic: BTreeMap<String, i64>,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub deliveries_per_second: Option<f64>,
+    pub messages: u64,
+    pub messages_per_second: Option<f64>,
+    pub server: ServerFigures,
+    pub rss_per_connection: Option<f64>,
+    pub mem_available_drop_per_connection: Option<f64>,
+    pub server_cpu_us_per_message: Option<f64>,
+    pub leaked_connections: Option<i64>,
+}
+
+impl Report {
+    pub fn build(
+        args: &Args,
+        results: &[WorkerResult],
+        published: &Published,
+        connected_at: Option<Duration>,
+        server: ServerFigures,
+    ) -> Report {
+        let connected: u64 = results.iter().map(|r| r.connected).sum();
+        let mut failures = BTreeMap::new();
+        let mut subscribers: BTreeMap<String, u64> = BTreeMap::new();
+        let mut received: BTreeMap<String, u64> = BTreeMap::new();
+        for r in results {
+            for (k, v) in &r.failures {
+                *failures.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &r.subscribers {
+                *subscribers.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &r.received {
+                *received.entry(k.clone()).or_default() += v;
+            }
+        }
+        let elapsed = results.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
+        let per_second = |n: u64| (elapsed > 0.0).then(|| n as f64 / elapsed);
+        let messages: u64 = results.iter().map(|r| r.messages).sum();
+        let mut lost_per_topic = BTreeMap::new();
+        let mut expected = 0;
+        if args.scenario == Scenario::Fanout {
+            for (topic, &events) in &published.per_topic {
+                let want = events * subscribers.get(topic).copied().unwrap_or(0);
+                expected += want;
+                lost_per_topic.insert(
+                    topic.clone(),
+                    want as i64 - received.get(topic).copied().unwrap_or(0) as i64,
+                );
+            }
+        }
+        let delivered: u64 = received.values().sum();
+        let work = match args.scenario {
+            Scenario::Fanout => delivered,
+            Scenario::Echo | Scenario::Churn => messages,
+            Scenario::Connect => connected,
+        };
+        let rss_per_connection = match (server.rss_before, server.rss_after) {
+            (Some(a), Some(b)) if connected > 0 && args.scenario == Scenario::Connect => {
+                Some((b as f64 - a as f64) / connected as f64)
+            }
+            _ => None,
+        };
+        let mem_available_drop_per_connection = server
+            .mem_available_drop
+            .filter(|_| connected > 0 && args.scenario == Scenario::Connect)
+            .map(|d| d as f64 / connected as f64);
+        let leaked_connections = (args.scenario == Scenario::Churn)
+            .then(|| {
+                server
+                    .connections_end
+                    .zip(server.connections_before)
+                    .map(|(e, b)| e as i64 - b as i64)
+            })
+            .flatten();
+        Report {
+            scenario: args.scenario,
+            procs: args.procs,
+            conns: args.conns,
+            connected,
+            failures,
+            connect_seconds: connected_at.map(|d| d.as_secs_f64()),
+            connects_per_second: connected_at.map(|d| connected as f64 / d.as_secs_f64().max(1e-9)),
+            handshake_ms: percentiles(results.iter().map(|r| r.handshake_us.clone())),
+            latency_ms: percentiles(results.iter().map(|r| r.latency_us.clone())),
+            published: published.accepted,
+            publish_busy: published.busy,
+            expected,
+            delivered,
+            lost_per_topic,
+            duplicates: results.iter().map(|r| r.duplicates).sum(),
+            out_of_order: results.iter().map(|r| r.out_of_order).sum(),
+            deliveries_per_second: (args.scenario == Scenario::Fanout)
+                .then(|| per_second(delivered))
+                .flatten(),
+            messages,
+            messages_per_second: matches!(args.scenario, Scenario::Echo | Scenario::Churn)
+                .then(|| per_second(messages))
+                .flatten(),
+            server_cpu_us_per_message: server
+                .cpu_seconds
+                .filter(|_| work > 0)
+                .map(|c| c * 1e6 / work as f64),
+            server,
+            rss_per_connection,
+            mem_available_drop_per_connection,
+            leaked_connections,
+        }
+    }
+
+    pub fn lost(&self) -> i64 {
+        self.lost_per_topic.values().sum()
+    }
+
+    /// Ok when nothing was lost, duplicated, reordered, failed or leaked.
+    pub fn verdict(&self) -> Result<(), String> {
+        let failed: u64 = self.failures.values().sum();
+        let mut problems = Vec::new();
+        if failed > 0 {
+            problems.push(format!("{failed} connections failed {:?}", self.failures));
+        }
+        if self.lost() != 0 {
+            problems.push(format!(
+                "{} events lost {:?}",
+                self.lost(),
+                self.lost_per_topic
+            ));
+        }
+        if self.duplicates + self.out_of_order > 0 {
+            problems.push(format!(
+                "{} duplicates, {} out of order",
+                self.duplicates, self.out_of_order
+            ));
+        }
+        if self.leaked_connections.is_some_and(|l| l != 0) {
+            problems.push(format!(
+                "the server's connection gauge did not return to its start ({:?})",
+                self.leaked_connections
+            ));
+        }
+        if self.scenario != Scenario::Churn && self.connected < self.conns as u64 {
+            problems.push(format!(
+                "only {} of {} connections opened",
+                self.connected, self.conns
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    pub fn print(&self) {
+        let row = |k: &str, v: String| println!("  {k:<28} {v}");
+        println!(
+            "loadgen {:?}: {} connections over {} process(es)",
+            self.scenario, self.conns, self.procs
+        );
+        row(
+            "connected",
+            format!(
+                "{} ({} failed{})",
+                self.connected,
+                self.failures.values().sum::<u64>(),
+                failures_text(&self.failures)
+            ),
+        );
+        if let (Some(s), Some(r)) = (self.connect_seconds, self.connects_per_second) {
+            row("connect + upgrade", format!("{s:.2} s, {r:.0}/s"));
+        }
+        if let Some(p) = &self.handshake_ms {
+            row("handshake ms", p.text());
+        }
+        if self.scenario == Scenario::Fanout {
+            row(
+                "published",
+                format!(
+                    "{} accepted, {} answered 503",
+                    self.published, self.publish_busy
+                ),
+            );
+            row(
+                "delivered",
+                format!(
+                    "{} of {} expected, lost {}, duplicates {}, out of order {}",
+                    self.delivered,
+                    self.expected,
+                    self.lost(),
+                    self.duplicates,
+                    self.out_of_order
+                ),
+            );
+            if let Some(r) = self.deliveries_per_second {
+                row("deliveries/s", format!("{r:.0}"));
+            }
+        }
+        if matches!(self.scenario, Scenario::Echo | Scenario::Churn) {
+            row(
+                if self.scenario == Scenario::Echo {
+                    "echoes"
+                } else {
+                    "connections cycled"
+                },
+                format!(
+                    "{} ({:.0}/s)",
+                    self.messages,
+                    self.messages_per_second.unwrap_or(0.0)
+                ),
+            );
+        }
+        if let Some(p) = &self.latency_ms {
+            row(
+                if self.scenario == Scenario::Echo {
+                    "round trip ms"
+                } else {
+                    "publish-to-receive ms"
+                },
+                p.text(),
+            );
+        }
+        if let Some(r) = self.rss_per_connection {
+            row("server RSS / connection", format!("{r:.0} B"));
+        }
+        if let Some(d) = self.server.direct_descriptors_after {
+            row("server direct descriptors", d.to_string());
+        }
+        if let Some(m) = self.mem_available_drop_per_connection {
+            row(
+                "MemAvailable drop / conn",
+                format!("{m:.0} B (machine-wide: both ends, kernel and user)"),
+            );
+        }
+        if let Some(c) = self.server_cpu_us_per_message {
+            row("server CPU / unit", format!("{c:.2} us"));
+        }
+        if let Some(l) = self.leaked_connections {
+            row("connections leaked", l.to_string());
+        }
+    }
+}
+
+impl Percentiles {
+    fn text(&self) -> String {
+        format!(
+            "p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (n={})",
+            self.p50, self.p90, self.p99, self.p999, self.max, self.count
+        )
+    }
+}
+
+fn failures_text(f: &BTreeMap<String, u64>) -> String {
+    if f.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": {}",
+            f.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// Draws the latency percentile distribution (x: percentile on a "nines"
+/// scale, y: milliseconds) to an SVG file.
+pub fn plot(report: &Report, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let Some(p) = &report.latency_ms else {
+        return Err("no latencies to plot".into());
+    };
+    let nines = |pct: f64| -(1.0 - pct / 100.0).max(1e-6).log10();
+    let x_max = p.curve.iter().map(|(q, _)| nines(*q)).fold(1.0, f64::max);
+    let y_max = p.curve.iter().map(|(_, ms)| *ms).fold(0.001, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let title = format!("{:?}: latency by percentile", report.scenario);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_labels(x_max.ceil() as usize + 1)
+        .x_desc("percentile")
+        .y_desc("milliseconds")
+        .x_label_formatter(&|x| {
+            format!("{:.4}", 100.0 * (1.0 - 10f64.powf(-x)))
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string()
+        })
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(LineSeries::new(
+            p.curve.iter().map(|(q, ms)| (nines(*q), *ms)),
+            &BLUE,
+        ))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The load generator at small scale against the real ringgate binary: every
+//! scenario runs, and its report's figures agree with what the server counted.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// A ringgate (the debug build of this workspace) on free loopback ports.
+struct Ringgate {
+    child: Child,
+    ws: String,
+    control: String,
+}
+
+impl Ringgate {
+    fn start(args: &[&str]) -> Ringgate {
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_xtask")).with_file_name("ringgate");
+        if !exe.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "ringgate"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building ringgate");
+        }
+        let mut child = Command::new(&exe)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--no-pin",
+            ])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start ringgate");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .to_string()
+        };
+        let (ws, control) = (field("ws"), field("control"));
+        Ringgate { child, ws, control }
+    }
+}
+
+impl Drop for Ringgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `xtask loadgen ARGS` against `server`; returns its JSON report.
+fn loadgen(server: &Ringgate, args: &[&str]) -> Value {
+    let json =
+        std::env::temp_dir().join(format!("loadgen-{}-{}.json", std::process::id(), args[0]));
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("loadgen")
+        .args(args)
+        .args([
+            "--target",
+            &format!("ws://{}", server.ws),
+            "--control",
+            &format!("http://{}", server.control),
+        ])
+        .args([
+            "--quiet",
+            "--timeout",
+            "60",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loadgen {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(json);
+    report
+}
+
+#[test]
+fn connect_counts_match_the_server() {
+    let server = Ringgate::start(&[]);
+    let r = loadgen(&server, &["connect", "--conns", "200", "--hold", "0.5"]);
+    assert_eq!(r["connected"], 200);
+    assert_eq!(r["failures"], serde_json::json!({}));
+    assert_eq!(
+        r["server"]["connections_after"], 200,
+        "the server's own gauge"
+    );
+    assert_eq!(r["server"]["direct_descriptors_after"], 200);
+    assert!(r["handshake_ms"]["count"] == 200);
+    assert!(r["rss_per_connection"].is_number() && r["server"]["pid"].is_number());
+}
+
+#[test]
+fn fanout_loses_nothing_and_matches_the_server() {
+    let server = Ringgate::start(&["--shards", "2"]);
+    let r = loadgen(
+        &server,
+        &[
+            "fanout", "--conns", "200", "--topics", "4", "--events", "1000",
+        ],
+    );
+    assert_eq!(r["published"], 1000);
+    assert_eq!(r["expected"], 1000 / 4 * 200);
+    assert_eq!(r["delivered"], r["expected"]);
+    assert_eq!(r["duplicates"], 0);
+    assert_eq!(r["out_of_order"], 0);
+    let sent = r["server"]["messages_sent_end"].as_u64().unwrap()
+        - r["server"]["messages_sent_before"].as_u64().unwrap();
+    assert_eq!(
+        sent,
+        r["delivered"].as_u64().unwrap(),
+        "the server sent exactly what the clients received"
+    );
+    assert_eq!(r["latency_ms"]["count"], r["delivered"]);
+}
+
+#[test]
+fn echo_round_trips_match_the_server() {
+    let server = Ringgate::start(&["--echo"]);
+    let r = loadgen(
+        &server,
+        &[
+            "echo",
+            "--conns",
+            "20",
+            "--inflight",
+            "2",
+            "--duration",
+            "1",
+        ],
+    );
+    let echoes = r["messages"].as_u64().unwrap();
+    assert!(echoes > 100, "{echoes}");
+    let sent = r["server"]["messages_sent_end"].as_u64().unwrap()
+        - r["server"]["messages_sent_before"].as_u64().unwrap();
+    assert_eq!(
+        sent, echoes,
+        "every echo the server sent came back to a client"
+    );
+    assert_eq!(r["latency_ms"]["count"], echoes);
+}
+
+#[test]
+fn churn_leaves_no_connection_behind() {
+    let server = Ringgate::start(&[]);
+    let r = loadgen(&server, &["churn", "--rate", "200", "--duration", "1"]);
+    assert!(r["messages"].as_u64().unwrap() >= 150, "{}", r["messages"]);
+    assert_eq!(r["leaked_connections"], 0);
+    assert_eq!(r["failures"], serde_json::json!({}));
+}
+
+#[test]
+fn remote_targets_are_refused_without_allow_remote() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "loadgen",
+            "connect",
+            "--target",
+            "ws://192.0.2.1:80",
+            "--control",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
+}
