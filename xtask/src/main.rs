@@ -5,6 +5,7 @@
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
 //! - `fanout`: delivered events per second and publish-to-receive latency.
 
+mod bench;
 mod density;
 mod fanout;
 mod loadgen;
@@ -38,6 +39,8 @@ enum Task {
     Density(density::Args),
     /// Fanout benchmark: one topic, many subscribers, events as fast as the API takes them.
     Fanout(fanout::Args),
+    /// Standard scenarios against ringgate and the baseline server, one table with ratios.
+    Bench(bench::Args),
     /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
     Loadgen(loadgen::Args),
     /// (internal) One load generator worker process.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Task::Density(a) => density::run(&a),
         Task::Fanout(a) => fanout::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
+        Task::Bench(a) => bench::run(&a),
         Task::LoadgenWorker { job } => serde_json::from_str(&job)
             .map_err(|e| format!("bad worker job: {e}"))
             .and_then(loadgen::worker::run),

@@ -1,0 +1,278 @@
+//! `cargo xtask bench`: the standard scenarios against ringgate and the
+//! baseline server (tokio + tokio-tungstenite), alternately, each on a fresh
+//! server pinned to CPU 0 with the load generator pinned to CPU 1. Prints one
+//! table: each figure for both servers and the ratio (baseline / ringgate, so
+//! above 1 means ringgate is better for costs and latencies, and for rates the
+//! other way round: ringgate / baseline).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::loadgen::report::Report;
+use crate::loadgen::{self, Scenario};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A one-minute version with smaller figures.
+    #[arg(long)]
+    quick: bool,
+    /// CPU for the servers (the load generator takes --loadgen-cpu).
+    #[arg(long, default_value_t = 0)]
+    server_cpu: usize,
+    #[arg(long, default_value_t = 1)]
+    loadgen_cpu: usize,
+}
+
+struct Server {
+    child: Child,
+    ws: String,
+    control: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Ringgate,
+    Baseline,
+}
+
+fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release"));
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string()]);
+    match kind {
+        Kind::Ringgate => cmd.arg(dir.join("ringgate")).args([
+            "--shards",
+            "1",
+            "--echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ]),
+        Kind::Baseline => cmd.arg(dir.join("ringgate-baseline")).args([
+            "--threads",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ]),
+    };
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting a server: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .map(String::from)
+            .ok_or_else(|| format!("server did not start: {line:?}"))
+    };
+    Ok(Server {
+        ws: field("ws")?,
+        control: field("control")?,
+        child,
+    })
+}
+
+fn args_for(scenario: Scenario, server: &Server, quick: bool, cpu: usize) -> loadgen::Args {
+    let mut a = loadgen::Args {
+        scenario,
+        target: format!("ws://{}", server.ws),
+        control: format!("http://{}", server.control),
+        conns: 0,
+        ramp: None,
+        hold: 2.0,
+        topics: 1,
+        events: 0,
+        size: 64,
+        rate: None,
+        inflight: 1,
+        duration: if quick { 3.0 } else { 10.0 },
+        sources: None,
+        procs: 1,
+        pin: Some(cpu),
+        json: None,
+        plot: None,
+        allow_remote: false,
+        timeout: 120.0,
+        quiet: true,
+    };
+    match scenario {
+        Scenario::Connect => a.conns = if quick { 5_000 } else { 15_000 },
+        Scenario::Fanout => {
+            a.conns = if quick { 2_000 } else { 10_000 };
+            a.events = if quick { 200 } else { 500 };
+        }
+        Scenario::Echo => a.conns = 100,
+        Scenario::Churn => {}
+    }
+    a
+}
+
+/// (figure, unit, value, lower is better)
+type Row = (String, &'static str, Option<f64>, bool);
+
+fn rows(scenario: Scenario, r: &Report) -> Vec<Row> {
+    let lat = |p: &Option<loadgen::report::Percentiles>,
+               q: fn(&loadgen::report::Percentiles) -> f64| p.as_ref().map(q);
+    match scenario {
+        Scenario::Connect => vec![
+            (
+                format!("connect {}: server RSS / idle conn", r.conns),
+                "B",
+                r.rss_per_connection,
+                true,
+            ),
+            (
+                "connect: MemAvailable drop / conn".into(),
+                "B",
+                r.mem_available_drop_per_connection,
+                true,
+            ),
+            (
+                "connect: connects/s".into(),
+                "/s",
+                r.connects_per_second,
+                false,
+            ),
+            (
+                "connect: handshake p99".into(),
+                "ms",
+                lat(&r.handshake_ms, |p| p.p99),
+                true,
+            ),
+            (
+                "connect: server CPU / connection".into(),
+                "us",
+                r.server_cpu_us_per_message,
+                true,
+            ),
+        ],
+        Scenario::Fanout => vec![
+            (
+                format!("fanout {} subs x 64 B: deliveries/s", r.conns),
+                "/s",
+                r.deliveries_per_second,
+                false,
+            ),
+            (
+                "fanout: server CPU / delivery".into(),
+                "us",
+                r.server_cpu_us_per_message,
+                true,
+            ),
+            (
+                "fanout: latency p50".into(),
+                "ms",
+                lat(&r.latency_ms, |p| p.p50),
+                true,
+            ),
+            (
+                "fanout: latency p99".into(),
+                "ms",
+                lat(&r.latency_ms, |p| p.p99),
+                true,
+            ),
+            ("fanout: lost".into(), "", Some(r.lost() as f64), true),
+        ],
+        Scenario::Echo => vec![
+            (
+                "echo 100 x 64 B: messages/s".into(),
+                "/s",
+                r.messages_per_second,
+                false,
+            ),
+            (
+                "echo: server CPU / message".into(),
+                "us",
+                r.server_cpu_us_per_message,
+                true,
+            ),
+            (
+                "echo: round trip p99".into(),
+                "ms",
+                lat(&r.latency_ms, |p| p.p99),
+                true,
+            ),
+        ],
+        Scenario::Churn => vec![],
+    }
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    crate::process::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ringgate",
+        "-p",
+        "ringgate-baseline",
+    ])?;
+    let mut table: Vec<(Row, Option<f64>)> = Vec::new();
+    for scenario in [Scenario::Connect, Scenario::Fanout, Scenario::Echo] {
+        let mut reports = Vec::new();
+        for kind in [Kind::Ringgate, Kind::Baseline] {
+            let server = start(kind, args.server_cpu)?;
+            let report = loadgen::run(&args_for(scenario, &server, args.quick, args.loadgen_cpu))?;
+            eprintln!(
+                "bench: {scenario:?} on {}: done",
+                if kind == Kind::Ringgate {
+                    "ringgate"
+                } else {
+                    "baseline"
+                }
+            );
+            reports.push(report);
+        }
+        for (ours, theirs) in rows(scenario, &reports[0])
+            .into_iter()
+            .zip(rows(scenario, &reports[1]))
+        {
+            table.push((ours, theirs.2));
+        }
+    }
+    println!(
+        "{:<44} {:>14} {:>14} {:>9}",
+        "figure", "ringgate", "baseline", "ratio"
+    );
+    for ((name, unit, ours, lower_better), theirs) in table {
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{} {unit}", human(v)));
+        let ratio = match (ours, theirs) {
+            (Some(o), Some(t)) if o > 0.0 && t > 0.0 => {
+                format!("{:.2}x", if lower_better { t / o } else { o / t })
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "{name:<44} {:>14} {:>14} {ratio:>9}",
+            show(ours),
+            show(theirs)
+        );
+    }
+    println!("ratio: how many times better ringgate is (baseline/ringgate for costs and latencies, ringgate/baseline for rates)");
+    Ok(())
+}
+
+fn human(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
