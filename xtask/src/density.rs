@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::loadgen::wire::{upgrade_request, Http};
 use crate::process::Ringgate;
 
 #[derive(clap::Args)]
@@ -93,13 +94,6 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// A WebSocket upgrade request for `path` (the RFC 6455 sample key).
-pub fn upgrade_request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-}
-
 /// Echoes `bytes` through `/echo` in 32 KiB binary frames (masked with a zero
 /// key, so the payload goes on the wire as is).
 fn warm_buffer_ring(server: &Ringgate, bytes: usize) -> Result<(), String> {
@@ -121,21 +115,10 @@ fn warm_buffer_ring(server: &Ringgate, bytes: usize) -> Result<(), String> {
 
 /// `connections` summed over shards, from the control plane's `/stats`.
 fn server_connections(server: &Ringgate) -> Result<u64, String> {
-    let stats = server_stats(server)?;
+    let stats = Http::connect(server.control)?.stats()?;
     stats["totals"]["connections"]
         .as_u64()
         .ok_or_else(|| "/stats has no connections".into())
-}
-
-/// The control plane's `/stats` document.
-pub fn server_stats(server: &Ringgate) -> Result<serde_json::Value, String> {
-    let mut s = TcpStream::connect(server.control).map_err(|e| e.to_string())?;
-    s.write_all(b"GET /stats HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).map_err(|e| e.to_string())?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(body).map_err(|e| format!("/stats: {e}"))
 }
 
 fn rss_bytes(pid: u32) -> Result<u64, String> {

@@ -3,11 +3,11 @@
 //! - `test`: the whole suite as CI runs it (fmt check, clippy -D warnings, every test).
 //! - `autobahn`: the Autobahn TestSuite server cases against a release `--echo`.
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
-//! - `fanout`: delivered events per second and publish-to-receive latency.
+//! - `loadgen`: drive load at a running server (connect, fanout, echo, churn).
+//! - `bench`: the standard scenarios against ringgate and the baseline server.
 
 mod bench;
 mod density;
-mod fanout;
 mod loadgen;
 mod process;
 
@@ -37,8 +37,6 @@ enum Task {
     },
     /// Measure server RSS and kernel slab growth per idle connection.
     Density(density::Args),
-    /// Fanout benchmark: one topic, many subscribers, events as fast as the API takes them.
-    Fanout(fanout::Args),
     /// Standard scenarios against ringgate and the baseline server, one table with ratios.
     Bench(bench::Args),
     /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
@@ -54,7 +52,6 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
         Task::Density(a) => density::run(&a),
-        Task::Fanout(a) => fanout::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
         Task::Bench(a) => bench::run(&a),
         Task::LoadgenWorker { job } => serde_json::from_str(&job)

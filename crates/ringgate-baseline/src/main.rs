@@ -37,9 +37,12 @@ struct Args {
 /// Frames a slow subscriber may lag behind before it misses some.
 const TOPIC_CAPACITY: usize = 4096;
 
+/// A topic's channel and its last seq.
+type Topic = (broadcast::Sender<Arc<str>>, u64);
+
 #[derive(Default)]
 struct State {
-    topics: Mutex<HashMap<String, (broadcast::Sender<Arc<str>>, u64)>>,
+    topics: Mutex<HashMap<String, Topic>>,
     connections: AtomicU64,
     subscriptions: AtomicU64,
 }
@@ -70,6 +73,8 @@ async fn serve(args: Args) -> std::io::Result<()> {
     }
 }
 
+// The handshake callback's error type is tokio-tungstenite's (an HTTP response).
+#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, state: Arc<State>) {
     let mut target = String::new();
     let callback = |req: &Request, resp: Response| {

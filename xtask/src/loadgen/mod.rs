@@ -246,32 +246,30 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let results: Vec<WorkerResult> = results.into_iter().map(|r| r.unwrap_or_default()).collect();
     let end = Sample::take(server_pid);
     let stats_end = http.as_mut().and_then(|h| h.stats().ok());
-    let mut figures = ServerFigures::default();
-    figures.pid = server_pid;
-    figures.cpu_seconds = match (before.cpu, end.cpu) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    if let Some(after) = &after {
-        figures.rss_before = before.rss;
-        figures.rss_after = after.rss;
-        figures.mem_available_drop = before
-            .mem_available
-            .zip(after.mem_available)
-            .map(|(a, b)| a.saturating_sub(b));
-    }
     let total = |s: &Option<serde_json::Value>, name: &str| {
         s.as_ref().and_then(|s| s["totals"][name].as_u64())
     };
-    figures.connections_before = total(&stats_before, "connections");
-    figures.connections_after = total(&stats_after, "connections");
-    figures.connections_end = total(&stats_end, "connections");
-    figures.direct_descriptors_after = total(&stats_after, "direct_descriptors");
-    figures.messages_sent_before = total(&stats_before, "messages_sent_total");
-    figures.messages_sent_end = total(&stats_end, "messages_sent_total");
-    if args.scenario == Scenario::Churn {
-        figures.connections_end = settle_connections(http.as_mut(), figures.connections_before);
-    }
+    let connections_before = total(&stats_before, "connections");
+    let connections_end = match args.scenario {
+        Scenario::Churn => settle_connections(http.as_mut(), connections_before),
+        _ => total(&stats_end, "connections"),
+    };
+    let figures = ServerFigures {
+        pid: server_pid,
+        rss_before: after.as_ref().and(before.rss),
+        rss_after: after.as_ref().and_then(|a| a.rss),
+        cpu_seconds: before.cpu.zip(end.cpu).map(|(a, b)| b - a),
+        mem_available_drop: after
+            .as_ref()
+            .and_then(|a| before.mem_available.zip(a.mem_available))
+            .map(|(a, b)| a.saturating_sub(b)),
+        connections_before,
+        connections_after: total(&stats_after, "connections"),
+        connections_end,
+        direct_descriptors_after: total(&stats_after, "direct_descriptors"),
+        messages_sent_before: total(&stats_before, "messages_sent_total"),
+        messages_sent_end: total(&stats_end, "messages_sent_total"),
+    };
     Ok(Report::build(
         args,
         &results,
