@@ -156,6 +156,13 @@ fn metrics_match_what_the_clients_did() {
     assert_eq!(m.sum("ringgate_connections_accepted_total", &[]), 12.0);
     assert!(m.sum("ringgate_bytes_sent_total", &[]) > 0.0);
     assert!(m.sum("ringgate_process_resident_memory_bytes", &[]) > 1e6);
+    assert!(
+        m.sum(
+            "ringgate_memory_bytes_per_connection",
+            &[("kind", "kernel_estimate")]
+        ) > 4000.0
+    );
+    assert!(m.sum("ringgate_memory_bytes_per_connection", &[("kind", "user")]) >= 0.0);
     let per_shard: Vec<f64> = ["0", "1"]
         .iter()
         .map(|id| m.sum("ringgate_connections", &[("shard", id)]))

@@ -31,6 +31,8 @@ pub struct Control {
     pub alive: Vec<Arc<std::sync::atomic::AtomicBool>>,
     pub started: Instant,
     pub broker: Arc<Broker>,
+    /// RSS when the shards were ready: the base of the per-connection figure.
+    pub rss_at_start: u64,
     /// The effective configuration, for `/stats`.
     pub settings: Value,
     /// The largest publish body accepted.
@@ -163,6 +165,14 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
             Value::Object(m)
         })
         .collect();
+    let rss = crate::metrics::rss_bytes().unwrap_or(0);
+    let (user, kernel) = crate::metrics::memory_per_connection(&control, rss);
+    totals.insert("process_resident_memory_bytes".into(), json!(rss));
+    totals.insert("memory_bytes_per_connection_user".into(), json!(user));
+    totals.insert(
+        "memory_bytes_per_connection_kernel_estimate".into(),
+        json!(kernel),
+    );
     totals.insert(
         "publish_total".into(),
         json!(control

@@ -131,6 +131,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         alive: alive.clone(),
         started: Instant::now(),
         broker,
+        rss_at_start: metrics::rss_bytes().unwrap_or(0),
         settings: serde_json::to_value(&settings).map_err(|e| e.to_string())?,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
     });

@@ -230,10 +230,22 @@ pub fn render(control: &Control) -> String {
         "gauge",
         "Resident set size of the process.",
     );
+    let rss = rss_bytes().unwrap_or(0);
+    let _ = writeln!(out, "ringgate_process_resident_memory_bytes {rss}");
+    let (user, kernel) = memory_per_connection(control, rss);
+    header(
+        &mut out,
+        "ringgate_memory_bytes_per_connection",
+        "gauge",
+        "Memory per connection: user = RSS growth since start / connections; kernel_estimate = measured per-socket kernel costs.",
+    );
     let _ = writeln!(
         out,
-        "ringgate_process_resident_memory_bytes {}",
-        rss_bytes().unwrap_or(0)
+        "ringgate_memory_bytes_per_connection{{kind=\"user\"}} {user:.1}"
+    );
+    let _ = writeln!(
+        out,
+        "ringgate_memory_bytes_per_connection{{kind=\"kernel_estimate\"}} {kernel:.1}"
     );
     header(
         &mut out,
@@ -289,6 +301,26 @@ fn latency(out: &mut String, control: &Control) {
         .sum();
     let _ = writeln!(out, "{name}_sum {:.6}", sum_us / 1e6);
     let _ = writeln!(out, "{name}_count {}", merged.len());
+}
+
+/// Kernel memory of one idle connection measured on Linux 6.18 with slab counts
+/// (shared/io_uring-notes.md): the TCP socket, the armed multishot recv, the
+/// fixed-file slot. An estimate: it varies with kernel version and configuration.
+const KERNEL_SOCKET_BYTES: f64 = 3_700.0;
+const KERNEL_ARMED_RECV_BYTES: f64 = 860.0;
+const KERNEL_FIXED_SLOT_BYTES: f64 = 16.0;
+
+/// (user, kernel_estimate) bytes per connection now; 0 with no connections.
+pub fn memory_per_connection(control: &Control, rss: u64) -> (f64, f64) {
+    let connections: u64 = control.shards.iter().map(|s| s.connections.get()).sum();
+    if connections == 0 {
+        return (0.0, 0.0);
+    }
+    let user = rss.saturating_sub(control.rss_at_start) as f64 / connections as f64;
+    (
+        user,
+        KERNEL_SOCKET_BYTES + KERNEL_ARMED_RECV_BYTES + KERNEL_FIXED_SLOT_BYTES,
+    )
 }
 
 /// This process's resident set size, from /proc.
