@@ -201,37 +201,30 @@ pub fn render(control: &Control) -> String {
         );
     }
     let broker = &control.broker;
-    header(
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    single(
         &mut out,
         "ringgate_publish_total",
         "counter",
         "Events published and handed to every shard.",
+        broker.published.load(relaxed),
     );
-    let _ = writeln!(
-        out,
-        "ringgate_publish_total {}",
-        broker.published.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    header(
+    single(
         &mut out,
         "ringgate_publish_rejected_total",
         "counter",
         "Publishes refused or only partly delivered (full inbox, bad topic).",
-    );
-    let _ = writeln!(
-        out,
-        "ringgate_publish_rejected_total {}",
-        broker.rejected.load(std::sync::atomic::Ordering::Relaxed)
+        broker.rejected.load(relaxed),
     );
     latency(&mut out, control);
-    header(
+    let rss = rss_bytes().unwrap_or(0);
+    single(
         &mut out,
         "ringgate_process_resident_memory_bytes",
         "gauge",
         "Resident set size of the process.",
+        rss,
     );
-    let rss = rss_bytes().unwrap_or(0);
-    let _ = writeln!(out, "ringgate_process_resident_memory_bytes {rss}");
     let (user, kernel) = memory_per_connection(control, rss);
     header(
         &mut out,
@@ -247,16 +240,13 @@ pub fn render(control: &Control) -> String {
         out,
         "ringgate_memory_bytes_per_connection{{kind=\"kernel_estimate\"}} {kernel:.1}"
     );
-    header(
+    let uptime = format!("{:.3}", control.started.elapsed().as_secs_f64());
+    single(
         &mut out,
         "ringgate_uptime_seconds",
         "gauge",
         "Seconds since start.",
-    );
-    let _ = writeln!(
-        out,
-        "ringgate_uptime_seconds {:.3}",
-        control.started.elapsed().as_secs_f64()
+        uptime,
     );
     header(&mut out, "ringgate_info", "gauge", "Build information.");
     let _ = writeln!(
@@ -265,6 +255,12 @@ pub fn render(control: &Control) -> String {
         env!("CARGO_PKG_VERSION")
     );
     out
+}
+
+/// A metric with one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

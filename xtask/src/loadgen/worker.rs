@@ -101,6 +101,27 @@ struct Conn {
     inflight: usize,
 }
 
+impl Conn {
+    /// A connection being opened, or (without a socket) one that failed to start.
+    fn new(stream: Option<TcpStream>, topic: usize) -> Conn {
+        let state = if stream.is_some() {
+            State::Connecting
+        } else {
+            State::Done
+        };
+        Conn {
+            stream,
+            state,
+            buf: Vec::new(),
+            topic,
+            started: Instant::now(),
+            last_seq: 0,
+            received: 0,
+            inflight: 0,
+        }
+    }
+}
+
 pub fn run(job: Job) -> Result<(), String> {
     let mut w = Worker::new(job)?;
     w.main_loop()
@@ -270,31 +291,13 @@ impl Worker {
             let topic = (self.job.first + index) % self.job.topics.max(1);
             match self.connect(index) {
                 Ok(stream) => {
-                    self.conns.push(Conn {
-                        stream: Some(stream),
-                        state: State::Connecting,
-                        buf: Vec::new(),
-                        topic,
-                        started: Instant::now(),
-                        last_seq: 0,
-                        received: 0,
-                        inflight: 0,
-                    });
+                    self.conns.push(Conn::new(Some(stream), topic));
                     self.opening += 1;
                 }
                 Err(cause) => {
                     *self.result.failures.entry(cause).or_default() += 1;
                     // Keep the index taken so the count still ends at `conns`.
-                    self.conns.push(Conn {
-                        stream: None,
-                        state: State::Done,
-                        buf: Vec::new(),
-                        topic,
-                        started: Instant::now(),
-                        last_seq: 0,
-                        received: 0,
-                        inflight: 0,
-                    });
+                    self.conns.push(Conn::new(None, topic));
                 }
             }
         }
