@@ -39,7 +39,7 @@ fn five_thousand_idle_connections_and_still_responsive() {
     }
     assert_eq!(server.control_get("/healthz").0, 200);
     let per_connection = server.rss_bytes().saturating_sub(rss_before) / IDLE as u64;
-    // The records are 32 bytes; allow for slab growth and allocator slack, but
+    // The records are 48 bytes; allow for slab growth and allocator slack, but
     // catch any per-connection buffer (a 4 KiB one would show up as > 4096).
     assert!(
         per_connection < 1024,

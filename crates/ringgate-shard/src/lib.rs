@@ -190,6 +190,16 @@ pub struct ShardSender {
 }
 
 impl ShardSender {
+    /// A sender whose inbox (of `capacity` commands) no shard drains, for
+    /// testing what publishers do when a shard falls behind.
+    #[doc(hidden)]
+    pub fn detached(id: usize, capacity: usize) -> io::Result<ShardSender> {
+        Ok(ShardSender {
+            id,
+            inbox: Arc::new(Inbox::new(capacity)?),
+        })
+    }
+
     /// Queues an encoded event frame for the shard's subscribers of `topic`.
     /// A full inbox hands the command back.
     pub fn deliver(&self, topic: Arc<str>, frame: Bytes, published_ns: u64) -> Result<(), Command> {

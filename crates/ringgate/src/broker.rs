@@ -146,4 +146,36 @@ mod tests {
         assert_eq!(broker.published.load(Ordering::Relaxed), 4);
         assert_eq!(broker.rejected.load(Ordering::Relaxed), 1);
     }
+
+    #[test]
+    fn a_full_shard_inbox_is_reported_not_waited_on() {
+        let roomy = ShardSender::detached(0, 100).unwrap();
+        let tight = ShardSender::detached(1, 2).unwrap();
+        let broker = Broker::new(vec![roomy, tight]);
+        let data = EventData::Text("x");
+        assert_eq!(
+            broker.publish("t", data),
+            Ok(Published { seq: 1, shards: 2 })
+        );
+        assert_eq!(
+            broker.publish("t", data),
+            Ok(Published { seq: 2, shards: 2 })
+        );
+        // The second shard's inbox is full: the event reaches one of two shards,
+        // and its seq is used, so that shard's subscribers see the gap.
+        assert_eq!(
+            broker.publish("t", data),
+            Err(PublishError::Busy {
+                seq: 3,
+                delivered: 1,
+                shards: 2
+            })
+        );
+        let busy = broker.publish("t", data).unwrap_err();
+        assert!(
+            busy.message().contains("reached 1 of 2 shards"),
+            "{}",
+            busy.message()
+        );
+    }
 }

@@ -203,3 +203,54 @@ fn counters(s: &ShardStats) -> Map<String, Value> {
         .map(|(k, v)| (k, json!(v)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringgate_shard::ShardSender;
+
+    fn control_with_inbox(capacity: usize) -> Arc<Control> {
+        Arc::new(Control {
+            shards: vec![Arc::new(ShardStats::default())],
+            alive: vec![],
+            started: Instant::now(),
+            broker: Arc::new(Broker::new(vec![
+                ShardSender::detached(0, capacity).unwrap()
+            ])),
+            rss_at_start: 0,
+            settings: Value::Null,
+            message_bytes_max: 1024,
+        })
+    }
+
+    fn call(control: Arc<Control>, topic: &str, body: &'static [u8]) -> (StatusCode, Value) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (status, Json(value)) = runtime.block_on(publish(
+            State(control),
+            Path(topic.to_string()),
+            Bytes::from_static(body),
+        ));
+        (status, value)
+    }
+
+    #[test]
+    fn a_full_inbox_answers_503_with_a_reason() {
+        let (status, body) = call(control_with_inbox(0), "t", b"1");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["error"].as_str().unwrap().contains("full"), "{body}");
+        assert_eq!(body["shards"], 0);
+    }
+
+    #[test]
+    fn publish_answers_topic_seq_and_shards() {
+        let (status, body) = call(control_with_inbox(10), "news", br#"{"x":1}"#);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"topic": "news", "seq": 1, "shards": 1}));
+        let (status, _) = call(control_with_inbox(10), "bad topic", b"1");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) = call(control_with_inbox(10), "t", b"\xff");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+}
