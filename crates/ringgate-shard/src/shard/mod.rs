@@ -422,6 +422,12 @@ impl Shard {
             return;
         }
         stage_send(conn, key, &mut self.staged);
+        // The close handshake is done and everything is sent: close now (before
+        // arming a recv that would only be cancelled).
+        if conn.state == State::Flushing && conn.sendq.is_none() && !conn.has(flag::SEND_INFLIGHT) {
+            self.finish(key);
+            return self.drive(key);
+        }
         let queued = conn.queued_bytes();
         // Back-pressure: a peer that does not read its echoes stops being read.
         if queued > self.cfg.send_queue_bytes_max && !conn.has(flag::READ_PAUSED) {
@@ -445,10 +451,6 @@ impl Shard {
                 .user_data(Token::new(Op::Recv, generation, key).encode());
             self.staged.push(sqe);
             conn.set(flag::RECV_ARMED);
-        }
-        if conn.state == State::Flushing && conn.sendq.is_none() && !conn.has(flag::SEND_INFLIGHT) {
-            self.finish(key);
-            return self.drive(key);
         }
         if conn.state == State::Draining
             && conn.sendq.is_none()
