@@ -186,3 +186,39 @@ fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
     new.publish("z", "\"after the restart\"");
     assert_eq!(read_json(&mut again)["data"], "after the restart");
 }
+
+#[test]
+fn parked_connections_wake_for_input_and_still_receive() {
+    let server = Server::start(&["--echo", "--park-after", "1s", "--shards", "1"]);
+    let mut echo = raw_upgrade(&server, "/echo");
+    let mut subscriber = raw_upgrade(&server, "/ws?topics=p");
+    let mut leaving = raw_upgrade(&server, "/ws");
+    server.wait_for("three connections parked", Duration::from_secs(10), |s| {
+        s.total("parked_total") >= 3
+    });
+    // Input wakes a parked connection: the poll fires, the recv is re-armed.
+    echo.write_all(&frame(FIN | TEXT, b"after a nap")).unwrap();
+    assert_eq!(
+        read_frame(&mut echo),
+        Some((FIN | TEXT, b"after a nap".to_vec()))
+    );
+    // Sending needs no recv: a parked subscriber gets events.
+    server.publish("p", "1");
+    assert_eq!(read_json(&mut subscriber)["seq"], 1);
+    // A parked connection's close is seen too.
+    leaving
+        .write_all(&frame(FIN | CLOSE, &1000u16.to_be_bytes()))
+        .unwrap();
+    assert_eq!(read_close_code(&mut leaving), 1000);
+    assert!(reaches_eof(&mut leaving));
+    server.wait_for("the leaver to go", Duration::from_secs(10), |s| {
+        s.total("connections") == 2
+    });
+    // And they park again once silent.
+    let parked = server.total("parked_total");
+    server.wait_for("parking again", Duration::from_secs(10), |s| {
+        s.total("parked_total") > parked
+    });
+    echo.write_all(&frame(FIN | BINARY, &[1, 2, 3])).unwrap();
+    assert_eq!(read_frame(&mut echo), Some((FIN | BINARY, vec![1, 2, 3])));
+}

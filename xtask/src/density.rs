@@ -24,6 +24,9 @@ pub struct Args {
     /// Path the idle connections upgrade on (/ws or /echo).
     #[arg(long, default_value = "/ws?topics=user.42")]
     path: String,
+    /// Pass --park-after to the server (idle connections armed with a poll, not a recv).
+    #[arg(long)]
+    park_after: Option<String>,
     /// Seconds to hold the connections before measuring.
     #[arg(long, default_value_t = 2)]
     hold: u64,
@@ -32,7 +35,11 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<(), String> {
     crate::process::cargo(&["build", "--release", "-p", "ringgate"])?;
     let shards = args.shards.to_string();
-    let server = Ringgate::start(&["--shards", &shards, "--echo"])?;
+    let mut server_args = vec!["--shards", &shards, "--echo"];
+    if let Some(after) = &args.park_after {
+        server_args.extend(["--park-after", after]);
+    }
+    let server = Ringgate::start(&server_args)?;
     // Touch every receive buffer first: their pages are a fixed cost of the
     // buffer ring (--buffers x --buffer-size per shard), not a cost per connection.
     warm_buffer_ring(&server, 2 * 512 * 16 * 1024 * args.shards)?;

@@ -23,6 +23,10 @@ pub const CQE_BATCH_MAX: usize = 1024;
 pub const SQ_ENTRIES: u32 = 4096;
 /// Completion queue entries: multishot operations post many CQEs per SQE.
 pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
+/// Scratch vectors (staged SQEs, the sweep's list) keep at most this many
+/// entries of capacity after a burst: a fanout to 100,000 subscribers must not
+/// leave 6 MB of SQE space behind for good.
+pub const SCRATCH_KEEP: usize = 1024;
 /// How long a connection may take to finish a close handshake and the TCP close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,6 +68,9 @@ pub struct ShardConfig {
     pub idle_timeout: Duration,
     /// Serve `GET /echo`.
     pub echo: bool,
+    /// After this long without input, arm a one-shot poll instead of a
+    /// multishot recv (less kernel memory per idle connection); `None`: never.
+    pub park_after: Option<Duration>,
     /// Topics one connection may subscribe to.
     pub subscriptions_max: usize,
     /// What happens to subscribers that do not keep up.
@@ -148,6 +155,7 @@ pub(crate) fn test_config() -> ShardConfig {
         ping_interval: Duration::from_secs(25),
         idle_timeout: Duration::from_secs(60),
         echo: true,
+        park_after: None,
         subscriptions_max: 64,
         slow_consumer: SlowConsumer::Close,
         client_publish: None,

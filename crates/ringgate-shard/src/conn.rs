@@ -66,8 +66,13 @@ pub(crate) mod flag {
     pub const REARM_WAIT: u16 = 1 << 8;
     /// The connection was upgraded on `/echo` (else `/ws`).
     pub const ROUTE_ECHO: u16 = 1 << 9;
+    /// Silent a while: a one-shot POLLIN replaces the multishot recv.
+    pub const PARKED: u16 = 1 << 10;
+    /// The parked connection's poll is armed.
+    pub const POLL_ARMED: u16 = 1 << 11;
     /// Any operation the kernel may still complete.
-    pub const INFLIGHT: u16 = RECV_ARMED | SEND_INFLIGHT | SHUT_INFLIGHT | CLOSE_INFLIGHT;
+    pub const INFLIGHT: u16 =
+        RECV_ARMED | SEND_INFLIGHT | SHUT_INFLIGHT | CLOSE_INFLIGHT | POLL_ARMED;
 }
 
 /// One connection's record in the shard's table.

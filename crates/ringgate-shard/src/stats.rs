@@ -106,6 +106,8 @@ pub struct ShardStats {
     pub buffer_ring_in_use: Counter,
     /// Direct descriptors (sockets) open now.
     pub direct_descriptors: Counter,
+    /// Times a silent connection traded its recv for a poll (--park-after).
+    pub parked: Counter,
     /// Ticks the shard's loop has handled (one per second): its liveness.
     pub loop_ticks: Counter,
     /// Publish-to-send-completion latency of events, in microseconds, merged

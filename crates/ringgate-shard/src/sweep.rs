@@ -16,6 +16,8 @@ pub(crate) enum Due {
     IdleClose,
     HandshakeTimeout,
     CloseTimeout,
+    /// Silent long enough to trade the armed recv for a cheaper poll.
+    Park,
 }
 
 /// The timeouts in whole ticks (seconds).
@@ -27,6 +29,7 @@ pub(crate) struct Timeouts {
     ping_jitter: u32,
     idle: u32,
     close: u32,
+    park: Option<u32>,
 }
 
 impl Timeouts {
@@ -38,6 +41,7 @@ impl Timeouts {
             ping_jitter: ping / 5,
             idle: ticks(cfg.idle_timeout),
             close: ticks(CLOSE_TIMEOUT),
+            park: cfg.park_after.map(ticks),
         }
     }
 }
@@ -47,15 +51,18 @@ pub(crate) fn due(conn: &Conn, key: usize, now: u32, t: &Timeouts) -> Due {
     match conn.state {
         State::Handshake if elapsed >= t.handshake => Due::HandshakeTimeout,
         State::Open if elapsed >= t.idle => Due::IdleClose,
-        State::Open if !conn.has(flag::PING_SENT) => {
+        State::Open => {
             // Spread pings so connections accepted together are not pinged together.
             let jitter = if t.ping_jitter == 0 {
                 0
             } else {
                 key as u32 % (t.ping_jitter + 1)
             };
-            if elapsed >= t.ping - jitter {
+            let parkable = !conn.has(flag::PARKED) && conn.sendq.is_none();
+            if !conn.has(flag::PING_SENT) && elapsed >= t.ping - jitter {
                 Due::Ping
+            } else if parkable && t.park.is_some_and(|park| elapsed >= park) {
+                Due::Park
             } else {
                 Due::Nothing
             }
@@ -105,6 +112,28 @@ mod tests {
                 .unwrap();
             assert!(first >= 20, "key {key} pinged at {first}");
         }
+    }
+
+    #[test]
+    fn silent_connections_are_parked_once_when_enabled() {
+        let mut cfg = test_config();
+        cfg.park_after = Some(Duration::from_secs(5));
+        let t = Timeouts::new(&cfg);
+        let mut c = Conn::new(0, 0, 0);
+        c.state = State::Open;
+        assert_eq!(due(&c, 0, 4, &t), Due::Nothing);
+        assert_eq!(due(&c, 0, 5, &t), Due::Park);
+        c.set(flag::PARKED);
+        assert_eq!(due(&c, 0, 6, &t), Due::Nothing);
+        assert_eq!(
+            due(&c, 0, 25, &t),
+            Due::Ping,
+            "parked connections are still pinged"
+        );
+        // Off by default.
+        let t = Timeouts::new(&test_config());
+        c.clear(flag::PARKED);
+        assert_eq!(due(&c, 0, 10, &t), Due::Nothing);
     }
 
     #[test]

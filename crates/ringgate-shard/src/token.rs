@@ -18,6 +18,7 @@ pub(crate) enum Op {
     Send = 6,
     Shutdown = 7,
     Close = 8,
+    Poll = 9,
 }
 
 impl Op {
@@ -31,6 +32,7 @@ impl Op {
             6 => Op::Send,
             7 => Op::Shutdown,
             8 => Op::Close,
+            9 => Op::Poll,
             _ => return None,
         })
     }

@@ -293,6 +293,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         ping_interval: cli.ping_interval,
         idle_timeout: cli.idle_timeout,
         echo: cli.echo,
+        park_after: cli.park_after,
         subscriptions_max: cli.max_subscriptions,
         slow_consumer: match cli.slow_consumer {
             SlowConsumerPolicy::Close => SlowConsumer::Close,

@@ -101,6 +101,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.pings_sent,
     ),
     (
+        "ringgate_parked_total",
+        "counter",
+        "Times a silent connection traded its recv for a poll (--park-after).",
+        |s| &s.parked,
+    ),
+    (
         "ringgate_reads_paused_total",
         "counter",
         "Times a connection's reads paused on a full send queue.",

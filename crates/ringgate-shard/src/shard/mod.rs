@@ -20,7 +20,7 @@ use ringgate_codec::close_code;
 use slab::Slab;
 
 use crate::bufring::BufRing;
-use crate::config::{ShardConfig, CQE_BATCH_MAX, CQ_ENTRIES, SQ_ENTRIES};
+use crate::config::{ShardConfig, CQE_BATCH_MAX, CQ_ENTRIES, SCRATCH_KEEP, SQ_ENTRIES};
 use crate::conn::{flag, Conn, NextSend, State};
 use crate::inbox::{Command, Inbox};
 use crate::input::{self, Env, Upcall};
@@ -177,7 +177,7 @@ impl Shard {
             Op::Tick => self.on_tick(flags),
             Op::Doorbell => self.on_doorbell(result),
             Op::Cancel => {}
-            Op::Recv | Op::Send | Op::Shutdown | Op::Close => {
+            Op::Recv | Op::Send | Op::Shutdown | Op::Close | Op::Poll => {
                 let key = token.key as usize;
                 match self.conns.get(key) {
                     Some(c) if c.generation == token.generation => {}
@@ -191,6 +191,7 @@ impl Shard {
                     Op::Recv => self.on_recv(key, result, flags),
                     Op::Send => self.on_send(key, result),
                     Op::Shutdown => self.on_shutdown(key, result),
+                    Op::Poll => self.on_poll(key, result),
                     _ => self.on_close(key),
                 }
                 self.drive(key);
@@ -366,6 +367,16 @@ impl Shard {
         }
     }
 
+    /// A parked connection's poll fired: input (or EOF) is waiting. Unpark; drive
+    /// re-arms the recv, which reads it.
+    fn on_poll(&mut self, key: usize, result: i32) {
+        let conn = &mut self.conns[key];
+        conn.clear(flag::POLL_ARMED);
+        if result >= 0 {
+            conn.clear(flag::PARKED);
+        }
+    }
+
     fn on_shutdown(&mut self, key: usize, result: i32) {
         let conn = &mut self.conns[key];
         conn.clear(flag::SHUT_INFLIGHT);
@@ -395,7 +406,8 @@ impl Shard {
             self.update_topic_gauges();
         }
         let conn = &mut self.conns[key];
-        if conn.has(flag::RECV_ARMED | flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT) {
+        if conn.has(flag::RECV_ARMED | flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT | flag::POLL_ARMED)
+        {
             let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(conn.slot)).all())
                 .build()
                 .user_data(Token::shard(Op::Cancel).encode());
@@ -443,8 +455,19 @@ impl Shard {
         } else if conn.has(flag::READ_PAUSED) && queued <= self.cfg.send_queue_bytes_max / 2 {
             conn.clear(flag::READ_PAUSED);
         }
-        // Keep a recv armed while reading (also to see the FIN while draining).
-        let wants_recv = !conn.has(flag::RECV_ARMED | flag::READ_PAUSED | flag::REARM_WAIT);
+        // Keep a recv armed while reading (also to see the FIN while draining); a
+        // parked connection waits with a one-shot poll instead.
+        let parked = conn.has(flag::PARKED) && conn.state == State::Open;
+        if parked && !conn.has(flag::RECV_ARMED | flag::POLL_ARMED) {
+            let sqe = opcode::PollAdd::new(fixed, (libc::POLLIN | libc::POLLRDHUP) as u32)
+                .build()
+                .user_data(Token::new(Op::Poll, generation, key).encode());
+            self.staged.push(sqe);
+            conn.set(flag::POLL_ARMED);
+        }
+        let wants_recv = !parked
+            && !conn
+                .has(flag::RECV_ARMED | flag::READ_PAUSED | flag::REARM_WAIT | flag::POLL_ARMED);
         if wants_recv {
             let sqe = opcode::RecvMulti::new(fixed, BGID)
                 .build()
@@ -518,9 +541,22 @@ impl Shard {
                     self.finish(key);
                 }
                 Due::CloseTimeout => self.finish(key),
+                Due::Park => {
+                    conn.set(flag::PARKED);
+                    self.stats.parked.add(1);
+                    if conn.has(flag::RECV_ARMED) {
+                        // The recv ends with ECANCELED; drive then arms the poll.
+                        let target = Token::new(Op::Recv, conn.generation, key).encode();
+                        let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
+                            .build()
+                            .user_data(Token::shard(Op::Cancel).encode());
+                        self.staged.push(cancel);
+                    }
+                }
             }
             self.drive(key);
         }
+        due.shrink_to(SCRATCH_KEEP);
         self.due = due;
         if let Some(deadline) = self.shutdown_deadline {
             if Instant::now() >= deadline {
@@ -634,6 +670,9 @@ impl Shard {
             }
         }
         self.staged.drain(..done);
+        if self.staged.is_empty() && self.staged.capacity() > SCRATCH_KEEP {
+            self.staged.shrink_to(SCRATCH_KEEP);
+        }
         Ok(())
     }
 
