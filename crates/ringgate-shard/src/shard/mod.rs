@@ -405,19 +405,26 @@ impl Shard {
             self.topics.unsubscribe_all(&mut self.conns, key);
             self.update_topic_gauges();
         }
-        let conn = &mut self.conns[key];
-        if conn.has(flag::RECV_ARMED | flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT | flag::POLL_ARMED)
-        {
-            let cancel = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(conn.slot)).all())
-                .build()
-                .user_data(Token::shard(Op::Cancel).encode());
-            self.staged.push(cancel);
+        // Cancel what is in flight by its own user_data, never by file: a fixed
+        // slot is reused as soon as it is closed, and a cancel (or a shutdown the
+        // kernel ran late on a worker thread) aimed at a slot would then hit the
+        // next connection in it. drive() closes the slot once all of these ended.
+        let conn = &self.conns[key];
+        let in_flight = [
+            (flag::RECV_ARMED, Op::Recv),
+            (flag::SEND_INFLIGHT, Op::Send),
+            (flag::SHUT_INFLIGHT, Op::Shutdown),
+            (flag::POLL_ARMED, Op::Poll),
+        ];
+        for (bit, op) in in_flight {
+            if conn.has(bit) {
+                let target = Token::new(op, conn.generation, key).encode();
+                let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
+                    .build()
+                    .user_data(Token::shard(Op::Cancel).encode());
+                self.staged.push(cancel);
+            }
         }
-        let close = opcode::Close::new(Fixed(conn.slot))
-            .build()
-            .user_data(Token::new(Op::Close, conn.generation, key).encode());
-        conn.set(flag::CLOSE_INFLIGHT);
-        self.staged.push(close);
     }
 
     /// Stages whatever operations the connection's state now calls for, and frees
@@ -427,9 +434,19 @@ impl Shard {
         let generation = conn.generation;
         let fixed = Fixed(conn.slot);
         if conn.state == State::Finished {
+            // Close the slot only when no operation can still refer to it, then
+            // free the record once the close has completed.
             if !conn.has(flag::INFLIGHT) {
-                self.conns.remove(key);
-                self.stats.connections.sub(1);
+                if conn.has(flag::CLOSED) {
+                    self.conns.remove(key);
+                    self.stats.connections.sub(1);
+                } else {
+                    let close = opcode::Close::new(fixed)
+                        .build()
+                        .user_data(Token::new(Op::Close, generation, key).encode());
+                    self.staged.push(close);
+                    conn.set(flag::CLOSE_INFLIGHT);
+                }
             }
             return;
         }
