@@ -187,9 +187,9 @@ pub(crate) const SEND_FRAMES_MAX: usize = 32;
 
 /// A connection's outgoing frames. Frames are refcounted `Bytes`, so a frame
 /// shared by many connections is never copied. Every frame covered by the send
-/// in flight stays in the queue, unmoved, until that send completes; so do the
-/// gather list and message header the kernel reads, which live in this (boxed)
-/// queue.
+/// in flight stays in the queue, unmoved, until that send completes; so does the
+/// boxed gather list of a vectored send.
+#[derive(Default)]
 pub(crate) struct SendQueue {
     /// Frames, each with its publish time ([`crate::clock_ns`]; 0 for frames
     /// that are not published events).
@@ -200,24 +200,31 @@ pub(crate) struct SendQueue {
     pub bytes: usize,
     /// Frames covered by the send in flight; 0 when none is.
     in_flight: usize,
+    /// The gather list and header of vectored sends, which the kernel reads
+    /// until the send completes. Boxed and made only the first time the queue
+    /// holds several frames: a connection with one pending event (the common
+    /// push) does not carry 570 bytes it never uses.
+    gather: Option<Box<Gather>>,
+}
+
+// A queue exists per connection with something to send: keep it small.
+const _: () = assert!(std::mem::size_of::<SendQueue>() <= 64);
+
+struct Gather {
     iov: [libc::iovec; SEND_FRAMES_MAX],
     msg: libc::msghdr,
 }
 
-impl Default for SendQueue {
-    fn default() -> Self {
-        SendQueue {
-            frames: VecDeque::new(),
-            head_sent: 0,
-            bytes: 0,
-            in_flight: 0,
+impl Gather {
+    fn new() -> Box<Gather> {
+        Box::new(Gather {
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             }; SEND_FRAMES_MAX],
             // SAFETY: msghdr is plain data; all-zero is an empty header.
             msg: unsafe { std::mem::zeroed() },
-        }
+        })
     }
 }
 
@@ -235,7 +242,7 @@ impl std::fmt::Debug for SendQueue {
 pub(crate) enum NextSend {
     /// One contiguous range: a plain send.
     One(*const u8, usize),
-    /// Several frames: a sendmsg of this header (pointing into the queue).
+    /// Several frames: a sendmsg of this header (in the queue's gather box).
     Many(*const libc::msghdr),
 }
 
@@ -264,16 +271,17 @@ impl SendQueue {
         if count == 1 {
             return Some(NextSend::One(head.as_ptr(), head.len()));
         }
+        let gather = self.gather.get_or_insert_with(Gather::new);
         for (i, (frame, _)) in self.frames.iter().take(count).enumerate() {
             let part = if i == 0 { head } else { &frame[..] };
-            self.iov[i] = libc::iovec {
+            gather.iov[i] = libc::iovec {
                 iov_base: part.as_ptr() as *mut _,
                 iov_len: part.len(),
             };
         }
-        self.msg.msg_iov = self.iov.as_mut_ptr();
-        self.msg.msg_iovlen = count as _;
-        Some(NextSend::Many(&self.msg))
+        gather.msg.msg_iov = gather.iov.as_mut_ptr();
+        gather.msg.msg_iovlen = count as _;
+        Some(NextSend::Many(&gather.msg))
     }
 
     /// Records the completion of the send in flight that wrote `sent` bytes (a
