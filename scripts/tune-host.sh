@@ -22,13 +22,12 @@ settings=(
   "fs.file-max|4194304|system-wide open files: each socket, direct descriptor or not, has a struct file"
   "net.core.somaxconn|65535|accept backlog ceiling: absorbs reconnect storms after a restart"
   "net.ipv4.tcp_max_syn_backlog|65535|half-open connections queued during a connect storm"
-  "net.core.netdev_max_backlog|16384|packets queued per CPU before the stack drops them"
+  "net.core.netdev_max_backlog|131072|packets queued per CPU before the stack drops them: keepalive probes (--tcp-keepalive) of connections accepted together fire in one timer run, and on loopback each waits here"
   "net.ipv4.ip_local_port_range|1024 65535|ephemeral ports, for load generators and proxies on this host"
   "net.ipv4.tcp_rmem|4096 16384 4194304|small default receive buffer: idle sockets stay cheap, busy ones grow"
   "net.ipv4.tcp_wmem|4096 16384 4194304|small default send buffer, same reason"
   "net.ipv4.tcp_mem|786432 1048576 1572864|pages all TCP buffers may use (3/4/6 GiB with 4 KiB pages) before pressure"
   "net.ipv4.tcp_migrate_req|1|on restart, connections queued on the old listener move to the new one (Linux 5.14+)"
-  "net.ipv4.tcp_keepalive_time|600|detect dead peers in 10 min (ringgate also pings at the WebSocket level)"
 )
 
 changes=0

@@ -44,7 +44,7 @@ fn flag_beats_environment_beats_file_beats_default() {
         "the environment beats the file"
     );
     assert_eq!(settings["ping-interval"], 7, "the file beats the default");
-    assert_eq!(settings["idle-timeout"], "60s", "the default");
+    assert_eq!(settings["idle-timeout"], "150s", "the default");
     assert_eq!(settings["echo"], true);
     // And it is in force, not just reported: /echo is served.
     let _ws = ws_connect(&server, "/echo");

@@ -222,3 +222,46 @@ fn parked_connections_wake_for_input_and_still_receive() {
     echo.write_all(&frame(FIN | BINARY, &[1, 2, 3])).unwrap();
     assert_eq!(read_frame(&mut echo), Some((FIN | BINARY, vec![1, 2, 3])));
 }
+
+/// The kernel timer armed on the server's end of the connection from `client`:
+/// (kind, seconds left) from /proc/net/tcp, kind 2 being keepalive.
+fn server_side_timer(server: &Server, client: &std::net::TcpStream) -> (u32, f64) {
+    let server_port = format!(":{:04X}", server.ws.port());
+    let client_port = format!(":{:04X}", client.local_addr().unwrap().port());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let line = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f[1].ends_with(&server_port) && f[2].ends_with(&client_port))
+        .expect("the server's socket is in /proc/net/tcp");
+    let (kind, when) = line[5].split_once(':').unwrap();
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (
+        u32::from_str_radix(kind, 16).unwrap(),
+        u64::from_str_radix(when, 16).unwrap() as f64 / hz,
+    )
+}
+
+#[test]
+fn tcp_keepalive_is_armed_on_accepted_connections_only_when_asked() {
+    let server = Server::start(&["--tcp-keepalive", "7s"]);
+    let s = raw_upgrade(&server, "/ws");
+    let (kind, left) = server_side_timer(&server, &s);
+    assert_eq!(kind, 2, "a keepalive timer on the server's socket");
+    assert!(left > 0.0 && left <= 7.0, "{left} s");
+
+    let plain = Server::start(&[]);
+    let s = raw_upgrade(&plain, "/ws");
+    assert_eq!(server_side_timer(&plain, &s).0, 0, "no timer by default");
+
+    let err = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["--tcp-keepalive", "500ms", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && stderr.contains("--tcp-keepalive"),
+        "{stderr}"
+    );
+}

@@ -108,6 +108,27 @@ fn connect_counts_match_the_server() {
 }
 
 #[test]
+fn holding_reports_what_idle_connections_cost() {
+    let server = Ringgate::start(&["--ping-interval", "1s", "--idle-timeout", "10s"]);
+    let r = loadgen(&server, &["connect", "--conns", "100", "--hold", "4"]);
+    assert_eq!(r["connected"], 100);
+    assert_eq!(r["failures"], serde_json::json!({}));
+    let hold = &r["server"]["hold"];
+    let seconds = hold["seconds"].as_f64().unwrap();
+    assert!((3.0..4.0).contains(&seconds), "{hold}");
+    // Pinged after 1 s of silence (and again after each pong): at least once each.
+    assert!(hold["pings_sent"].as_u64().unwrap() >= 100, "{hold}");
+    assert!(
+        hold["server_cpu_seconds"].as_f64().unwrap() >= 0.0,
+        "{hold}"
+    );
+    assert!(
+        hold["machine_cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{hold}"
+    );
+}
+
+#[test]
 fn fanout_loses_nothing_and_matches_the_server() {
     let server = Ringgate::start(&["--shards", "2"]);
     let r = loadgen(

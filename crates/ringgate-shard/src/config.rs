@@ -66,6 +66,9 @@ pub struct ShardConfig {
     pub ping_interval: Duration,
     /// Close connections silent this long.
     pub idle_timeout: Duration,
+    /// Kernel TCP keepalive: probe peers silent this long, drop those that
+    /// acknowledge nothing for twice as long; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// Serve `GET /echo`.
     pub echo: bool,
     /// After this long without input, arm a one-shot poll instead of a
@@ -117,6 +120,14 @@ impl ShardConfig {
                 "the request size limit must be from 256 bytes to {REQUEST_BYTES_CEILING}"
             ));
         }
+        if let Some(k) = self.tcp_keepalive {
+            // TCP_KEEPIDLE takes whole seconds up to 32767.
+            if k < Duration::from_secs(1) || k > Duration::from_secs(32767) {
+                return Err(format!(
+                    "--tcp-keepalive must be from 1s to 32767s (or 0 for off), not {k:?}"
+                ));
+            }
+        }
         if self.idle_timeout < self.ping_interval {
             return Err(format!(
                 "--idle-timeout ({:?}) must not be shorter than --ping-interval ({:?})",
@@ -154,6 +165,7 @@ pub(crate) fn test_config() -> ShardConfig {
         handshake_timeout: Duration::from_secs(10),
         ping_interval: Duration::from_secs(25),
         idle_timeout: Duration::from_secs(60),
+        tcp_keepalive: None,
         echo: true,
         park_after: None,
         subscriptions_max: 64,
@@ -177,6 +189,9 @@ mod tests {
         let mut bad = c.clone();
         bad.idle_timeout = Duration::from_secs(1);
         assert!(bad.validate().unwrap_err().contains("--idle-timeout"));
+        let mut bad = c.clone();
+        bad.tcp_keepalive = Some(Duration::from_millis(500));
+        assert!(bad.validate().unwrap_err().contains("--tcp-keepalive"));
         let mut bad = c;
         bad.limits.message_bytes_max = 10;
         assert!(bad.validate().unwrap_err().contains("--max-message-size"));

@@ -229,12 +229,15 @@ pub fn start(
     cfg.validate().map_err(StartError::Config)?;
     assert!(count > 0, "at least one shard");
     check_kernel()?;
-    let first = sys::bind_listener(cfg.listen).map_err(|e| StartError::Bind(cfg.listen, e))?;
+    let first = sys::bind_listener(cfg.listen, cfg.tcp_keepalive)
+        .map_err(|e| StartError::Bind(cfg.listen, e))?;
     let local_addr = sys::local_addr(&first).map_err(|e| StartError::Bind(cfg.listen, e))?;
     let mut listeners = vec![first];
     for _ in 1..count {
-        listeners
-            .push(sys::bind_listener(local_addr).map_err(|e| StartError::Bind(local_addr, e))?);
+        listeners.push(
+            sys::bind_listener(local_addr, cfg.tcp_keepalive)
+                .map_err(|e| StartError::Bind(local_addr, e))?,
+        );
     }
     let cpus = sys::cpu_count();
     let (ready_tx, ready_rx) = mpsc::channel();

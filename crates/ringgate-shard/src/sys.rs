@@ -6,15 +6,26 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 /// Listen backlog; the kernel caps it at net.core.somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// Probes TCP keepalive sends to a silent peer before giving up on it.
+const KEEPALIVE_PROBES: u32 = 3;
+
 /// Binds a listening TCP socket with SO_REUSEPORT, so every shard can bind the
 /// same address and the kernel spreads connections over them.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+///
+/// With `keepalive`, accepted sockets inherit TCP keepalive from the listener
+/// (no per-connection system call, which direct descriptors could not make
+/// anyway): the kernel probes a peer silent for `keepalive`, every third of
+/// that after, and TCP_USER_TIMEOUT drops a peer that has acknowledged nothing
+/// for twice `keepalive` (probes and unacknowledged data alike). This finds
+/// dead peers and refreshes NAT state without waking the shard or the client.
+pub fn bind_listener(addr: SocketAddr, keepalive: Option<Duration>) -> io::Result<OwnedFd> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
@@ -24,6 +35,16 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     socket.set_reuse_port(true)?;
     // Accepted sockets inherit TCP_NODELAY: events are small and latency matters.
     socket.set_tcp_nodelay(true)?;
+    if let Some(idle) = keepalive {
+        let interval = (idle / 3).max(Duration::from_secs(1));
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(KEEPALIVE_PROBES),
+        )?;
+        socket.set_tcp_user_timeout(Some(idle * 2))?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
@@ -121,11 +142,41 @@ mod tests {
 
     #[test]
     fn two_listeners_share_a_port_with_reuseport() {
-        let a = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = bind_listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = local_addr(&a).unwrap();
         assert_ne!(addr.port(), 0);
-        let b = bind_listener(addr).unwrap();
+        let b = bind_listener(addr, None).unwrap();
         assert_eq!(local_addr(&b).unwrap(), addr);
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_keepalive_from_the_listener() {
+        let listener = Socket::from(
+            bind_listener(
+                "127.0.0.1:0".parse().unwrap(),
+                Some(Duration::from_secs(30)),
+            )
+            .unwrap(),
+        );
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr.as_socket().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(
+            accepted.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            accepted.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(accepted.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(
+            accepted.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(60))
+        );
+        let plain = Socket::from(bind_listener("127.0.0.1:0".parse().unwrap(), None).unwrap());
+        assert!(!plain.keepalive().unwrap());
     }
 
     #[test]

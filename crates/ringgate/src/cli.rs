@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_duration, parse_duration_or_off, parse_size};
 
 /// ringgate: a WebSocket gateway on io_uring for millions of mostly idle connections.
 ///
@@ -94,8 +94,9 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
 
-    /// Ping clients silent this long (pings are spread over the last fifth).
-    #[arg(long, env = "RINGGATE_PING_INTERVAL", default_value = "25s", value_parser = parse_duration, value_name = "DURATION")]
+    /// Ping clients silent this long (pings are spread over the last fifth). Behind a proxy that
+    /// closes idle connections, set it below the proxy's idle timeout.
+    #[arg(long, env = "RINGGATE_PING_INTERVAL", default_value = "120s", value_parser = parse_duration, value_name = "DURATION")]
     pub ping_interval: Duration,
 
     /// After this long without input, watch a connection with a one-shot poll instead of an armed
@@ -105,8 +106,15 @@ pub struct Cli {
     pub park_after: Option<Duration>,
 
     /// Close clients silent this long.
-    #[arg(long, env = "RINGGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "RINGGATE_IDLE_TIMEOUT", default_value = "150s", value_parser = parse_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
+
+    /// Kernel TCP keepalive: probe clients silent this long and drop those that acknowledge
+    /// nothing for twice as long. Finds dead peers and keeps NAT state without waking ringgate or
+    /// the client's application. Many connections accepted together probe together: on loopback
+    /// raise net.core.netdev_max_backlog (scripts/tune-host.sh) first.
+    #[arg(long, env = "RINGGATE_TCP_KEEPALIVE", default_value = "off", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
+    pub tcp_keepalive: Duration,
 
     /// On SIGTERM/SIGINT, wait this long for clients to finish closing.
     #[arg(long, env = "RINGGATE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
@@ -169,7 +177,12 @@ mod tests {
         let cli = Cli::try_parse_from(["ringgate"]).unwrap();
         assert_eq!(cli.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(cli.max_frame_size, 64 << 10);
-        assert_eq!(cli.ping_interval, Duration::from_secs(25));
+        assert_eq!(cli.ping_interval, Duration::from_secs(120));
+        assert_eq!(cli.idle_timeout, Duration::from_secs(150));
+        assert!(
+            cli.tcp_keepalive.is_zero(),
+            "TCP keepalive is off by default"
+        );
         assert!(!cli.echo);
     }
 

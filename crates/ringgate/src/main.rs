@@ -292,6 +292,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         handshake_timeout: cli.handshake_timeout,
         ping_interval: cli.ping_interval,
         idle_timeout: cli.idle_timeout,
+        tcp_keepalive: (!cli.tcp_keepalive.is_zero()).then_some(cli.tcp_keepalive),
         echo: cli.echo,
         park_after: cli.park_after,
         subscriptions_max: cli.max_subscriptions,

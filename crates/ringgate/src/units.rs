@@ -26,6 +26,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses a duration, or `off` (also `0`) as zero: for settings that can be turned off.
+pub fn parse_duration_or_off(text: &str) -> Result<Duration, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Parses a byte size; a bare number is bytes. `KiB`, `K` and `k` are 1024;
 /// `KB` is 1000 (likewise M and G).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -72,6 +80,10 @@ mod tests {
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_duration("-1").is_err());
+        assert_eq!(parse_duration_or_off("off"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_off("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration_or_off("of").is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use report::{Percentiles, Report, ServerFigures};
+use report::{HoldFigures, Percentiles, Report, ServerFigures};
 use wire::Http;
 use worker::{Job, Line, WorkerResult};
 
@@ -190,13 +190,27 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let mut connected_at = None;
     let mut after = None;
     let mut stats_after = None;
+    // connect: the server's cost while the connections sit idle, sampled just
+    // before the workers let go (closing would be counted otherwise).
+    let mut hold_until = None;
+    let mut held = None;
     let mut published = Published::default();
     let mut results: Vec<Option<WorkerResult>> = (0..workers.len()).map(|_| None).collect();
     let mut progress_by_worker = vec![(0u64, 0u64, 0u64); workers.len()];
     while results.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (i, line) = match rx.recv_timeout(left) {
+        let now = Instant::now();
+        if hold_until.is_some_and(|u| now >= u) {
+            hold_until = None;
+            held = Some((
+                Sample::take(server_pid),
+                http.as_mut().and_then(|h| h.stats().ok()),
+            ));
+        }
+        let left = deadline.saturating_duration_since(now);
+        let wait = hold_until.map_or(left, |u| left.min(u.saturating_duration_since(now)));
+        let (i, line) = match rx.recv_timeout(wait) {
             Ok(x) => x,
+            Err(mpsc::RecvTimeoutError::Timeout) if hold_until.is_some() => continue,
             Err(_) => break,
         };
         match line {
@@ -216,6 +230,9 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 connected_at = Some(started.elapsed());
                 after = Some(Sample::take(server_pid));
                 stats_after = http.as_mut().and_then(|h| h.stats().ok());
+                if args.scenario == Scenario::Connect && args.hold >= 2.0 {
+                    hold_until = Some(Instant::now() + Duration::from_secs_f64(args.hold - 0.5));
+                }
                 if args.scenario == Scenario::Fanout {
                     let subscribers: u64 = progress_by_worker.iter().map(|p| p.0).sum();
                     let http = http
@@ -269,6 +286,19 @@ pub fn run(args: &Args) -> Result<Report, String> {
         direct_descriptors_after: total(&stats_after, "direct_descriptors"),
         messages_sent_before: total(&stats_before, "messages_sent_total"),
         messages_sent_end: total(&stats_end, "messages_sent_total"),
+        hold: after
+            .as_ref()
+            .zip(held.as_ref())
+            .and_then(|(a, (h, stats_held))| {
+                Some(HoldFigures {
+                    seconds: h.at.duration_since(a.at).as_secs_f64(),
+                    server_cpu_seconds: h.cpu? - a.cpu?,
+                    machine_cpu_seconds: h.machine_cpu.zip(a.machine_cpu).map(|(h, a)| h - a),
+                    pings_sent: total(stats_held, "pings_sent_total")
+                        .zip(total(&stats_after, "pings_sent_total"))
+                        .map(|(h, a)| h.saturating_sub(a)),
+                })
+            }),
     };
     Ok(Report::build(
         args,
@@ -411,19 +441,39 @@ fn spawn_workers(
 
 /// Server and machine figures read at one moment.
 struct Sample {
+    at: Instant,
     rss: Option<u64>,
     cpu: Option<f64>,
+    machine_cpu: Option<f64>,
     mem_available: Option<u64>,
 }
 
 impl Sample {
     fn take(pid: Option<u32>) -> Sample {
         Sample {
+            at: Instant::now(),
             rss: pid.and_then(|p| proc_kib(&format!("/proc/{p}/status"), "VmRSS:")),
             cpu: pid.and_then(cpu_seconds),
+            machine_cpu: machine_cpu_seconds(),
             mem_available: proc_kib("/proc/meminfo", "MemAvailable:"),
         }
     }
+}
+
+/// CPU time every CPU of the machine spent busy (user, nice, system, irq and
+/// softirq: kernel work such as TCP keepalive probes that no process is charged
+/// for), in seconds.
+fn machine_cpu_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq ...
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    // SAFETY: sysconf has no pointer arguments.
+    Some(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
 fn proc_kib(path: &str, key: &str) -> Option<u64> {

@@ -63,6 +63,19 @@ pub struct ServerFigures {
     pub direct_descriptors_after: Option<u64>,
     pub messages_sent_before: Option<u64>,
     pub messages_sent_end: Option<u64>,
+    /// connect: what holding the idle connections cost.
+    pub hold: Option<HoldFigures>,
+}
+
+/// The cost of idle connections over the hold (connect scenario).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HoldFigures {
+    pub seconds: f64,
+    pub server_cpu_seconds: f64,
+    /// Every CPU's busy time, both loopback ends and kernel work no process is
+    /// charged for (keepalive probes run in timer softirqs).
+    pub machine_cpu_seconds: Option<f64>,
+    pub pings_sent: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -312,6 +325,27 @@ impl Report {
                 "MemAvailable drop / conn",
                 format!("{m:.0} B (machine-wide: both ends, kernel and user)"),
             );
+        }
+        if let Some(h) = &self.server.hold {
+            let percent = |cpu: f64| 100.0 * cpu / h.seconds.max(1e-9);
+            row(
+                "idle: server CPU",
+                format!(
+                    "{:.2}% of one core over {:.1} s ({} WebSocket pings sent)",
+                    percent(h.server_cpu_seconds),
+                    h.seconds,
+                    h.pings_sent.map_or("?".into(), |p| p.to_string())
+                ),
+            );
+            if let Some(m) = h.machine_cpu_seconds {
+                row(
+                    "idle: machine CPU",
+                    format!(
+                        "{:.2}% of one core (every process and the kernel, both ends)",
+                        percent(m)
+                    ),
+                );
+            }
         }
         if let Some(c) = self.server_cpu_us_per_message {
             row("server CPU / unit", format!("{c:.2} us"));
