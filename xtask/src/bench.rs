@@ -90,7 +90,22 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
     })
 }
 
-fn args_for(scenario: Scenario, server: &Server, quick: bool, cpu: usize) -> loadgen::Args {
+/// Steady fanout: 10,000 subscribers (2,000 quick), 5 events a second.
+fn steady(quick: bool) -> (usize, usize, f64) {
+    if quick {
+        (2_000, 20, 5.0)
+    } else {
+        (10_000, 60, 5.0)
+    }
+}
+
+fn args_for(
+    scenario: Scenario,
+    server: &Server,
+    quick: bool,
+    cpu: usize,
+    paced: bool,
+) -> loadgen::Args {
     let mut a = loadgen::Args {
         scenario,
         target: format!("ws://{}", server.ws),
@@ -112,6 +127,7 @@ fn args_for(scenario: Scenario, server: &Server, quick: bool, cpu: usize) -> loa
         allow_remote: false,
         timeout: 120.0,
         quiet: true,
+        spin: false,
     };
     match scenario {
         Scenario::Connect => a.conns = if quick { 5_000 } else { 15_000 },
@@ -122,6 +138,10 @@ fn args_for(scenario: Scenario, server: &Server, quick: bool, cpu: usize) -> loa
         Scenario::Echo => a.conns = 100,
         Scenario::Churn => {}
     }
+    if paced {
+        let (conns, events, rate) = steady(quick);
+        (a.conns, a.events, a.rate) = (conns, events as u64, Some(rate));
+    }
     a
 }
 
@@ -130,7 +150,7 @@ fn args_for(scenario: Scenario, server: &Server, quick: bool, cpu: usize) -> loa
 /// receive-buffer ring, an allocator's arenas) is touched by its first traffic,
 /// and is not a cost per connection. Connections close before the measurement.
 fn warm_up(server: &Server, cpu: usize) -> Result<(), String> {
-    let mut warm = args_for(Scenario::Echo, server, true, cpu);
+    let mut warm = args_for(Scenario::Echo, server, true, cpu, false);
     warm.conns = 10;
     warm.inflight = 8;
     warm.size = 16 * 1024;
@@ -143,9 +163,31 @@ fn warm_up(server: &Server, cpu: usize) -> Result<(), String> {
 /// (figure, unit, value, lower is better)
 type Row = (String, &'static str, Option<f64>, bool);
 
-fn rows(scenario: Scenario, r: &Report) -> Vec<Row> {
+fn rows(scenario: Scenario, paced: bool, r: &Report) -> Vec<Row> {
     let lat = |p: &Option<loadgen::report::Percentiles>,
                q: fn(&loadgen::report::Percentiles) -> f64| p.as_ref().map(q);
+    if paced {
+        return vec![
+            (
+                format!("fanout {} subs at 5 ev/s: CPU / delivery", r.conns),
+                "us",
+                r.server_cpu_us_per_message,
+                true,
+            ),
+            (
+                "fanout at 5 ev/s: latency p99".into(),
+                "ms",
+                lat(&r.latency_ms, |p| p.p99),
+                true,
+            ),
+            (
+                "fanout at 5 ev/s: lost".into(),
+                "",
+                Some(r.lost() as f64),
+                true,
+            ),
+        ];
+    }
     match scenario {
         Scenario::Connect => vec![
             (
@@ -240,14 +282,29 @@ pub fn run(args: &Args) -> Result<(), String> {
         "ringgate-baseline",
     ])?;
     let mut table: Vec<(Row, Option<f64>)> = Vec::new();
-    for scenario in [Scenario::Connect, Scenario::Fanout, Scenario::Echo] {
+    let mut steady_cpu = Vec::new();
+    for (scenario, paced) in [
+        (Scenario::Connect, false),
+        (Scenario::Fanout, false),
+        (Scenario::Fanout, true),
+        (Scenario::Echo, false),
+    ] {
         let mut reports = Vec::new();
         for kind in [Kind::Ringgate, Kind::Baseline] {
             let server = start(kind, args.server_cpu)?;
             if scenario == Scenario::Connect {
                 warm_up(&server, args.loadgen_cpu)?;
             }
-            let report = loadgen::run(&args_for(scenario, &server, args.quick, args.loadgen_cpu))?;
+            let report = loadgen::run(&args_for(
+                scenario,
+                &server,
+                args.quick,
+                args.loadgen_cpu,
+                paced,
+            ))?;
+            if paced {
+                steady_cpu.push(report.server_cpu_us_per_message);
+            }
             eprintln!(
                 "bench: {scenario:?} on {}: done",
                 if kind == Kind::Ringgate {
@@ -258,9 +315,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             );
             reports.push(report);
         }
-        for (ours, theirs) in rows(scenario, &reports[0])
-            .into_iter()
-            .zip(rows(scenario, &reports[1]))
+        for (ours, theirs) in
+            rows(scenario, paced, &reports[0])
+                .into_iter()
+                .zip(rows(scenario, paced, &reports[1]))
         {
             table.push((ours, theirs.2));
         }
@@ -284,6 +342,21 @@ pub fn run(args: &Args) -> Result<(), String> {
         );
     }
     println!("ratio: how many times better ringgate is (baseline/ringgate for costs and latencies, ringgate/baseline for rates)");
+    let (conns, events, rate) = steady(args.quick);
+    let floor = crate::floor::measure_floor(&crate::floor::Args::new(conns, events, rate, 64))?;
+    println!(
+        "kernel floor (no server: one 64 B write per socket to {conns} sleeping readers at {rate}/s): \
+         {} us per write with io_uring, {} us with send()",
+        human(floor.uring_us),
+        human(floor.plain_us)
+    );
+    if let [Some(ours), Some(theirs)] = steady_cpu[..] {
+        println!(
+            "fanout at 5 ev/s, server CPU per delivery over the floor: ringgate {:.2}x, baseline {:.2}x",
+            ours / floor.uring_us,
+            theirs / floor.uring_us
+        );
+    }
     Ok(())
 }
 

@@ -5,9 +5,11 @@
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
 //! - `loadgen`: drive load at a running server (connect, fanout, echo, churn).
 //! - `bench`: the standard scenarios against ringgate and the baseline server.
+//! - `floor`: the kernel's own cost per delivery on this machine, with no server.
 
 mod bench;
 mod density;
+mod floor;
 mod loadgen;
 mod process;
 
@@ -39,6 +41,16 @@ enum Task {
     Density(density::Args),
     /// Standard scenarios against ringgate and the baseline server, one table with ratios.
     Bench(bench::Args),
+    /// The kernel's cost of one small write to a sleeping reader's socket, with no server.
+    Floor(floor::Args),
+    /// (internal) The reader side of `floor`.
+    #[command(hide = true)]
+    FloorReader {
+        addr: String,
+        conns: usize,
+        expected: u64,
+        mode: String,
+    },
     /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
     Loadgen(loadgen::Args),
     /// (internal) One load generator worker process.
@@ -54,6 +66,13 @@ fn main() -> ExitCode {
         Task::Density(a) => density::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
         Task::Bench(a) => bench::run(&a),
+        Task::Floor(a) => floor::run(&a),
+        Task::FloorReader {
+            addr,
+            conns,
+            expected,
+            mode,
+        } => floor::reader(&addr, conns, expected, mode == "spin"),
         Task::LoadgenWorker { job } => serde_json::from_str(&job)
             .map_err(|e| format!("bad worker job: {e}"))
             .and_then(loadgen::worker::run),

@@ -119,6 +119,12 @@ pub struct Args {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Workers poll for input without ever sleeping. The server is then not
+    /// charged for waking them (on loopback a wake-up runs in the sender's
+    /// context), which is closer to clients on other machines. Each worker
+    /// keeps a CPU busy.
+    #[arg(long)]
+    pub spin: bool,
 }
 
 pub fn main(args: &Args) -> Result<(), String> {
@@ -424,6 +430,7 @@ fn spawn_workers(
             size: args.size,
             duration_s: args.duration,
             hold_s: args.hold,
+            spin: args.spin,
             deadline_s: args.timeout,
         };
         first += conns;

@@ -39,6 +39,8 @@ pub struct Job {
     pub duration_s: f64,
     pub hold_s: f64,
     pub deadline_s: f64,
+    /// Poll without sleeping (see `--spin`).
+    pub spin: bool,
 }
 
 /// What one worker measured.
@@ -196,7 +198,12 @@ impl Worker {
             self.open_more();
             // SAFETY: `events` has room for its length.
             let n = unsafe {
-                libc::epoll_wait(self.epoll, events.as_mut_ptr(), events.len() as i32, 10)
+                libc::epoll_wait(
+                    self.epoll,
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    if self.job.spin { 0 } else { 10 },
+                )
             };
             for ev in &events[..n.max(0) as usize] {
                 let (key, flags) = (ev.u64, ev.events);

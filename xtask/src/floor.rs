@@ -1,0 +1,319 @@
+//! `cargo xtask floor`: the kernel's own cost of one delivery, with no gateway.
+//!
+//! A sender pinned to one CPU writes `--size` bytes to each of `--conns`
+//! loopback TCP sockets, `--rate` times a second, while a reader process pinned
+//! to the other CPU sleeps in epoll and reads them, as the load generator's
+//! workers do. The sender's CPU time per write is what the kernel charges for a
+//! delivery on this machine: its own send path plus, on loopback, the reader's
+//! receive path and wake-up, which run in the sender's softirq. No server,
+//! whatever its design, spends less per delivery through such sockets, so this
+//! is the yardstick for issue 6's steady-fanout and idle figures.
+//!
+//! Two ways of writing are measured in one run: plain `send()` per socket (what
+//! an epoll server does) and io_uring `Send` on registered files submitted in
+//! batches (what ringgate does), without any WebSocket work.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types, IoUring};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Sockets written to per event.
+    #[arg(long, default_value_t = 10_000)]
+    conns: usize,
+    /// Events (one write to every socket each) per way of writing.
+    #[arg(long, default_value_t = 60)]
+    events: usize,
+    /// Events per second.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Bytes per write.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// The reader polls without sleeping, so the sender is not charged for
+    /// waking it (as `loadgen --spin`).
+    #[arg(long)]
+    spin: bool,
+}
+
+/// io_uring submission queue size for the batched sends.
+const SQ_ENTRIES: u32 = 4096;
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let floor = measure_floor(args)?;
+    println!(
+        "floor: {} loopback sockets x {} events at {}/s, {} B per write (sender on CPU 0, reader on CPU 1{})",
+        args.conns,
+        args.events,
+        args.rate,
+        args.size,
+        if args.spin { ", spinning" } else { ", sleeping in epoll" }
+    );
+    println!(
+        "  plain send() per socket          {:.2} us of sender CPU per write",
+        floor.plain_us
+    );
+    println!(
+        "  io_uring Send, batched submits   {:.2} us of sender CPU per write",
+        floor.uring_us
+    );
+    Ok(())
+}
+
+/// Sender CPU per write, both ways.
+pub struct Floor {
+    pub plain_us: f64,
+    pub uring_us: f64,
+}
+
+impl Args {
+    pub fn new(conns: usize, events: usize, rate: f64, size: usize) -> Args {
+        Args {
+            conns,
+            events,
+            rate,
+            size,
+            spin: false,
+        }
+    }
+}
+
+/// Runs the measurement (see the module comment).
+pub fn measure_floor(args: &Args) -> Result<Floor, String> {
+    if args.conns == 0 || args.conns > 18_000 {
+        return Err("--conns must be from 1 to 18000 (one process holds each side)".into());
+    }
+    if args.events == 0 || args.size == 0 || args.rate <= 0.0 {
+        return Err("--events, --size and --rate must be above 0".into());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let expected = (args.conns * args.events * args.size * 2) as u64;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut reader = Command::new(exe)
+        .args([
+            "floor-reader",
+            &addr.to_string(),
+            &args.conns.to_string(),
+            &expected.to_string(),
+            if args.spin { "spin" } else { "sleep" },
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the reader: {e}"))?;
+    let mut sockets = Vec::with_capacity(args.conns);
+    for _ in 0..args.conns {
+        let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        // As ringgate's sockets: no Nagle delay for small frames.
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        sockets.push(s);
+    }
+    pin(0);
+    let payload = vec![b'x'; args.size];
+    let plain = measure(args, || {
+        for s in &sockets {
+            send_plain(s, &payload)?;
+        }
+        Ok(())
+    })?;
+    let mut ring = Ring::new(&sockets)?;
+    let uring = measure(args, || ring.send_all(&payload))?;
+    let mut out = String::new();
+    reader
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)
+        .map_err(|e| e.to_string())?;
+    let status = reader.wait().map_err(|e| e.to_string())?;
+    if !status.success() || out.trim() != expected.to_string() {
+        return Err(format!(
+            "the reader did not get every byte: {out:?} of {expected}"
+        ));
+    }
+    Ok(Floor {
+        plain_us: plain,
+        uring_us: uring,
+    })
+}
+
+/// Sender CPU time per write over `args.events` events at `args.rate`.
+fn measure(args: &Args, mut event: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let start = thread_cpu();
+    let mut next = Instant::now();
+    for _ in 0..args.events {
+        event()?;
+        next += period;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let spent = thread_cpu() - start;
+    Ok(spent.as_secs_f64() * 1e6 / (args.conns * args.events) as f64)
+}
+
+fn send_plain(s: &TcpStream, payload: &[u8]) -> Result<(), String> {
+    // SAFETY: sends from a live slice on an fd owned by `s`.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n != payload.len() as isize {
+        return Err(format!(
+            "send: {} (a short write means the reader fell behind)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A ring set up as ringgate's are, with the sockets as registered files.
+struct Ring {
+    ring: IoUring,
+    files: usize,
+}
+
+impl Ring {
+    fn new(sockets: &[TcpStream]) -> Result<Ring, String> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .setup_cqsize(4 * SQ_ENTRIES)
+            .build(SQ_ENTRIES)
+            .map_err(|e| format!("io_uring: {e}"))?;
+        let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        ring.submitter()
+            .register_files(&fds)
+            .map_err(|e| format!("register_files: {e}"))?;
+        Ok(Ring {
+            ring,
+            files: fds.len(),
+        })
+    }
+
+    /// One send to every registered socket, submitted a full SQ at a time.
+    fn send_all(&mut self, payload: &[u8]) -> Result<(), String> {
+        let mut next = 0;
+        while next < self.files {
+            let batch = (self.files - next).min(SQ_ENTRIES as usize);
+            {
+                let mut sq = self.ring.submission();
+                for i in next..next + batch {
+                    let sqe = opcode::Send::new(
+                        types::Fixed(i as u32),
+                        payload.as_ptr(),
+                        payload.len() as u32,
+                    )
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(i as u64);
+                    // SAFETY: `payload` outlives the operation: every send
+                    // completes before this function returns.
+                    unsafe { sq.push(&sqe) }.map_err(|_| "SQ full")?;
+                }
+            }
+            self.ring
+                .submit_and_wait(batch)
+                .map_err(|e| format!("submit: {e}"))?;
+            for cqe in self.ring.completion() {
+                if cqe.result() != payload.len() as i32 {
+                    return Err(format!("io_uring send: {}", cqe.result()));
+                }
+            }
+            next += batch;
+        }
+        Ok(())
+    }
+}
+
+/// The reader process: connect `conns` sockets to `addr`, then read with epoll
+/// until `expected` bytes have arrived; print the count.
+pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(), String> {
+    pin(1);
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut sockets = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        sockets.push(s);
+    }
+    // SAFETY: epoll_create1 takes no pointers.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(format!("epoll: {}", std::io::Error::last_os_error()));
+    }
+    for (i, s) in sockets.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: registers a live fd with a valid event struct.
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) } != 0 {
+            return Err(format!("epoll_ctl: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let mut stalled_since = Instant::now();
+    while got < expected {
+        // SAFETY: the kernel writes at most `events.len()` entries into the vector.
+        let n = unsafe {
+            libc::epoll_wait(
+                ep,
+                events.as_mut_ptr(),
+                events.len() as i32,
+                if spin { 0 } else { 60_000 },
+            )
+        };
+        if n == 0 && spin && stalled_since.elapsed() < Duration::from_secs(60) {
+            continue;
+        }
+        stalled_since = Instant::now();
+        if n <= 0 {
+            return Err(format!("reader stalled at {got} of {expected} bytes"));
+        }
+        for ev in &events[..n as usize] {
+            let mut s = &sockets[ev.u64 as usize];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Err("the sender closed early".into()),
+                    Ok(k) => got += k as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{got}");
+    Ok(())
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
