@@ -283,6 +283,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     ])?;
     let mut table: Vec<(Row, Option<f64>)> = Vec::new();
     let mut steady_cpu = Vec::new();
+    let mut echo_cpu = Vec::new();
     for (scenario, paced) in [
         (Scenario::Connect, false),
         (Scenario::Fanout, false),
@@ -304,6 +305,9 @@ pub fn run(args: &Args) -> Result<(), String> {
             ))?;
             if paced {
                 steady_cpu.push(report.server_cpu_us_per_message);
+            }
+            if scenario == Scenario::Echo {
+                echo_cpu.push(report.server_cpu_us_per_message);
             }
             eprintln!(
                 "bench: {scenario:?} on {}: done",
@@ -355,6 +359,18 @@ pub fn run(args: &Args) -> Result<(), String> {
             "fanout at 5 ev/s, server CPU per delivery over the floor: ringgate {:.2}x, baseline {:.2}x",
             ours / floor.uring_us,
             theirs / floor.uring_us
+        );
+    }
+    let echo = crate::floor_echo::measure(100, 64, if args.quick { 3.0 } else { 10.0 })?;
+    println!(
+        "echo floor (the plainest epoll server: one recv() and one send() per message, no WebSocket work): {} us per echo",
+        human(echo.us_per_echo)
+    );
+    if let [Some(ours), Some(theirs)] = echo_cpu[..] {
+        println!(
+            "echo, server CPU per message over that: ringgate {:.2}x, baseline {:.2}x",
+            ours / echo.us_per_echo,
+            theirs / echo.us_per_echo
         );
     }
     Ok(())

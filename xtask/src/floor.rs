@@ -11,11 +11,12 @@
 //!
 //! Two ways of writing are measured in one run: plain `send()` per socket (what
 //! an epoll server does) and io_uring `Send` on registered files submitted in
-//! batches (what ringgate does), without any WebSocket work.
+//! batches (what ringgate does), without any WebSocket work. `--echo` measures
+//! the echo case instead (floor_echo.rs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,9 +24,9 @@ use io_uring::{opcode, types, IoUring};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Sockets written to per event.
-    #[arg(long, default_value_t = 10_000)]
-    conns: usize,
+    /// Sockets written to per event (default 10,000), or echo clients (default 100).
+    #[arg(long)]
+    conns: Option<usize>,
     /// Events (one write to every socket each) per way of writing.
     #[arg(long, default_value_t = 60)]
     events: usize,
@@ -39,16 +40,36 @@ pub struct Args {
     /// waking it (as `loadgen --spin`).
     #[arg(long)]
     spin: bool,
+    /// Measure an echo instead: a bare epoll server answering clients that
+    /// keep one message in flight each (see floor_echo.rs).
+    #[arg(long)]
+    echo: bool,
+    /// echo: seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
 }
 
 /// io_uring submission queue size for the batched sends.
 const SQ_ENTRIES: u32 = 4096;
 
 pub fn run(args: &Args) -> Result<(), String> {
+    if args.echo {
+        let conns = args.conns.unwrap_or(100);
+        let floor = crate::floor_echo::measure(conns, args.size, args.seconds)?;
+        println!(
+            "floor: echo, {conns} loopback clients x 1 message of {} B in flight, {} s (server on CPU 0, clients on CPU 1)",
+            args.size, args.seconds
+        );
+        println!(
+            "  epoll + recv() + send(), no WebSocket work   {:.2} us of server CPU per echo ({:.0} echoes/s)",
+            floor.us_per_echo, floor.per_second
+        );
+        return Ok(());
+    }
     let floor = measure_floor(args)?;
     println!(
         "floor: {} loopback sockets x {} events at {}/s, {} B per write (sender on CPU 0, reader on CPU 1{})",
-        args.conns,
+        args.conns.unwrap_or(10_000),
         args.events,
         args.rate,
         args.size,
@@ -74,18 +95,21 @@ pub struct Floor {
 impl Args {
     pub fn new(conns: usize, events: usize, rate: f64, size: usize) -> Args {
         Args {
-            conns,
+            conns: Some(conns),
             events,
             rate,
             size,
             spin: false,
+            echo: false,
+            seconds: 0.0,
         }
     }
 }
 
 /// Runs the measurement (see the module comment).
 pub fn measure_floor(args: &Args) -> Result<Floor, String> {
-    if args.conns == 0 || args.conns > 18_000 {
+    let conns = args.conns.unwrap_or(10_000);
+    if conns == 0 || conns > 18_000 {
         return Err("--conns must be from 1 to 18000 (one process holds each side)".into());
     }
     if args.events == 0 || args.size == 0 || args.rate <= 0.0 {
@@ -93,21 +117,21 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let expected = (args.conns * args.events * args.size * 2) as u64;
+    let expected = (conns * args.events * args.size * 2) as u64;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut reader = Command::new(exe)
         .args([
             "floor-reader",
             &addr.to_string(),
-            &args.conns.to_string(),
+            &conns.to_string(),
             &expected.to_string(),
             if args.spin { "spin" } else { "sleep" },
         ])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the reader: {e}"))?;
-    let mut sockets = Vec::with_capacity(args.conns);
-    for _ in 0..args.conns {
+    let mut sockets = Vec::with_capacity(conns);
+    for _ in 0..conns {
         let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         // As ringgate's sockets: no Nagle delay for small frames.
         s.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -115,14 +139,14 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     }
     pin(0);
     let payload = vec![b'x'; args.size];
-    let plain = measure(args, || {
+    let plain = measure(args, conns, || {
         for s in &sockets {
             send_plain(s, &payload)?;
         }
         Ok(())
     })?;
     let mut ring = Ring::new(&sockets)?;
-    let uring = measure(args, || ring.send_all(&payload))?;
+    let uring = measure(args, conns, || ring.send_all(&payload))?;
     let mut out = String::new();
     reader
         .stdout
@@ -143,7 +167,11 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
 }
 
 /// Sender CPU time per write over `args.events` events at `args.rate`.
-fn measure(args: &Args, mut event: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+fn measure(
+    args: &Args,
+    conns: usize,
+    mut event: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let start = thread_cpu();
     let mut next = Instant::now();
@@ -153,7 +181,7 @@ fn measure(args: &Args, mut event: impl FnMut() -> Result<(), String>) -> Result
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     let spent = thread_cpu() - start;
-    Ok(spent.as_secs_f64() * 1e6 / (args.conns * args.events) as f64)
+    Ok(spent.as_secs_f64() * 1e6 / (conns * args.events) as f64)
 }
 
 fn send_plain(s: &TcpStream, payload: &[u8]) -> Result<(), String> {
@@ -246,44 +274,14 @@ pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(),
         s.set_nonblocking(true).map_err(|e| e.to_string())?;
         sockets.push(s);
     }
-    // SAFETY: epoll_create1 takes no pointers.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(format!("epoll: {}", std::io::Error::last_os_error()));
-    }
-    for (i, s) in sockets.iter().enumerate() {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: i as u64,
-        };
-        // SAFETY: registers a live fd with a valid event struct.
-        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) } != 0 {
-            return Err(format!("epoll_ctl: {}", std::io::Error::last_os_error()));
-        }
-    }
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let epoll = Epoll::new(&sockets)?;
+    let mut ready = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
-    let mut stalled_since = Instant::now();
     while got < expected {
-        // SAFETY: the kernel writes at most `events.len()` entries into the vector.
-        let n = unsafe {
-            libc::epoll_wait(
-                ep,
-                events.as_mut_ptr(),
-                events.len() as i32,
-                if spin { 0 } else { 60_000 },
-            )
-        };
-        if n == 0 && spin && stalled_since.elapsed() < Duration::from_secs(60) {
-            continue;
-        }
-        stalled_since = Instant::now();
-        if n <= 0 {
-            return Err(format!("reader stalled at {got} of {expected} bytes"));
-        }
-        for ev in &events[..n as usize] {
-            let mut s = &sockets[ev.u64 as usize];
+        epoll.wait(&mut ready, spin)?;
+        for &i in &ready {
+            let mut s = &sockets[i];
             loop {
                 match s.read(&mut buf) {
                     Ok(0) => return Err("the sender closed early".into()),
@@ -299,7 +297,94 @@ pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(),
     Ok(())
 }
 
-fn thread_cpu() -> Duration {
+/// An epoll instance over a set of sockets, each registered for input by its index.
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+    events: std::cell::RefCell<Vec<libc::epoll_event>>,
+    /// When a spinning wait last saw input (a wait gives up after 60 s without).
+    last_input: std::cell::Cell<Instant>,
+}
+
+impl Epoll {
+    pub fn new(sockets: &[TcpStream]) -> Result<Epoll, String> {
+        // SAFETY: epoll_create1 takes no pointers.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("epoll: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (i, s) in sockets.iter().enumerate() {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: registers a live fd with a valid event struct.
+            if unsafe {
+                libc::epoll_ctl(fd.as_raw_fd(), libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev)
+            } != 0
+            {
+                return Err(format!("epoll_ctl: {}", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Epoll {
+            fd,
+            events: std::cell::RefCell::new(vec![libc::epoll_event { events: 0, u64: 0 }; 1024]),
+            last_input: std::cell::Cell::new(Instant::now()),
+        })
+    }
+
+    /// Fills `ready` with the indexes of sockets that have input (or EOF).
+    /// Sleeps for it unless `spin`; fails after 60 s without any.
+    pub fn wait(&self, ready: &mut Vec<usize>, spin: bool) -> Result<(), String> {
+        ready.clear();
+        let mut events = self.events.borrow_mut();
+        // SAFETY: the kernel writes at most `events.len()` entries into the vector.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                if spin { 0 } else { 60_000 },
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(format!("epoll_wait: {e}")),
+            };
+        }
+        if n == 0 {
+            if self.last_input.get().elapsed() > Duration::from_secs(60) || !spin {
+                return Err("no input for 60 s".into());
+            }
+            return Ok(());
+        }
+        self.last_input.set(Instant::now());
+        ready.extend(events[..n as usize].iter().map(|e| e.u64 as usize));
+        Ok(())
+    }
+
+    /// Stops watching `s` (at its EOF).
+    pub fn remove(&self, s: &TcpStream) -> Result<(), String> {
+        // SAFETY: unregisters a live fd; the event pointer may be null for DEL.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                s.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!("epoll_ctl: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -309,7 +394,7 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn pin(cpu: usize) {
+pub(crate) fn pin(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

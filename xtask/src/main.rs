@@ -5,11 +5,12 @@
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
 //! - `loadgen`: drive load at a running server (connect, fanout, echo, churn).
 //! - `bench`: the standard scenarios against ringgate and the baseline server.
-//! - `floor`: the kernel's own cost per delivery on this machine, with no server.
+//! - `floor`: the kernel's own cost per delivery (or, `--echo`, per echo) on this machine, with no gateway.
 
 mod bench;
 mod density;
 mod floor;
+mod floor_echo;
 mod loadgen;
 mod process;
 
@@ -51,6 +52,14 @@ enum Task {
         expected: u64,
         mode: String,
     },
+    /// (internal) The client side of `floor --echo`.
+    #[command(hide = true)]
+    FloorEchoClient {
+        addr: String,
+        conns: usize,
+        size: usize,
+        seconds: f64,
+    },
     /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
     Loadgen(loadgen::Args),
     /// (internal) One load generator worker process.
@@ -73,6 +82,12 @@ fn main() -> ExitCode {
             expected,
             mode,
         } => floor::reader(&addr, conns, expected, mode == "spin"),
+        Task::FloorEchoClient {
+            addr,
+            conns,
+            size,
+            seconds,
+        } => floor_echo::client(&addr, conns, size, seconds),
         Task::LoadgenWorker { job } => serde_json::from_str(&job)
             .map_err(|e| format!("bad worker job: {e}"))
             .and_then(loadgen::worker::run),

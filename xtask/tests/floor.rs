@@ -30,6 +30,26 @@ fn floor_measures_both_ways_of_writing_and_checks_every_byte() {
 }
 
 #[test]
+fn echo_floor_counts_the_same_echoes_on_both_sides() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["floor", "--echo", "--conns", "10", "--seconds", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The run fails unless the server echoed exactly what the clients counted.
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("per echo"))
+        .expect("a figure");
+    assert!(line.contains("echoes/s"), "{line}");
+}
+
+#[test]
 fn floor_refuses_what_one_process_cannot_hold() {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["floor", "--conns", "50000"])
