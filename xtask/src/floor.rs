@@ -86,6 +86,19 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The other side's process; killed if the measurement ends early, so a failed
+/// run leaves nothing behind.
+pub(crate) struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Sender CPU per write, both ways.
 pub struct Floor {
     pub plain_us: f64,
@@ -119,17 +132,19 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let expected = (conns * args.events * args.size * 2) as u64;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut reader = Command::new(exe)
-        .args([
-            "floor-reader",
-            &addr.to_string(),
-            &conns.to_string(),
-            &expected.to_string(),
-            if args.spin { "spin" } else { "sleep" },
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting the reader: {e}"))?;
+    let mut reader = KillOnDrop(
+        Command::new(exe)
+            .args([
+                "floor-reader",
+                &addr.to_string(),
+                &conns.to_string(),
+                &expected.to_string(),
+                if args.spin { "spin" } else { "sleep" },
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the reader: {e}"))?,
+    );
     let mut sockets = Vec::with_capacity(conns);
     for _ in 0..conns {
         let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
@@ -149,12 +164,13 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     let uring = measure(args, conns, || ring.send_all(&payload))?;
     let mut out = String::new();
     reader
+        .0
         .stdout
         .take()
         .expect("piped")
         .read_to_string(&mut out)
         .map_err(|e| e.to_string())?;
-    let status = reader.wait().map_err(|e| e.to_string())?;
+    let status = reader.0.wait().map_err(|e| e.to_string())?;
     if !status.success() || out.trim() != expected.to_string() {
         return Err(format!(
             "the reader did not get every byte: {out:?} of {expected}"

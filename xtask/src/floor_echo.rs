@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::floor::{pin, thread_cpu, Epoll};
+use crate::floor::{pin, thread_cpu, Epoll, KillOnDrop};
 
 /// Server CPU per echo (microseconds) and echoes per second.
 pub struct EchoFloor {
@@ -28,17 +28,19 @@ pub fn measure(conns: usize, size: usize, seconds: f64) -> Result<EchoFloor, Str
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut client = Command::new(exe)
-        .args([
-            "floor-echo-client",
-            &addr.to_string(),
-            &conns.to_string(),
-            &size.to_string(),
-            &seconds.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting the client: {e}"))?;
+    let mut client = KillOnDrop(
+        Command::new(exe)
+            .args([
+                "floor-echo-client",
+                &addr.to_string(),
+                &conns.to_string(),
+                &size.to_string(),
+                &seconds.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the client: {e}"))?,
+    );
     let mut sockets = Vec::with_capacity(conns);
     for _ in 0..conns {
         let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
@@ -85,12 +87,13 @@ pub fn measure(conns: usize, size: usize, seconds: f64) -> Result<EchoFloor, Str
     let elapsed = began.elapsed();
     let mut out = String::new();
     client
+        .0
         .stdout
         .take()
         .expect("piped")
         .read_to_string(&mut out)
         .map_err(|e| e.to_string())?;
-    if !client.wait().map_err(|e| e.to_string())?.success() {
+    if !client.0.wait().map_err(|e| e.to_string())?.success() {
         return Err(format!("the echo client failed: {out}"));
     }
     let messages = echoed / size as u64;
