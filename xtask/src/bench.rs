@@ -16,7 +16,7 @@ use crate::loadgen::{self, Scenario};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A one-minute version with smaller figures.
+    /// A two-minute version with smaller figures.
     #[arg(long)]
     quick: bool,
     /// CPU for the servers (the load generator takes --loadgen-cpu).
@@ -43,6 +43,9 @@ impl Drop for Server {
 enum Kind {
     Ringgate,
     Baseline,
+    /// The baseline binary serving `/echo` with fastwebsockets: the best echo
+    /// peer in issue 6's table, measured in the same run.
+    FastEcho,
 }
 
 fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
@@ -59,7 +62,7 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
             "--control",
             "127.0.0.1:0",
         ]),
-        Kind::Baseline => cmd.arg(dir.join("ringgate-baseline")).args([
+        Kind::Baseline | Kind::FastEcho => cmd.arg(dir.join("ringgate-baseline")).args([
             "--threads",
             "1",
             "--listen",
@@ -68,6 +71,9 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
             "127.0.0.1:0",
         ]),
     };
+    if kind == Kind::FastEcho {
+        cmd.args(["--engine", "fastwebsockets"]);
+    }
     let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -359,6 +365,24 @@ pub fn run(args: &Args) -> Result<(), String> {
             "fanout at 5 ev/s, server CPU per delivery over the floor: ringgate {:.2}x, baseline {:.2}x",
             ours / floor.uring_us,
             theirs / floor.uring_us
+        );
+    }
+    let peer = {
+        let server = start(Kind::FastEcho, args.server_cpu)?;
+        loadgen::run(&args_for(
+            Scenario::Echo,
+            &server,
+            args.quick,
+            args.loadgen_cpu,
+            false,
+        ))?
+    };
+    if let (Some(ours), Some(theirs)) = (echo_cpu[0], peer.server_cpu_us_per_message) {
+        println!(
+            "echo peer (fastwebsockets, one task per connection): {} us per message, {:.0}/s; ringgate {:.2}x better",
+            human(theirs),
+            peer.messages_per_second.unwrap_or(0.0),
+            theirs / ours
         );
     }
     let echo = crate::floor_echo::measure(100, 64, if args.quick { 3.0 } else { 10.0 })?;

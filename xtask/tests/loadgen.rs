@@ -16,27 +16,28 @@ struct Ringgate {
 
 impl Ringgate {
     fn start(args: &[&str]) -> Ringgate {
-        let exe = PathBuf::from(env!("CARGO_BIN_EXE_xtask")).with_file_name("ringgate");
+        let mut all = vec!["--no-pin"];
+        all.extend_from_slice(args);
+        Ringgate::start_binary("ringgate", &all)
+    }
+
+    /// `binary` (a package of this workspace of the same name) on free ports.
+    fn start_binary(binary: &str, args: &[&str]) -> Ringgate {
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_xtask")).with_file_name(binary);
         if !exe.exists() {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "ringgate"])
+                .args(["build", "-p", binary])
                 .status()
                 .unwrap();
-            assert!(status.success(), "building ringgate");
+            assert!(status.success(), "building {binary}");
         }
         let mut child = Command::new(&exe)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--control",
-                "127.0.0.1:0",
-                "--no-pin",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
-            .expect("start ringgate");
+            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -150,6 +151,30 @@ fn fanout_loses_nothing_and_matches_the_server() {
         "the server sent exactly what the clients received"
     );
     assert_eq!(r["latency_ms"]["count"], r["delivered"]);
+}
+
+#[test]
+fn the_fastwebsockets_peer_echoes_for_the_bench() {
+    let peer = Ringgate::start_binary(
+        "ringgate-baseline",
+        &["--threads", "1", "--engine", "fastwebsockets"],
+    );
+    let r = loadgen(
+        &peer,
+        &[
+            "echo",
+            "--conns",
+            "20",
+            "--inflight",
+            "2",
+            "--duration",
+            "1",
+        ],
+    );
+    let echoes = r["messages"].as_u64().unwrap();
+    assert!(echoes > 100, "{echoes}");
+    assert_eq!(r["failures"], serde_json::json!({}));
+    assert_eq!(r["latency_ms"]["count"], echoes);
 }
 
 #[test]

@@ -9,6 +9,11 @@
 //!
 //! It prints `baseline ready: ws=ADDR control=ADDR` when listening. It is a
 //! measuring stick, not a product: no limits beyond tokio-tungstenite's defaults.
+//!
+//! `--engine fastwebsockets` serves `/echo` with fastwebsockets instead (the
+//! fastest peer in issue 6's echo column), as its own echo example does: a
+//! task per connection, auto pong and close, fragments collected. It serves
+//! nothing else.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +37,17 @@ struct Args {
     /// Worker threads (default: tokio's, one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// The WebSocket implementation.
+    #[arg(long, value_enum, default_value_t = Engine::Tungstenite)]
+    engine: Engine,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Engine {
+    /// tokio-tungstenite: every endpoint.
+    Tungstenite,
+    /// fastwebsockets: `/echo` only.
+    Fastwebsockets,
 }
 
 /// Frames a slow subscriber may lag behind before it misses some.
@@ -69,8 +85,61 @@ async fn serve(args: Args) -> std::io::Result<()> {
     loop {
         let (stream, _) = ws.accept().await?;
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, state.clone()));
+        match args.engine {
+            Engine::Tungstenite => tokio::spawn(connection(stream, state.clone())),
+            // As fastwebsockets' own example: no cooperative-budget yields.
+            Engine::Fastwebsockets => {
+                tokio::spawn(tokio::task::unconstrained(fast_echo(stream, state.clone())))
+            }
+        };
     }
+}
+
+/// `/echo` with fastwebsockets. Its upgrade helper needs hyper; the handshake
+/// here is the same few lines by hand (tungstenite's accept-key function).
+async fn fast_echo(mut stream: TcpStream, state: Arc<State>) {
+    use fastwebsockets::{FragmentCollector, OpCode, Role, WebSocket};
+    let mut buf = Vec::with_capacity(1024);
+    let Some((head_len, _)) = read_head(&mut stream, &mut buf).await else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).to_string();
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let key = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    });
+    let (Some(key), true) = (key, path.starts_with("/echo")) else {
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        return;
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if stream.write_all(response.as_bytes()).await.is_err() || buf.len() > head_len {
+        // A client that sends frames before the 101 is not one the bench makes.
+        return;
+    }
+    state.connections.fetch_add(1, Ordering::Relaxed);
+    let mut ws = WebSocket::after_handshake(stream, Role::Server);
+    ws.set_auto_pong(true);
+    ws.set_auto_close(true);
+    let mut ws = FragmentCollector::new(ws);
+    while let Ok(frame) = ws.read_frame().await {
+        match frame.opcode {
+            OpCode::Close => break,
+            OpCode::Text | OpCode::Binary => {}
+            _ => continue,
+        }
+        if ws.write_frame(frame).await.is_err() {
+            break;
+        }
+    }
+    state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
 // The handshake callback's error type is tokio-tungstenite's (an HTTP response).
