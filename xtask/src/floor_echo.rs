@@ -1,11 +1,12 @@
-//! `cargo xtask floor --echo`: the kernel's own cost of one echo, with no gateway.
+//! `cargo xtask floor --echo`: what one echo costs the plainest epoll server, with no WebSocket work.
 //!
 //! A client process pinned to CPU 1 keeps one `--size` byte message in flight
 //! on each of `--conns` loopback sockets; the measuring side, pinned to CPU 0, is
 //! the plainest possible echo server: epoll, `recv`, `send` the same bytes, no
-//! WebSocket framing, masking or UTF-8 work. Its CPU time per echo is what the
-//! kernel charges for receiving and answering one small message on this
-//! machine, the yardstick for issue 6's echo figure.
+//! WebSocket framing, masking or UTF-8 work. Its CPU time per echo is, nearly
+//! all of it, what the kernel charges an epoll server for receiving and
+//! answering one small message on this machine: the yardstick for issue 6's
+//! echo figure.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
