@@ -145,13 +145,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
             .spawn()
             .map_err(|e| format!("starting the reader: {e}"))?,
     );
-    let mut sockets = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        // As ringgate's sockets: no Nagle delay for small frames.
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        sockets.push(s);
-    }
+    let sockets = accept_all(&listener, conns, false)?;
     pin(0);
     let payload = vec![b'x'; args.size];
     let plain = measure(args, conns, || {
@@ -283,13 +277,7 @@ impl Ring {
 /// until `expected` bytes have arrived; print the count.
 pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(), String> {
     pin(1);
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut sockets = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        sockets.push(s);
-    }
+    let sockets = connect_all(addr, conns)?;
     let epoll = Epoll::new(&sockets)?;
     let mut ready = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -311,6 +299,36 @@ pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(),
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{got}");
     Ok(())
+}
+
+/// `conns` connections accepted from `listener`, with TCP_NODELAY as ringgate's
+/// sockets have (no Nagle delay for small frames).
+pub(crate) fn accept_all(
+    listener: &TcpListener,
+    conns: usize,
+    nonblocking: bool,
+) -> Result<Vec<TcpStream>, String> {
+    (0..conns)
+        .map(|_| {
+            let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_nonblocking(nonblocking).map_err(|e| e.to_string())?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// `conns` non-blocking connections to `addr`, with TCP_NODELAY.
+pub(crate) fn connect_all(addr: &str, conns: usize) -> Result<Vec<TcpStream>, String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    (0..conns)
+        .map(|_| {
+            let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok(s)
+        })
+        .collect()
 }
 
 /// An epoll instance over a set of sockets, each registered for input by its index.

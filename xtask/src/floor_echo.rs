@@ -9,12 +9,12 @@
 //! echo figure.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::floor::{pin, thread_cpu, Epoll, KillOnDrop};
+use crate::floor::{accept_all, connect_all, pin, thread_cpu, Epoll, KillOnDrop};
 
 /// Server CPU per echo (microseconds) and echoes per second.
 pub struct EchoFloor {
@@ -42,13 +42,7 @@ pub fn measure(conns: usize, size: usize, seconds: f64) -> Result<EchoFloor, Str
             .spawn()
             .map_err(|e| format!("starting the client: {e}"))?,
     );
-    let mut sockets = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        sockets.push(s);
-    }
+    let sockets = accept_all(&listener, conns, true)?;
     pin(0);
     let epoll = Epoll::new(&sockets)?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -114,14 +108,7 @@ pub fn measure(conns: usize, size: usize, seconds: f64) -> Result<EchoFloor, Str
 /// close; print the number of complete echoes.
 pub fn client(addr: &str, conns: usize, size: usize, seconds: f64) -> Result<(), String> {
     pin(1);
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut sockets = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
-        sockets.push(s);
-    }
+    let sockets = connect_all(addr, conns)?;
     let epoll = Epoll::new(&sockets)?;
     let message = vec![b'x'; size];
     let mut pending = vec![0usize; conns];

@@ -60,6 +60,17 @@ impl Drop for Ringgate {
     }
 }
 
+/// A one-second echo run: 20 clients, two messages in flight each.
+const SMALL_ECHO: &[&str] = &[
+    "echo",
+    "--conns",
+    "20",
+    "--inflight",
+    "2",
+    "--duration",
+    "1",
+];
+
 /// Runs `xtask loadgen ARGS` against `server`; returns its JSON report.
 fn loadgen(server: &Ringgate, args: &[&str]) -> Value {
     let json =
@@ -159,18 +170,7 @@ fn the_fastwebsockets_peer_echoes_for_the_bench() {
         "ringgate-baseline",
         &["--threads", "1", "--engine", "fastwebsockets"],
     );
-    let r = loadgen(
-        &peer,
-        &[
-            "echo",
-            "--conns",
-            "20",
-            "--inflight",
-            "2",
-            "--duration",
-            "1",
-        ],
-    );
+    let r = loadgen(&peer, SMALL_ECHO);
     let echoes = r["messages"].as_u64().unwrap();
     assert!(echoes > 100, "{echoes}");
     assert_eq!(r["failures"], serde_json::json!({}));
@@ -180,18 +180,7 @@ fn the_fastwebsockets_peer_echoes_for_the_bench() {
 #[test]
 fn echo_round_trips_match_the_server() {
     let server = Ringgate::start(&["--echo"]);
-    let r = loadgen(
-        &server,
-        &[
-            "echo",
-            "--conns",
-            "20",
-            "--inflight",
-            "2",
-            "--duration",
-            "1",
-        ],
-    );
+    let r = loadgen(&server, SMALL_ECHO);
     let echoes = r["messages"].as_u64().unwrap();
     assert!(echoes > 100, "{echoes}");
     let sent = r["server"]["messages_sent_end"].as_u64().unwrap()
