@@ -15,15 +15,7 @@ use tungstenite::Message;
 fn a_starved_buffer_ring_loses_no_byte() {
     const CLIENTS: usize = 200;
     const MESSAGES: usize = 20;
-    let server = Server::start(&[
-        "--echo",
-        "--shards",
-        "1",
-        "--buffers",
-        "4",
-        "--buffer-size",
-        "512",
-    ]);
+    let server = Server::start(STARVED_RING);
     let barrier = Arc::new(Barrier::new(CLIENTS));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|c| {

@@ -179,15 +179,7 @@ fn metrics_match_what_the_clients_did() {
 
 #[test]
 fn an_enobufs_run_moves_the_exhausted_counter() {
-    let server = Server::start(&[
-        "--echo",
-        "--shards",
-        "1",
-        "--buffers",
-        "4",
-        "--buffer-size",
-        "512",
-    ]);
+    let server = Server::start(STARVED_RING);
     assert_eq!(
         Metrics::scrape(&server).sum("ringgate_buffer_ring_exhausted_total", &[]),
         0.0

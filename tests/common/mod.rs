@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// An echo server with one shard and a 4 x 512 B buffer ring: a few busy
+/// clients exhaust it (ENOBUFS), which tests of back-pressure need.
+pub const STARVED_RING: &[&str] = &[
+    "--echo",
+    "--shards",
+    "1",
+    "--buffers",
+    "4",
+    "--buffer-size",
+    "512",
+];
+
 /// A running ringgate, killed when dropped.
 pub struct Server {
     pub child: Child,

@@ -251,31 +251,11 @@ mod tests {
         let frame = Bytes::from(vec![0u8; 100]);
         let stats = ShardStats::default();
         let (a, b) = (0, 1);
+        // One 100-byte event for a connection whose queue may hold 150.
+        let offer = |conn: &mut Conn, policy| queue_event(conn, &frame, 1, 150, policy, 7, &stats);
         // The first event always fits, whatever its size.
-        assert_eq!(
-            queue_event(
-                &mut conns[a],
-                &frame,
-                1,
-                150,
-                SlowConsumer::Close,
-                7,
-                &stats
-            ),
-            Queued::Event
-        );
-        assert_eq!(
-            queue_event(
-                &mut conns[a],
-                &frame,
-                1,
-                150,
-                SlowConsumer::Close,
-                7,
-                &stats
-            ),
-            Queued::Closed
-        );
+        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Event);
+        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Closed);
         let conn = &conns[a];
         assert_eq!(conn.state, State::Draining);
         let q = conn.sendq.as_ref().unwrap();
@@ -286,27 +266,10 @@ mod tests {
         );
         assert_eq!(stats.slow_consumers.get(), 1);
         // Closed connections get nothing more.
-        assert_eq!(
-            queue_event(
-                &mut conns[a],
-                &frame,
-                1,
-                150,
-                SlowConsumer::Close,
-                7,
-                &stats
-            ),
-            Queued::Skipped
-        );
+        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Skipped);
         // The drop policy keeps the connection and skips the event.
-        assert_eq!(
-            queue_event(&mut conns[b], &frame, 1, 150, SlowConsumer::Drop, 7, &stats),
-            Queued::Event
-        );
-        assert_eq!(
-            queue_event(&mut conns[b], &frame, 1, 150, SlowConsumer::Drop, 7, &stats),
-            Queued::Skipped
-        );
+        assert_eq!(offer(&mut conns[b], SlowConsumer::Drop), Queued::Event);
+        assert_eq!(offer(&mut conns[b], SlowConsumer::Drop), Queued::Skipped);
         assert_eq!(conns[b].state, State::Open);
         assert_eq!(stats.events_dropped.get(), 1);
     }
