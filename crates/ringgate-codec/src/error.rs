@@ -24,6 +24,9 @@ pub enum ProtocolError {
     ControlTooLong,
     /// A 64-bit payload length with its most significant bit set (5.2).
     BadLength,
+    /// A payload length not in the minimal number of bytes (5.2: "the minimal
+    /// number of bytes MUST be used to encode the length").
+    NonMinimalLength,
     /// A frame longer than the configured frame limit.
     FrameTooLarge,
     /// A message longer than the configured message limit.
@@ -52,6 +55,7 @@ impl ProtocolError {
             | Self::FragmentedControl
             | Self::ControlTooLong
             | Self::BadLength
+            | Self::NonMinimalLength
             | Self::UnexpectedContinuation
             | Self::ExpectedContinuation
             | Self::BadCloseLength
@@ -68,6 +72,7 @@ impl ProtocolError {
             Self::FragmentedControl => "fragmented control frame",
             Self::ControlTooLong => "control frame payload over 125 bytes",
             Self::BadLength => "invalid payload length",
+            Self::NonMinimalLength => "payload length not minimally encoded",
             Self::FrameTooLarge => "frame too large",
             Self::MessageTooLarge => "message too large",
             Self::InvalidUtf8 => "invalid UTF-8 in text",
@@ -184,6 +189,7 @@ mod tests {
             ProtocolError::FragmentedControl,
             ProtocolError::ControlTooLong,
             ProtocolError::BadLength,
+            ProtocolError::NonMinimalLength,
             ProtocolError::FrameTooLarge,
             ProtocolError::MessageTooLarge,
             ProtocolError::InvalidUtf8,

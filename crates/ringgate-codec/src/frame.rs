@@ -115,7 +115,7 @@ impl Decoded {
 /// Checks, in wire order, everything the header alone can violate: RSV bits
 /// (no extension is ever negotiated), reserved opcodes, masking for `role`,
 /// control frames that are fragmented or longer than 125 bytes, a 64-bit length
-/// with the top bit set, and `payload_max`. It fails as soon as the bytes seen
+/// with the top bit set, a length not minimally encoded, and `payload_max`. It fails as soon as the bytes seen
 /// prove a violation, even when the header is not complete yet.
 pub fn decode_header(buf: &[u8], role: Role, payload_max: u64) -> Result<Decoded, ProtocolError> {
     let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
@@ -144,11 +144,21 @@ pub fn decode_header(buf: &[u8], role: Role, payload_max: u64) -> Result<Decoded
     }
     let payload_len = match len_bytes {
         0 => len7,
-        2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+        2 => {
+            let len = u64::from(u16::from_be_bytes([buf[2], buf[3]]));
+            // 5.2: "the minimal number of bytes MUST be used to encode the length".
+            if len <= 125 {
+                return Err(ProtocolError::NonMinimalLength);
+            }
+            len
+        }
         _ => {
             let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
             if len >> 63 != 0 {
                 return Err(ProtocolError::BadLength);
+            }
+            if len <= 0xffff {
+                return Err(ProtocolError::NonMinimalLength);
             }
             len
         }
@@ -309,6 +319,24 @@ mod tests {
             decode_header(&[0x81, 0x80, 1, 2, 3, 4], Role::Client, MAX),
             Err(ProtocolError::BadMasking)
         );
+    }
+
+    #[test]
+    fn lengths_must_be_minimally_encoded() {
+        let m = [1, 2, 3, 4];
+        // 125 in the 16-bit form, 65535 in the 64-bit form: 1002 (RFC 6455 5.2).
+        let short16 = [&[0x82, 0xfe, 0x00, 125][..], &m].concat();
+        let short64 = [&[0x82, 0xff, 0, 0, 0, 0, 0, 0, 0xff, 0xff][..], &m].concat();
+        for bytes in [short16, short64] {
+            let e = decode_header(&bytes, Role::Server, MAX).unwrap_err();
+            assert_eq!(e, ProtocolError::NonMinimalLength, "{bytes:x?}");
+            assert_eq!(e.close_code(), 1002);
+        }
+        // The smallest length of each form decodes.
+        let ok16 = [&[0x82, 0xfe, 0x00, 126][..], &m].concat();
+        let ok64 = [&[0x82, 0xff, 0, 0, 0, 0, 0, 1, 0, 0][..], &m].concat();
+        assert!(decode_header(&ok16, Role::Server, MAX).is_ok());
+        assert!(decode_header(&ok64, Role::Server, MAX).is_ok());
     }
 
     #[test]

@@ -11,8 +11,10 @@ use base64::Engine as _;
 
 use crate::error::HandshakeError;
 
-/// Header lines accepted in a request head; more is answered 431.
-pub const REQUEST_HEADERS_MAX: usize = 32;
+/// Header lines accepted in a request head; more is answered 431. Proxies and
+/// browsers add many (forwarding, tracing, cookies, client hints), so this is
+/// generous; the head's byte limit still bounds the work.
+pub const REQUEST_HEADERS_MAX: usize = 96;
 /// The GUID of RFC 6455 section 1.3.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -29,18 +31,28 @@ pub struct Request<'a> {
     pub upgrade: Result<[u8; 24], HandshakeError>,
     /// `Origin`, kept for origin checks by the caller.
     pub origin: Option<&'a str>,
+    /// The subprotocol chosen: the client's first offer in `Sec-WebSocket-Protocol`
+    /// that is one of the caller's `protocols`. The 101 MUST carry it
+    /// (4.2.2 /subprotocol/); `None`: the header is left out.
+    pub protocol: Option<&'static str>,
     /// Bytes the request head takes; any bytes after it are frames.
     pub head_len: usize,
 }
 
 /// Parses a request head at the start of `buf`. `Err` means the bytes are not an
 /// HTTP/1.1 request head at all; whether it is a valid upgrade is in
-/// [`Request::upgrade`].
+/// [`Request::upgrade`]. `protocols` are the subprotocols the caller speaks.
+///
+/// The request target may be in origin form (`/ws?x`) or absolute form
+/// (`http://host/ws?x`, which RFC 7230 5.3.2 says a server MUST accept).
 ///
 /// Returns `Ok(None)` while the head is incomplete: the caller MUST then answer
 /// [`HandshakeError::TooLarge`] once it holds its size limit of bytes without a
 /// complete head.
-pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> {
+pub fn parse_request<'a>(
+    buf: &'a [u8],
+    protocols: &[&'static str],
+) -> Result<Option<Request<'a>>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -49,14 +61,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
         Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooLarge),
         Err(_) => return Err(HandshakeError::Malformed),
     };
-    let target = req.path.ok_or(HandshakeError::Malformed)?;
-    if !target.starts_with('/') {
-        return Err(HandshakeError::Malformed);
-    }
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (target, None),
-    };
+    let (path, query) = split_target(req.path.ok_or(HandshakeError::Malformed)?)?;
     let mut host = false;
     let mut upgrade = false;
     let mut connection_upgrade = false;
@@ -64,6 +69,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
     let mut key_count = 0;
     let mut version = None;
     let mut origin = None;
+    let mut protocol: Option<(usize, &'static str)> = None;
+    let mut offered = 0;
     for header in req.headers.iter() {
         let value = header.value;
         let name = header.name;
@@ -80,6 +87,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
             version = Some(trim(value));
         } else if name.eq_ignore_ascii_case("origin") {
             origin = std::str::from_utf8(trim(value)).ok();
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            // Offers may span several header lines; the client's order is its
+            // preference, and the first offer we speak wins.
+            for offer in value.split(|&b| b == b',').map(trim) {
+                let ours = protocols.iter().find(|p| p.as_bytes() == offer);
+                if let (Some(&p), None) = (ours, protocol) {
+                    protocol = Some((offered, p));
+                }
+                offered += 1;
+            }
         }
     }
     let verdict = if req.method != Some("GET") {
@@ -103,8 +120,34 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request<'_>>, HandshakeError> 
         query,
         upgrade: verdict,
         origin,
+        protocol: protocol.map(|(_, p)| p),
         head_len,
     }))
+}
+
+/// The path and query of a request target in origin form (`/path?query`) or
+/// absolute form (`http://host/path?query`; an empty path is `/`).
+fn split_target(target: &str) -> Result<(&str, Option<&str>), HandshakeError> {
+    let origin_form = if target.starts_with('/') {
+        target
+    } else {
+        let scheme_end = target.find("://").ok_or(HandshakeError::Malformed)?;
+        let scheme = &target[..scheme_end];
+        let known = ["http", "https", "ws", "wss"];
+        if !known.iter().any(|k| k.eq_ignore_ascii_case(scheme)) {
+            return Err(HandshakeError::Malformed);
+        }
+        let rest = &target[scheme_end + 3..];
+        match rest.find(['/', '?']) {
+            Some(at) if rest.as_bytes()[at] == b'/' => &rest[at..],
+            Some(at) => return Ok(("/", Some(&rest[at + 1..]))),
+            None => "/",
+        }
+    };
+    Ok(match origin_form.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (origin_form, None),
+    })
 }
 
 fn check_key(key: &[u8]) -> Result<[u8; 24], HandshakeError> {
@@ -148,12 +191,17 @@ fn accept_key(key: &[u8; 24]) -> [u8; 28] {
     out
 }
 
-/// Appends the `101 Switching Protocols` response for `key` to `out`.
-pub fn write_switching_protocols(key: &[u8; 24], out: &mut Vec<u8>) {
+/// Appends the `101 Switching Protocols` response for `key` to `out`, naming
+/// `protocol` (the one [`Request::protocol`] chose) when there is one.
+pub fn write_switching_protocols(key: &[u8; 24], protocol: Option<&str>, out: &mut Vec<u8>) {
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
     out.extend_from_slice(&accept_key(key));
+    if let Some(protocol) = protocol {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+        out.extend_from_slice(protocol.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -195,13 +243,13 @@ mod tests {
     fn parses_a_valid_request_and_answers_with_the_rfc_sample_key() {
         let mut buf = GOOD.as_bytes().to_vec();
         buf.extend_from_slice(b"\x81\x80"); // frame bytes after the head
-        let req = parse_request(&buf).unwrap().unwrap();
+        let req = parse_request(&buf, &[]).unwrap().unwrap();
         assert_eq!(req.path, "/ws");
         assert_eq!(req.query, Some("topics=a,b"));
         assert_eq!(req.origin, Some("http://example.com"));
         assert_eq!(req.head_len, GOOD.len());
         let mut out = Vec::new();
-        write_switching_protocols(&req.upgrade.unwrap(), &mut out);
+        write_switching_protocols(&req.upgrade.unwrap(), None, &mut out);
         let text = String::from_utf8(out).unwrap();
         // The example from RFC 6455 section 1.3.
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
@@ -213,7 +261,7 @@ mod tests {
     fn every_prefix_is_incomplete() {
         for cut in 0..GOOD.len() {
             assert_eq!(
-                parse_request(&GOOD.as_bytes()[..cut]),
+                parse_request(&GOOD.as_bytes()[..cut], &[]),
                 Ok(None),
                 "cut {cut}"
             );
@@ -272,7 +320,7 @@ mod tests {
             ),
         ];
         for (request, expected) in cases {
-            let verdict = parse_request(request.as_bytes()).and_then(|r| r.unwrap().upgrade);
+            let verdict = parse_request(request.as_bytes(), &[]).and_then(|r| r.unwrap().upgrade);
             assert_eq!(verdict, Err(expected), "{request:?}");
         }
     }
@@ -281,7 +329,7 @@ mod tests {
     fn tokens_are_case_insensitive() {
         let req = with("Upgrade: websocket", "upgrade: WebSocket")
             .replace("keep-alive, Upgrade", "UPGRADE");
-        assert!(parse_request(req.as_bytes())
+        assert!(parse_request(req.as_bytes(), &[])
             .unwrap()
             .unwrap()
             .upgrade
@@ -290,7 +338,7 @@ mod tests {
 
     #[test]
     fn the_path_is_known_even_when_the_upgrade_is_invalid() {
-        let req = parse_request(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        let req = parse_request(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", &[])
             .unwrap()
             .unwrap();
         assert_eq!(req.path, "/nope");
@@ -303,7 +351,71 @@ mod tests {
             .map(|i| format!("X-{i}: y\r\n"))
             .collect();
         let req = with("Host: x\r\n", &format!("Host: x\r\n{extra}"));
-        assert_eq!(parse_request(req.as_bytes()), Err(HandshakeError::TooLarge));
+        assert_eq!(
+            parse_request(req.as_bytes(), &[]),
+            Err(HandshakeError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn many_headers_as_proxies_send_are_served() {
+        let extra: String = (0..60).map(|i| format!("X-Forwarded-{i}: y\r\n")).collect();
+        let req = with("Host: x\r\n", &format!("Host: x\r\n{extra}"));
+        let parsed = parse_request(req.as_bytes(), &[]).unwrap().unwrap();
+        assert!(parsed.upgrade.is_ok());
+    }
+
+    #[test]
+    fn absolute_form_targets_are_served() {
+        for (target, path, query) in [
+            ("http://example.com/ws?topics=a", "/ws", Some("topics=a")),
+            ("HTTPS://example.com:8443/ws", "/ws", None),
+            ("ws://h/echo", "/echo", None),
+            ("http://example.com", "/", None),
+            ("http://example.com?x=1", "/", Some("x=1")),
+        ] {
+            let req = with("GET /ws?topics=a,b ", &format!("GET {target} "));
+            let parsed = parse_request(req.as_bytes(), &[]).unwrap().unwrap();
+            assert_eq!((parsed.path, parsed.query), (path, query), "{target}");
+            assert!(parsed.upgrade.is_ok());
+        }
+        let req = with("GET /ws?topics=a,b ", "GET ftp://h/ws ");
+        assert_eq!(
+            parse_request(req.as_bytes(), &[]),
+            Err(HandshakeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn the_first_offered_subprotocol_we_speak_is_chosen_and_answered() {
+        let ours = ["ringgate.v1", "echo"];
+        let offer = |lines: &str| {
+            let req = with("Origin", &format!("{lines}Origin"));
+            parse_request(req.as_bytes(), &ours)
+                .unwrap()
+                .unwrap()
+                .protocol
+        };
+        assert_eq!(offer(""), None);
+        assert_eq!(offer("Sec-WebSocket-Protocol: chat, superchat\r\n"), None);
+        assert_eq!(
+            offer("Sec-WebSocket-Protocol: chat, echo , ringgate.v1\r\n"),
+            Some("echo"),
+            "the client's order decides"
+        );
+        assert_eq!(
+            offer("Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: ringgate.v1\r\n"),
+            Some("ringgate.v1"),
+            "offers on several lines count"
+        );
+        let mut out = Vec::new();
+        write_switching_protocols(b"dGhlIHNhbXBsZSBub25jZQ==", Some("echo"), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\r\nSec-WebSocket-Protocol: echo\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\n"));
     }
 
     #[test]

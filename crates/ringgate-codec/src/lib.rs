@@ -67,4 +67,6 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// An unexpected condition in the server.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The server is overloaded: try again later (IANA registry).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }

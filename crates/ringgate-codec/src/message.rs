@@ -78,17 +78,27 @@ impl MessageState {
     /// that has not fully arrived yet, so an invalid text message fails before
     /// its frame ends. `validated` is how many payload bytes earlier calls for
     /// this frame already checked; pass the same count to [`Self::handle_frame`].
+    ///
+    /// Checks in the same order as [`Self::handle_frame`] (sequence, size, then
+    /// UTF-8), so the error, and the close code, do not depend on how the
+    /// bytes were split across reads.
     pub fn check_partial(
         &mut self,
         header: &FrameHeader,
         validated: u64,
         bytes: &[u8],
+        limits: &Limits,
     ) -> Result<(), ProtocolError> {
         if header.opcode.is_control() {
             return Ok(());
         }
         let kind = self.frame_kind(header)?;
-        if validated == 0 && header.opcode != OpCode::Continuation {
+        let first = header.opcode != OpCode::Continuation;
+        let before = if first { 0 } else { self.message_len };
+        if before + header.payload_len > limits.message_bytes_max {
+            return Err(ProtocolError::MessageTooLarge);
+        }
+        if validated == 0 && first {
             self.utf8 = Utf8Validator::new();
         }
         if kind == DataKind::Text {
@@ -286,14 +296,35 @@ mod tests {
         let text = "κόσμε".as_bytes();
         let header = h(true, OpCode::Text, text.len());
         let mut s = MessageState::new();
-        s.check_partial(&header, 0, &text[..3]).unwrap();
-        s.check_partial(&header, 3, &text[3..5]).unwrap();
+        s.check_partial(&header, 0, &text[..3], &LIMITS).unwrap();
+        s.check_partial(&header, 3, &text[3..5], &LIMITS).unwrap();
         assert!(s.handle_frame(&header, text, 5, &LIMITS).is_ok());
         let mut s = MessageState::new();
         let bad = h(true, OpCode::Text, 10);
         assert_eq!(
-            s.check_partial(&bad, 0, b"ab\xff"),
+            s.check_partial(&bad, 0, b"ab\xff", &LIMITS),
             Err(ProtocolError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn an_oversized_message_fails_as_too_big_however_its_bytes_arrive() {
+        // A text frame over the message limit whose first bytes are bad UTF-8:
+        // whole or in pieces, the answer is 1009, never 1007.
+        let header = h(true, OpCode::Text, 2500);
+        let mut payload = vec![b'a'; 2500];
+        payload[0] = 0xff;
+        let whole = MessageState::new().handle_frame(&header, &payload, 0, &LIMITS);
+        assert_eq!(whole, Err(ProtocolError::MessageTooLarge));
+        let piece = MessageState::new().check_partial(&header, 0, &payload[..10], &LIMITS);
+        assert_eq!(piece, Err(ProtocolError::MessageTooLarge));
+        // A continuation that takes the message over the limit, likewise.
+        let mut s = MessageState::new();
+        feed(&mut s, false, OpCode::Text, &[b'a'; 1500]).unwrap();
+        let cont = h(true, OpCode::Continuation, 600);
+        assert_eq!(
+            s.check_partial(&cont, 0, b"\xff", &LIMITS),
+            Err(ProtocolError::MessageTooLarge)
         );
     }
 
