@@ -8,27 +8,12 @@ use std::time::Duration;
 
 use ringgate_codec::Limits;
 
-/// Request heads larger than this are never accepted, whatever the setting.
-pub const REQUEST_BYTES_CEILING: usize = 64 * 1024;
-/// The kernel's limit on provided-buffer ring entries.
-pub const BUFFERS_MAX: u32 = 32768;
-/// Extra fixed-file slots beyond the connection limit, so a connection over the
-/// limit can still be accepted and answered 503 instead of being reset.
-pub const REJECT_SLOTS: u32 = 64;
-/// Completions handled per loop iteration before submitting again: bounds the
-/// latency one busy iteration adds to everything else on the shard.
-pub const CQE_BATCH_MAX: usize = 1024;
-/// Submission queue entries per ring. Handlers stage SQEs in memory and the loop
-/// flushes them in batches, so a full SQ only costs an extra submit.
-pub const SQ_ENTRIES: u32 = 4096;
-/// Completion queue entries: multishot operations post many CQEs per SQE.
-pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
-/// Scratch vectors (staged SQEs, the sweep's list) keep at most this many
-/// entries of capacity after a burst: a fanout to 100,000 subscribers must not
-/// leave 6 MB of SQE space behind for good.
-pub const SCRATCH_KEEP: usize = 1024;
-/// How long a connection may take to finish a close handshake and the TCP close.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+#[cfg(test)]
+use crate::limits::INBOX_CAPACITY;
+use crate::limits::{
+    BUFFERS_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS, REQUEST_BYTES_CEILING,
+    SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
+};
 
 /// What to do with a subscriber whose send queue is full when an event arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +23,6 @@ pub enum SlowConsumer {
     /// Drop the new event for it, and count the drop.
     Drop,
 }
-
-/// Client messages that may be bad before a connection is closed with 1008; the
-/// sweep forgives one per second.
-pub const STRIKES_MAX: u8 = 10;
 
 /// Everything one shard needs to run.
 #[derive(Debug, Clone)]
@@ -54,11 +35,23 @@ pub struct ShardConfig {
     pub buffers: u32,
     /// Bytes per provided buffer.
     pub buffer_bytes: u32,
-    /// Frame and message size limits.
+    /// Frame and message size limits of `/echo` (and the largest event).
     pub limits: Limits,
+    /// The largest client message on `/ws` (a JSON op), over all its fragments;
+    /// also its largest frame.
+    pub op_bytes_max: u64,
+    /// Bytes this shard holds at most for unfinished frames, messages and
+    /// request heads, over all its connections; input that would pass it
+    /// closes its connection (1013, or 503 during the upgrade).
+    pub unfinished_bytes_max: usize,
+    /// An unfinished frame or message (or request head) must be complete within
+    /// this long of its first byte; further fragments do not extend it.
+    pub message_timeout: Duration,
     /// The largest request head accepted (431 past it).
     pub request_bytes_max: usize,
-    /// Bytes queued for sending to one connection before its reads pause.
+    /// What one connection may have queued for sending, each frame counted as its
+    /// length plus [`crate::limits::FRAME_OVERHEAD_BYTES`]. Past it a subscriber
+    /// the kernel refused is a slow consumer, and `/echo` reads pause.
     pub send_queue_bytes_max: usize,
     /// Close connections that have not finished the upgrade after this long.
     pub handshake_timeout: Duration,
@@ -76,12 +69,20 @@ pub struct ShardConfig {
     pub park_after: Option<Duration>,
     /// Topics one connection may subscribe to.
     pub subscriptions_max: usize,
+    /// Events the shard's inbox holds; a publish that finds it full is refused.
+    pub inbox_capacity: usize,
     /// What happens to subscribers that do not keep up.
     pub slow_consumer: SlowConsumer,
     /// Topics clients may publish to (`*`, `prefix*` or one name); `None`: none.
     pub client_publish: Option<String>,
     /// Pin the shard thread to this CPU.
     pub cpu: Option<usize>,
+    /// Tick with a re-armed one-shot timeout even where the kernel has multishot
+    /// timeouts (Linux 6.4): the fallback older kernels use, forced for tests.
+    pub oneshot_tick: bool,
+    /// Keep emptied send queues for reuse (see `sendq::SendPool`); off only to
+    /// measure what recycling saves.
+    pub recycle_send_queues: bool,
 }
 
 impl ShardConfig {
@@ -105,6 +106,12 @@ impl ShardConfig {
                 u16::MAX
             ));
         }
+        if !(1..=INBOX_CAPACITY_MAX).contains(&self.inbox_capacity) {
+            return Err(format!(
+                "--inbox-capacity must be from 1 to {INBOX_CAPACITY_MAX}, not {}",
+                self.inbox_capacity
+            ));
+        }
         if self.connections_max == 0 {
             return Err("--max-connections must be at least 1".into());
         }
@@ -114,6 +121,41 @@ impl ShardConfig {
                 "--max-message-size ({}) must be at least --max-frame-size ({}), and both above 0",
                 limits.message_bytes_max, limits.frame_bytes_max
             ));
+        }
+        if limits.message_bytes_max > SEND_QUEUE_LIMIT_MAX as u64 {
+            return Err(format!(
+                "--max-message-size must be at most {SEND_QUEUE_LIMIT_MAX} bytes"
+            ));
+        }
+        if !(SEND_QUEUE_LIMIT_MIN..=SEND_QUEUE_LIMIT_MAX).contains(&self.send_queue_bytes_max) {
+            return Err(format!(
+                "--send-queue-limit must be from {} KiB to {} MiB, not {} bytes",
+                SEND_QUEUE_LIMIT_MIN >> 10,
+                SEND_QUEUE_LIMIT_MAX >> 20,
+                self.send_queue_bytes_max
+            ));
+        }
+        if !(125..=OP_BYTES_MAX).contains(&self.op_bytes_max) {
+            return Err(format!(
+                "--max-op-size must be from 125 bytes to {} KiB, not {}",
+                OP_BYTES_MAX >> 10,
+                self.op_bytes_max
+            ));
+        }
+        // One connection assembling the largest message while the next frame's
+        // tail arrives must fit, or a legitimate client could never send it.
+        let one_connection = limits.message_bytes_max
+            + limits.frame_bytes_max
+            + ringgate_codec::HEADER_BYTES_MAX as u64;
+        let one_connection = one_connection.max(self.request_bytes_max as u64);
+        if (self.unfinished_bytes_max as u64) < one_connection {
+            return Err(format!(
+                "--max-unfinished-bytes ({}) must hold one connection's largest message and frame ({one_connection} bytes: --max-message-size + --max-frame-size)",
+                self.unfinished_bytes_max
+            ));
+        }
+        if self.message_timeout < Duration::from_secs(1) {
+            return Err("--message-timeout must be at least 1s".into());
         }
         if self.request_bytes_max < 256 || self.request_bytes_max > REQUEST_BYTES_CEILING {
             return Err(format!(
@@ -135,6 +177,18 @@ impl ShardConfig {
             ));
         }
         Ok(())
+    }
+
+    /// What a `/ws` connection's send queue never passes, whatever the kernel
+    /// does: twice `--send-queue-limit` (a subscriber over the limit with bytes
+    /// not yet offered to the kernel gets a turn's events more) plus one largest
+    /// event, which always fits an empty queue. This is the memory bound per
+    /// connection, frames counted with their slot overhead.
+    pub fn send_queue_hard_max(&self) -> usize {
+        2 * self.send_queue_bytes_max
+            + self.limits.message_bytes_max as usize
+            + ringgate_codec::SERVER_HEADER_BYTES_MAX
+            + crate::limits::FRAME_OVERHEAD_BYTES
     }
 
     /// Slots in the fixed-file table: the connection limit plus the reject slots.
@@ -160,6 +214,9 @@ pub(crate) fn test_config() -> ShardConfig {
             frame_bytes_max: 64 * 1024,
             message_bytes_max: 1 << 20,
         },
+        op_bytes_max: 16 * 1024,
+        unfinished_bytes_max: 8 << 20,
+        message_timeout: Duration::from_secs(30),
         request_bytes_max: 8192,
         send_queue_bytes_max: 256 * 1024,
         handshake_timeout: Duration::from_secs(10),
@@ -169,9 +226,12 @@ pub(crate) fn test_config() -> ShardConfig {
         echo: true,
         park_after: None,
         subscriptions_max: 64,
+        inbox_capacity: INBOX_CAPACITY,
         slow_consumer: SlowConsumer::Close,
         client_publish: None,
         cpu: None,
+        oneshot_tick: false,
+        recycle_send_queues: true,
     }
 }
 

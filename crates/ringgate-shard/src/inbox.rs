@@ -1,10 +1,16 @@
-//! A shard's inbox: a bounded queue of commands from other threads, and the
-//! doorbell (an eventfd the shard keeps a read armed on) that wakes it.
+//! A shard's inbox: a bounded queue of commands from other threads, the
+//! doorbell (an eventfd the shard keeps a read armed on) that wakes it, and the
+//! shutdown request, which needs no queue space.
 //!
 //! The doorbell rings once per batch, not once per command: a sender rings only
 //! when it flips `notified` from false to true, and the shard clears `notified`
-//! before it drains. A full queue is back-pressure: the command is handed back
-//! to the sender, which reports it (the publish API answers 503).
+//! (under the queue's lock) only when it takes the last queued command. A full
+//! queue is back-pressure: the command is handed back to the sender, which
+//! reports it (the publish API answers 503). A sender that must deliver to
+//! several inboxes or none reserves a place in each first ([`Inbox::reserve`]).
+//!
+//! Shutdown is a separate flag plus an unconditional ring: a shard whose queue
+//! is full of events still learns that it must stop.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -16,7 +22,7 @@ use bytes::Bytes;
 
 use crate::sys;
 
-/// Messages other threads send to a shard.
+/// Messages other threads send to a shard through its queue.
 #[derive(Debug)]
 pub enum Command {
     /// Queue `frame` (an encoded WebSocket frame) on every local subscriber of `topic`.
@@ -28,27 +34,72 @@ pub enum Command {
         /// When it was published ([`crate::clock_ns`]), for the latency histogram.
         published_ns: u64,
     },
-    /// Stop accepting, send Close 1001 to every client, exit when all are closed
-    /// or at `deadline`, whichever comes first.
-    Shutdown {
-        /// When to give up on clients that have not closed.
-        deadline: Instant,
-    },
+}
+
+impl Command {
+    /// The bytes this command will put in send queues per subscriber.
+    fn bytes(&self) -> usize {
+        match self {
+            Command::Deliver { frame, .. } => frame.len(),
+        }
+    }
+}
+
+struct Queue {
+    commands: VecDeque<Command>,
+    /// Places promised to senders by [`Inbox::reserve`] and not yet used.
+    reserved: usize,
 }
 
 pub(crate) struct Inbox {
-    queue: Mutex<VecDeque<Command>>,
+    queue: Mutex<Queue>,
     capacity: usize,
     notified: AtomicBool,
+    shutdown: Mutex<Option<Instant>>,
     doorbell: OwnedFd,
+}
+
+/// A place in an inbox, promised to one command: [`Reservation::push`] cannot
+/// fail. Dropping it unused gives the place back.
+pub struct Reservation<'a> {
+    inbox: &'a Inbox,
+    used: bool,
+}
+
+impl Reservation<'_> {
+    /// Queues the command in the reserved place.
+    pub fn push(mut self, command: Command) {
+        self.used = true;
+        {
+            let mut queue = self.inbox.lock();
+            assert!(queue.reserved > 0, "a reservation without a reserved place");
+            queue.reserved -= 1;
+            queue.commands.push_back(command);
+        }
+        self.inbox.ring();
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut queue = self.inbox.lock();
+            assert!(queue.reserved > 0, "a reservation without a reserved place");
+            queue.reserved -= 1;
+        }
+    }
 }
 
 impl Inbox {
     pub fn new(capacity: usize) -> std::io::Result<Self> {
         Ok(Inbox {
-            queue: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            queue: Mutex::new(Queue {
+                commands: VecDeque::with_capacity(capacity.min(1024)),
+                reserved: 0,
+            }),
             capacity,
             notified: AtomicBool::new(false),
+            shutdown: Mutex::new(None),
             doorbell: sys::eventfd()?,
         })
     }
@@ -57,29 +108,81 @@ impl Inbox {
         &self.doorbell
     }
 
-    /// Queues a command; hands it back if the inbox is full.
-    pub fn push(&self, command: Command) -> Result<(), Command> {
-        {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.len() >= self.capacity {
-                return Err(command);
-            }
-            queue.push_back(command);
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A sender that panicked mid-push leaves a consistent queue (push_back is
+        // the last step), so a poisoned lock is still usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the shard unless it was already woken and has not drained since.
+    fn ring(&self) {
         if !self.notified.swap(true, Ordering::SeqCst) {
             sys::ring_eventfd(sys::raw(&self.doorbell));
         }
+    }
+
+    /// Queues a command; hands it back if the inbox is full.
+    pub fn push(&self, command: Command) -> Result<(), Command> {
+        {
+            let mut queue = self.lock();
+            if queue.commands.len() + queue.reserved >= self.capacity {
+                return Err(command);
+            }
+            queue.commands.push_back(command);
+        }
+        self.ring();
         Ok(())
     }
 
-    /// Moves every queued command into `out`. Called by the shard after its
-    /// doorbell read completes.
-    pub fn drain(&self, out: &mut Vec<Command>) {
-        // Clear first: a command pushed after this either is drained below or
-        // rings the doorbell again.
-        self.notified.store(false, Ordering::SeqCst);
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        out.extend(queue.drain(..));
+    /// Promises a place for one command, or `None` if the inbox is full.
+    pub fn reserve(&self) -> Option<Reservation<'_>> {
+        let mut queue = self.lock();
+        if queue.commands.len() + queue.reserved >= self.capacity {
+            return None;
+        }
+        queue.reserved += 1;
+        Some(Reservation {
+            inbox: self,
+            used: false,
+        })
+    }
+
+    /// Asks the shard to drain and stop by `deadline`. Needs no queue space; the
+    /// first request wins.
+    pub fn request_shutdown(&self, deadline: Instant) {
+        let mut shutdown = self.shutdown.lock().unwrap_or_else(|p| p.into_inner());
+        shutdown.get_or_insert(deadline);
+        drop(shutdown);
+        // Always ring: the shard may have been notified of events it has not yet
+        // drained, and it checks this flag on every doorbell.
+        sys::ring_eventfd(sys::raw(&self.doorbell));
+    }
+
+    /// The deadline of a requested shutdown.
+    pub fn shutdown_requested(&self) -> Option<Instant> {
+        *self.shutdown.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves queued commands into `out`, oldest first: at most `commands_max`,
+    /// and no more once `bytes_max` event bytes were taken (at least one command
+    /// is taken). Returns whether commands remain; if none do, the next push
+    /// rings the doorbell again.
+    pub fn take(&self, out: &mut Vec<Command>, commands_max: usize, bytes_max: usize) -> bool {
+        let mut queue = self.lock();
+        let mut bytes = 0;
+        while out.len() < commands_max && bytes < bytes_max {
+            let Some(command) = queue.commands.pop_front() else {
+                break;
+            };
+            bytes += command.bytes();
+            out.push(command);
+        }
+        let more = !queue.commands.is_empty();
+        if !more {
+            // Under the lock: a sender that pushes after this sees `false` and rings.
+            self.notified.store(false, Ordering::SeqCst);
+        }
+        more
     }
 }
 
@@ -90,8 +193,35 @@ mod tests {
     fn deliver(n: u8) -> Command {
         Command::Deliver {
             topic: Arc::from("t"),
-            frame: Bytes::from(vec![n]),
+            frame: Bytes::from(vec![n; usize::from(n)]),
             published_ns: 0,
+        }
+    }
+
+    /// The doorbell's count (reset by reading it), 0 if it has not rung.
+    fn rings(inbox: &Inbox) -> u64 {
+        let mut pollfd = libc::pollfd {
+            fd: sys::raw(inbox.doorbell()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        if unsafe { libc::poll(&mut pollfd, 1, 0) } != 1 {
+            return 0;
+        }
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our eventfd, which poll says is readable.
+        let n = unsafe {
+            libc::read(
+                sys::raw(inbox.doorbell()),
+                (&mut count as *mut u64).cast(),
+                8,
+            )
+        };
+        if n == 8 {
+            count
+        } else {
+            0
         }
     }
 
@@ -105,7 +235,7 @@ mod tests {
             Err(Command::Deliver { .. })
         ));
         let mut out = Vec::new();
-        inbox.drain(&mut out);
+        assert!(!inbox.take(&mut out, 100, usize::MAX));
         assert_eq!(out.len(), 2);
         assert!(inbox.push(deliver(4)).is_ok());
     }
@@ -116,27 +246,59 @@ mod tests {
         for i in 0..10 {
             inbox.push(deliver(i)).unwrap();
         }
-        let mut count = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from our eventfd.
-        let n = unsafe {
-            libc::read(
-                sys::raw(inbox.doorbell()),
-                (&mut count as *mut u64).cast(),
-                8,
-            )
-        };
-        assert_eq!((n, count), (8, 1));
+        assert_eq!(rings(&inbox), 1);
         let mut out = Vec::new();
-        inbox.drain(&mut out);
+        assert!(inbox.take(&mut out, 4, usize::MAX), "six remain");
         inbox.push(deliver(11)).unwrap();
-        // SAFETY: as above.
-        let n = unsafe {
-            libc::read(
-                sys::raw(inbox.doorbell()),
-                (&mut count as *mut u64).cast(),
-                8,
-            )
-        };
-        assert_eq!((n, count), (8, 1), "rings again after a drain");
+        assert_eq!(rings(&inbox), 0, "no ring while commands remain");
+        assert!(!inbox.take(&mut out, 100, usize::MAX));
+        assert_eq!(out.len(), 11);
+        inbox.push(deliver(12)).unwrap();
+        assert_eq!(rings(&inbox), 1, "rings again after the last was taken");
+    }
+
+    #[test]
+    fn a_turn_takes_at_most_its_byte_budget_but_always_one() {
+        let inbox = Inbox::new(100).unwrap();
+        for n in [50, 50, 50, 200] {
+            inbox.push(deliver(n)).unwrap();
+        }
+        let mut out = Vec::new();
+        assert!(inbox.take(&mut out, 100, 100));
+        assert_eq!(out.len(), 2, "stops once 100 bytes were taken");
+        out.clear();
+        assert!(inbox.take(&mut out, 100, 1));
+        assert_eq!(out.len(), 1, "one command even over the budget");
+        out.clear();
+        assert!(!inbox.take(&mut out, 100, 1));
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn reservations_hold_places_and_give_them_back_unused() {
+        let inbox = Inbox::new(2).unwrap();
+        let a = inbox.reserve().unwrap();
+        let b = inbox.reserve().unwrap();
+        assert!(inbox.reserve().is_none());
+        assert!(inbox.push(deliver(1)).is_err(), "reserved places are taken");
+        drop(b);
+        a.push(deliver(2));
+        assert!(inbox.push(deliver(3)).is_ok(), "the unused place came back");
+        assert!(inbox.reserve().is_none());
+        let mut out = Vec::new();
+        inbox.take(&mut out, 10, usize::MAX);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn shutdown_needs_no_queue_space() {
+        let inbox = Inbox::new(1).unwrap();
+        inbox.push(deliver(1)).unwrap();
+        assert!(inbox.push(deliver(2)).is_err());
+        let deadline = Instant::now();
+        inbox.request_shutdown(deadline);
+        inbox.request_shutdown(deadline + std::time::Duration::from_secs(9));
+        assert_eq!(inbox.shutdown_requested(), Some(deadline), "the first wins");
+        assert!(rings(&inbox) >= 1);
     }
 }

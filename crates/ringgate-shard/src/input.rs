@@ -9,17 +9,28 @@
 //!
 //! Outputs go into the connection's send queue; state changes go into the record.
 //! The shard turns both into operations afterwards.
+//!
+//! Bounds: `/ws` messages (JSON ops) have their own small limit
+//! (`--max-op-size`); bytes held for unfinished input count against the shard's
+//! `--max-unfinished-bytes` (over it: 1013, or 503 during the upgrade); the sweep
+//! closes a connection whose unfinished input is older than `--message-timeout`
+//! ([`Partial::started`]), which new fragments do not extend.
 
 use bytes::Bytes;
 use ringgate_codec::{
-    apply_mask, decode_header, encode_close_payload, encode_header, parse_request,
+    apply_mask, close_code, decode_header, encode_close_payload, encode_header, parse_request,
     write_error_response, write_switching_protocols, DataKind, Decoded, Event, FrameHeader,
-    HandshakeError, OpCode, ProtocolError, Role,
+    HandshakeError, Limits, OpCode, ProtocolError, Role,
 };
 
 use crate::config::ShardConfig;
 use crate::conn::{Conn, Partial, Route, State};
+use crate::sendq::SendPool;
 use crate::stats::ShardStats;
+
+/// The subprotocol `/ws` speaks (its JSON ops), answered in the 101 when a
+/// client offers it in `Sec-WebSocket-Protocol`.
+pub(crate) const PUBSUB_PROTOCOL: &str = "ringgate.v1";
 
 /// What input handling needs from the shard, and where it leaves work that
 /// needs more than the connection (the topic index, the publisher).
@@ -28,6 +39,10 @@ pub(crate) struct Env<'a> {
     pub stats: &'a ShardStats,
     pub now: u32,
     pub upcalls: &'a mut Vec<Upcall>,
+    /// Where send queues come from and go back to.
+    pub pool: &'a mut SendPool,
+    /// Bytes the shard holds for unfinished input, over all connections.
+    pub unfinished: &'a mut usize,
 }
 
 /// Pub/sub work for the shard, from one connection's input.
@@ -45,6 +60,40 @@ pub(crate) enum Upcall {
 /// call; it is modified (unmasked) in place.
 pub(crate) fn on_recv(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     env.stats.bytes_received.add(data.len() as u64);
+    let held_before = conn.partial.as_ref().map_or(0, |p| p.held_bytes());
+    parse(conn, data, env);
+    let held_after = conn.partial.as_ref().map_or(0, |p| p.held_bytes());
+    *env.unfinished = *env.unfinished + held_after - held_before;
+    if held_after > held_before && *env.unfinished > env.cfg.unfinished_bytes_max {
+        // The shard's budget for unfinished input is spent: this connection's
+        // input goes, not the machine's memory.
+        env.stats.unfinished_refused.add(1);
+        *env.unfinished -= held_after;
+        conn.partial = None;
+        match conn.state {
+            State::Handshake => reject(
+                conn,
+                503,
+                "server busy: too many unfinished requests, try again later",
+                "Retry-After: 1\r\n",
+                env,
+            ),
+            _ => fail_with(
+                conn,
+                close_code::TRY_AGAIN_LATER,
+                "server busy: too much unfinished input",
+                env,
+            ),
+        }
+    }
+}
+
+/// Frees the connection's unfinished input and returns what it held.
+pub(crate) fn drop_partial(conn: &mut Conn) -> usize {
+    conn.partial.take().map_or(0, |p| p.held_bytes())
+}
+
+fn parse(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     match conn.state {
         State::Handshake => on_request_bytes(conn, data, env),
         State::Open | State::Closing => {
@@ -68,7 +117,7 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
         }
         None => data,
     };
-    let parsed = parse_request(head).and_then(|req| match req {
+    let parsed = parse_request(head, &[PUBSUB_PROTOCOL]).and_then(|req| match req {
         Some(req) if req.head_len > request_max => Err(HandshakeError::TooLarge),
         None if head.len() >= request_max => Err(HandshakeError::TooLarge),
         other => Ok(other),
@@ -78,7 +127,7 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
         Ok(None) => {
             // Keep the unfinished head: at most request_max plus one buffer.
             conn.partial = Some(boxed.unwrap_or_else(|| {
-                let mut p = Box::<Partial>::default();
+                let mut p = Partial::new(env.now);
                 p.tail.extend_from_slice(data);
                 p
             }));
@@ -112,26 +161,21 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
         Ok(key) => key,
         Err(e) => return reject(conn, e.status(), e.reason(), e.extra_headers(), env),
     };
-    if route == Route::PubSub {
-        match crate::pubsub::query_topics(request.query) {
-            Ok(topics) if topics.len() > env.cfg.subscriptions_max => {
-                return reject(
-                    conn,
-                    400,
-                    "more topics in ?topics= than --max-subscriptions allows",
-                    "",
-                    env,
-                )
+    let protocol = match route {
+        Route::PubSub => {
+            match crate::pubsub::query_topics(request.query, env.cfg.subscriptions_max) {
+                Ok(topics) if !topics.is_empty() => env.upcalls.push(Upcall::Subscribe(topics)),
+                Ok(_) => {}
+                Err(reason) => return reject(conn, 400, reason, "", env),
             }
-            Ok(topics) if !topics.is_empty() => env.upcalls.push(Upcall::Subscribe(topics)),
-            Ok(_) => {}
-            Err(reason) => return reject(conn, 400, reason, "", env),
+            request.protocol
         }
-    }
-    let mut response = Vec::with_capacity(160);
-    write_switching_protocols(&key, &mut response);
+        Route::Echo => None,
+    };
+    let mut response = Vec::with_capacity(200);
+    write_switching_protocols(&key, protocol, &mut response);
     let head_len = request.head_len;
-    conn.queue(Bytes::from(response));
+    conn.queue(Bytes::from(response), env.pool);
     conn.state = State::Open;
     conn.set_route(route);
     conn.since = env.now;
@@ -152,13 +196,18 @@ pub(crate) fn reject(
 ) {
     let mut response = Vec::with_capacity(160 + reason.len());
     write_error_response(status, reason, extra_headers, &mut response);
-    conn.queue(Bytes::from(response));
+    conn.queue(Bytes::from(response), env.pool);
+    // Freed here; on_recv (the only caller while input is held) accounts for it.
     conn.partial = None;
     conn.state = State::Draining;
     conn.since = env.now;
     env.stats.count_rejection(status);
     tracing::debug!(status, reason, "upgrade refused");
 }
+
+/// The most a frame's tail reserves up front; a larger frame's tail grows as
+/// its bytes arrive, so a header alone cannot make the shard allocate much.
+const MAX_TAIL_RESERVE: u64 = 64 * 1024;
 
 /// Whether to go on parsing after a frame.
 #[derive(PartialEq, Eq)]
@@ -170,7 +219,10 @@ enum Flow {
 
 fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     let mut boxed = conn.partial.take();
-    let mut local = Partial::default();
+    let mut local = Partial {
+        started: env.now,
+        ..Partial::default()
+    };
     let p: &mut Partial = boxed.as_deref_mut().unwrap_or(&mut local);
     let flow = parse_frames(conn, p, data, env);
     let needed = flow == Flow::Continue && p.is_needed();
@@ -179,10 +231,23 @@ fn on_frame_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     }
 }
 
+/// The frame and message limits of the connection's route: `/ws` carries small
+/// JSON ops, `/echo` whatever `--max-message-size` allows.
+fn limits(conn: &Conn, cfg: &ShardConfig) -> Limits {
+    match conn.route() {
+        Route::Echo => cfg.limits,
+        Route::PubSub => Limits {
+            frame_bytes_max: cfg.limits.frame_bytes_max.min(cfg.op_bytes_max),
+            message_bytes_max: cfg.op_bytes_max,
+        },
+    }
+}
+
 fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &mut Env) -> Flow {
+    let limits = limits(conn, env.cfg);
     let mut pos = 0;
     if !p.tail.is_empty() {
-        match complete_tail(conn, p, data, &mut pos, env) {
+        match complete_tail(conn, p, data, &mut pos, &limits, env) {
             Ok(Some(Flow::Stop)) => return Flow::Stop,
             Ok(Some(Flow::Continue)) => {}
             Ok(None) => return Flow::Continue, // still incomplete, all of data used
@@ -190,28 +255,33 @@ fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &mut Env
         }
     }
     while pos < data.len() {
-        let decoded =
-            match decode_header(&data[pos..], Role::Server, env.cfg.limits.frame_bytes_max) {
-                Ok(d) => d,
-                Err(e) => return fail(conn, e, env),
-            };
+        let decoded = match decode_header(&data[pos..], Role::Server, limits.frame_bytes_max) {
+            Ok(d) => d,
+            Err(e) => return fail(conn, e, env),
+        };
         let frame_len = decoded.frame_len_min();
         let available = (data.len() - pos) as u64;
         match decoded {
             Decoded::Header { header, header_len } if frame_len <= available => {
                 let frame = &mut data[pos..pos + frame_len as usize];
                 pos += frame_len as usize;
-                match on_frame(conn, p, &header, &mut frame[header_len..], 0, env) {
+                match on_frame(conn, p, &header, &mut frame[header_len..], 0, &limits, env) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Stop) => return Flow::Stop,
                     Err(e) => return fail(conn, e, env),
                 }
             }
             _ => {
-                // An unfinished frame: keep its bytes (bounded by the frame limit).
+                // An unfinished frame: keep its bytes (bounded by the frame limit),
+                // in an allocation of exactly the frame's size once it is known.
+                if p.tail.is_empty() {
+                    p.started = env.now;
+                }
+                p.tail
+                    .reserve_exact(frame_len.min(MAX_TAIL_RESERVE) as usize);
                 p.tail.extend_from_slice(&data[pos..]);
                 p.checked = 0;
-                if let Err(e) = check_tail(p, env) {
+                if let Err(e) = check_tail(p, &limits) {
                     return fail(conn, e, env);
                 }
                 return Flow::Continue;
@@ -228,10 +298,11 @@ fn complete_tail(
     p: &mut Partial,
     data: &[u8],
     pos: &mut usize,
+    limits: &Limits,
     env: &mut Env,
 ) -> Result<Option<Flow>, ProtocolError> {
     let (header, header_len) = loop {
-        let decoded = decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?;
+        let decoded = decode_header(&p.tail, Role::Server, limits.frame_bytes_max)?;
         let need = (decoded.frame_len_min() as usize).saturating_sub(p.tail.len());
         let take = need.min(data.len() - *pos);
         p.tail.extend_from_slice(&data[*pos..*pos + take]);
@@ -239,7 +310,7 @@ fn complete_tail(
         match decoded {
             Decoded::Header { header, header_len } if take == need => break (header, header_len),
             Decoded::Header { .. } => {
-                check_tail(p, env)?;
+                check_tail(p, limits)?;
                 return Ok(None);
             }
             Decoded::NeedHeader(_) if take < need => return Ok(None),
@@ -248,7 +319,15 @@ fn complete_tail(
     };
     let mut tail = std::mem::take(&mut p.tail);
     let checked = std::mem::replace(&mut p.checked, 0);
-    let flow = on_frame(conn, p, &header, &mut tail[header_len..], checked, env);
+    let flow = on_frame(
+        conn,
+        p,
+        &header,
+        &mut tail[header_len..],
+        checked,
+        limits,
+        env,
+    );
     // Keep the allocation only if it is small; a large frame's buffer goes now.
     tail.clear();
     if tail.capacity() <= 256 {
@@ -259,9 +338,9 @@ fn complete_tail(
 
 /// Unmasks and checks the payload bytes of the unfinished data frame in the tail
 /// that arrived since the last check, so invalid text fails before the frame ends.
-fn check_tail(p: &mut Partial, env: &mut Env) -> Result<(), ProtocolError> {
+fn check_tail(p: &mut Partial, limits: &Limits) -> Result<(), ProtocolError> {
     let Decoded::Header { header, header_len } =
-        decode_header(&p.tail, Role::Server, env.cfg.limits.frame_bytes_max)?
+        decode_header(&p.tail, Role::Server, limits.frame_bytes_max)?
     else {
         return Ok(());
     };
@@ -278,7 +357,7 @@ fn check_tail(p: &mut Partial, env: &mut Env) -> Result<(), ProtocolError> {
         header.mask.expect("server role requires a mask"),
         p.checked as usize,
     );
-    p.state.check_partial(&header, p.checked, fresh)?;
+    p.state.check_partial(&header, p.checked, fresh, limits)?;
     p.checked += fresh.len() as u64;
     Ok(())
 }
@@ -291,13 +370,12 @@ fn on_frame(
     header: &FrameHeader,
     payload: &mut [u8],
     checked: u64,
+    limits: &Limits,
     env: &mut Env,
 ) -> Result<Flow, ProtocolError> {
     let mask = header.mask.expect("server role requires a mask");
     apply_mask(&mut payload[checked as usize..], mask, checked as usize);
-    let event = p
-        .state
-        .handle_frame(header, payload, checked, &env.cfg.limits)?;
+    let event = p.state.handle_frame(header, payload, checked, limits)?;
     let open = conn.state == State::Open;
     match event {
         Event::Data {
@@ -337,7 +415,11 @@ fn on_frame(
                 }
             }
         }
-        Event::Ping(payload) if open => conn.queue(control_frame(OpCode::Pong, payload)),
+        // A flood of pings from a client that does not read costs a few pongs,
+        // not one queued frame each: unsent pongs are coalesced.
+        Event::Ping(payload) if open => {
+            conn.queue_pong(control_frame(OpCode::Pong, payload), env.pool)
+        }
         Event::Ping(_) | Event::Pong(_) => {}
         Event::Close(close) => {
             if open {
@@ -346,7 +428,7 @@ fn on_frame(
                     Some(code) => close_frame(code, ""),
                     None => control_frame(OpCode::Close, &[]),
                 };
-                conn.queue(reply);
+                conn.queue(reply, env.pool);
             }
             conn.state = State::Flushing;
             conn.since = env.now;
@@ -361,18 +443,24 @@ fn on_frame(
 fn fail(conn: &mut Conn, error: ProtocolError, env: &mut Env) -> Flow {
     env.stats.protocol_errors.add(1);
     tracing::debug!(%error, code = error.close_code(), "failing connection");
-    if conn.state == State::Open {
-        conn.queue(close_frame(error.close_code(), error.reason()));
-    }
-    conn.state = State::Draining;
-    conn.since = env.now;
+    fail_with(conn, error.close_code(), error.reason(), env);
     Flow::Stop
 }
 
-/// Starts a server-initiated close: sends Close `code` and waits for the peer's.
-pub(crate) fn start_close(conn: &mut Conn, code: u16, reason: &str, now: u32) {
+/// Fails the connection with Close `code` (if we have not sent a Close yet),
+/// then drains: the peer may still be sending.
+pub(crate) fn fail_with(conn: &mut Conn, code: u16, reason: &str, env: &mut Env) {
     if conn.state == State::Open {
-        conn.queue(close_frame(code, reason));
+        conn.queue(close_frame(code, reason), env.pool);
+    }
+    conn.state = State::Draining;
+    conn.since = env.now;
+}
+
+/// Starts a server-initiated close: sends Close `code` and waits for the peer's.
+pub(crate) fn start_close(conn: &mut Conn, code: u16, reason: &str, now: u32, pool: &mut SendPool) {
+    if conn.state == State::Open {
+        conn.queue(close_frame(code, reason), pool);
         conn.state = State::Closing;
         conn.since = now;
     }
@@ -383,7 +471,7 @@ fn queue_data(conn: &mut Conn, kind: DataKind, payload: &[u8], env: &mut Env) {
         DataKind::Text => OpCode::Text,
         DataKind::Binary => OpCode::Binary,
     };
-    conn.queue(frame(opcode, payload));
+    conn.queue(frame(opcode, payload), env.pool);
     env.stats.messages_sent.add(1);
 }
 

@@ -24,7 +24,10 @@ mod config;
 mod conn;
 mod inbox;
 mod input;
+mod kernel;
+pub mod limits;
 mod pubsub;
+mod sendq;
 mod shard;
 mod stats;
 mod sweep;
@@ -40,20 +43,16 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-pub use config::{
-    ShardConfig, SlowConsumer, BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX,
-};
-pub use inbox::Command;
+pub use config::{ShardConfig, SlowConsumer};
+pub use inbox::{Command, Reservation};
+pub use kernel::Features;
+pub use limits::{BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX};
 pub use pubsub::{event_frame, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX};
 pub use stats::{clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US};
 pub use sys::{cpu_count, nofile_soft_limit};
 
 use inbox::Inbox;
 use shard::{Shard, ShardInit};
-
-/// Commands a shard's inbox holds before senders see it as full: a burst of
-/// this many publishes waits for one shard without loss.
-const INBOX_CAPACITY: usize = 4096;
 
 /// A publish request from a client on `/ws` (`{"op":"pub",...}`), already
 /// checked against `--client-publish`. `data` is raw JSON.
@@ -68,11 +67,6 @@ pub struct ClientPublish {
 /// Where shards hand client publishes: the embedded broker, which owns `seq`.
 /// `Err` means it is overloaded; the client is told so.
 pub type Publisher = Arc<dyn Fn(ClientPublish) -> Result<(), ()> + Send + Sync>;
-/// The oldest kernel with every feature the shards use: multishot recv with
-/// buffer select (6.0); multishot accept into direct descriptors and provided
-/// buffer rings came in 5.19.
-const KERNEL_MIN: (u32, u32) = (6, 0);
-
 /// Why the runtime could not start.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -105,39 +99,10 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Checks that the running kernel has what the shards need.
-pub fn check_kernel() -> Result<(), StartError> {
-    let (release, version) = sys::kernel_version();
-    if version < KERNEL_MIN {
-        return Err(StartError::Kernel(format!(
-            "ringgate needs Linux {}.{} or newer (io_uring multishot recv with provided buffers); this kernel is {release}",
-            KERNEL_MIN.0, KERNEL_MIN.1
-        )));
-    }
-    let ring = io_uring::IoUring::new(8).map_err(|e| {
-        StartError::Kernel(format!("io_uring is unavailable ({e}); is it disabled by kernel.io_uring_disabled or a seccomp profile?"))
-    })?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|e| StartError::Kernel(format!("io_uring probe failed: {e} (needs Linux 5.6)")))?;
-    let needed = [
-        (io_uring::opcode::AcceptMulti::CODE, "accept"),
-        (io_uring::opcode::RecvMulti::CODE, "recv"),
-        (io_uring::opcode::Send::CODE, "send"),
-        (io_uring::opcode::Shutdown::CODE, "shutdown"),
-        (io_uring::opcode::Close::CODE, "close"),
-        (io_uring::opcode::AsyncCancel2::CODE, "async cancel"),
-        (io_uring::opcode::Timeout::CODE, "timeout"),
-    ];
-    for (code, name) in needed {
-        if !probe.is_supported(code) {
-            return Err(StartError::Kernel(format!(
-                "this kernel's io_uring lacks the {name} operation ({release})"
-            )));
-        }
-    }
-    Ok(())
+/// Checks that the running kernel has what the shards need (a one-line reason
+/// if not), and which optional features it has.
+pub fn check_kernel() -> Result<kernel::Features, StartError> {
+    kernel::check().map_err(StartError::Kernel)
 }
 
 /// A running shard, as the control thread sees it.
@@ -158,6 +123,12 @@ impl ShardHandle {
             return Err(command);
         }
         self.inbox.push(command)
+    }
+
+    /// Tells the shard to stop accepting, close every client with 1001 and exit
+    /// once all are closed or at `deadline`. Works whatever the inbox holds.
+    pub fn shutdown(&self, deadline: std::time::Instant) {
+        self.inbox.request_shutdown(deadline);
     }
 
     /// A cloneable handle that can only send to this shard.
@@ -209,6 +180,20 @@ impl ShardSender {
             published_ns,
         })
     }
+
+    /// Takes every queued command, as the shard would (tests of senders).
+    #[doc(hidden)]
+    pub fn take_all_for_tests(&self) -> Vec<Command> {
+        let mut out = Vec::new();
+        while self.inbox.take(&mut out, usize::MAX, usize::MAX) {}
+        out
+    }
+
+    /// Promises a place in the shard's inbox for one command (`None`: full), so
+    /// a sender can deliver to every shard or to none.
+    pub fn reserve(&self) -> Option<Reservation<'_>> {
+        self.inbox.reserve()
+    }
 }
 
 /// The started shards and the address they listen on.
@@ -228,7 +213,7 @@ pub fn start(
 ) -> Result<Runtime, StartError> {
     cfg.validate().map_err(StartError::Config)?;
     assert!(count > 0, "at least one shard");
-    check_kernel()?;
+    let features = check_kernel()?;
     let first = sys::bind_listener(cfg.listen, cfg.tcp_keepalive)
         .map_err(|e| StartError::Bind(cfg.listen, e))?;
     let local_addr = sys::local_addr(&first).map_err(|e| StartError::Bind(cfg.listen, e))?;
@@ -245,7 +230,7 @@ pub fn start(
     for (id, listener) in listeners.into_iter().enumerate() {
         let mut shard_cfg = cfg.clone();
         shard_cfg.cpu = cfg.cpu.map(|base| (base + id) % cpus);
-        let inbox = Arc::new(Inbox::new(INBOX_CAPACITY).map_err(|e| StartError::Shard(id, e))?);
+        let inbox = Arc::new(Inbox::new(cfg.inbox_capacity).map_err(|e| StartError::Shard(id, e))?);
         let stats = Arc::new(ShardStats::default());
         let init = ShardInit {
             id,
@@ -254,6 +239,7 @@ pub fn start(
             inbox: inbox.clone(),
             stats: stats.clone(),
             publisher: publisher.clone(),
+            multishot_timeout: features.multishot_timeout,
         };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
@@ -284,7 +270,7 @@ pub fn start(
     if let Some(e) = failure {
         let now = std::time::Instant::now();
         for s in shards {
-            let _ = s.send(Command::Shutdown { deadline: now });
+            s.shutdown(now);
             let _ = s.join();
         }
         return Err(e);

@@ -14,6 +14,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use ringgate_codec::OpCode;
+use serde::de::{self, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -40,42 +41,154 @@ pub(crate) enum Request<'a> {
     },
 }
 
-#[derive(Deserialize)]
+/// The fields of a request, each at most once.
+#[derive(Default)]
 struct Wire<'a> {
-    #[serde(borrow)]
-    op: Cow<'a, str>,
-    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
     topic: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
-/// Parses a client's text message; the error is the reason to send back.
-pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, &'static str> {
-    let wire: Wire<'_> = serde_json::from_slice(text)
-        .map_err(|_| "expected a JSON object like {\"op\":\"sub\",\"topic\":\"name\"}")?;
-    let topic = wire.topic.ok_or("missing \"topic\"")?;
-    if !valid_topic(&topic) {
-        return Err("invalid topic name: 1-128 bytes of A-Z a-z 0-9 _ . : / -");
-    }
-    match &*wire.op {
-        "sub" => Ok(Request::Sub(topic)),
-        "unsub" => Ok(Request::Unsub(topic)),
-        "pub" => Ok(Request::Pub {
-            topic,
-            data: wire.data.ok_or("missing \"data\"")?.get(),
-        }),
-        _ => Err("unknown \"op\": expected sub, unsub or pub"),
+impl<'de> Deserialize<'de> for Wire<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // A map only: serde's derive would also take the array form
+        // `["sub","t"]`, which is not the documented protocol.
+        deserializer.deserialize_map(WireVisitor)
     }
 }
 
-/// The topics named by `topics=a,b` in a request's query string, percent-decoded.
-/// `Err` names the problem for a 400 answer.
-pub(crate) fn query_topics(query: Option<&str>) -> Result<Vec<String>, &'static str> {
+struct WireVisitor;
+
+impl<'de> Visitor<'de> for WireVisitor {
+    type Value = Wire<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object like {\"op\":\"sub\",\"topic\":\"name\"}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Wire<'de>, A::Error> {
+        let mut wire = Wire::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let duplicate = || de::Error::custom(format_args!("duplicate key \"{key}\""));
+            match &*key {
+                "op" if wire.op.is_some() => return Err(duplicate()),
+                "op" => wire.op = Some(map.next_value()?),
+                "topic" if wire.topic.is_some() => return Err(duplicate()),
+                "topic" => wire.topic = Some(map.next_value()?),
+                "data" if wire.data.is_some() => return Err(duplicate()),
+                "data" => wire.data = Some(map.next_value()?),
+                _ => {
+                    return Err(de::Error::custom(format_args!(
+                        "unknown key \"{key}\" (expected op, topic, data)"
+                    )))
+                }
+            }
+        }
+        Ok(wire)
+    }
+}
+
+/// Checks that every number in a JSON value is a finite double: `1E400` is
+/// valid JSON grammar, but most clients cannot parse it back.
+struct Finite;
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FiniteVisitor)
+    }
+}
+
+struct FiniteVisitor;
+
+impl<'de> Visitor<'de> for FiniteVisitor {
+    type Value = Finite;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Finite, E> {
+        Ok(Finite)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Finite, E> {
+        Ok(Finite)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Finite, E> {
+        Ok(Finite)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Finite, E> {
+        if v.is_finite() {
+            Ok(Finite)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Finite, E> {
+        Ok(Finite)
+    }
+    fn visit_unit<E>(self) -> Result<Finite, E> {
+        Ok(Finite)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Finite, A::Error> {
+        while seq.next_element::<Finite>()?.is_some() {}
+        Ok(Finite)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Finite, A::Error> {
+        while map.next_entry::<de::IgnoredAny, Finite>()?.is_some() {}
+        Ok(Finite)
+    }
+}
+
+/// Whether `json` (valid JSON) has only finite numbers.
+fn numbers_are_finite(json: &str) -> bool {
+    serde_json::from_str::<Finite>(json).is_ok()
+}
+
+/// Why a request was refused, for the error reply.
+pub(crate) type Reason = Cow<'static, str>;
+
+/// Parses a client's text message: exactly the documented object form. The
+/// error is the reason to send back.
+pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, Reason> {
+    let wire: Wire<'_> = serde_json::from_slice(text).map_err(|e| match e.classify() {
+        // Our own checks (duplicate or unknown keys, not an object): say which.
+        serde_json::error::Category::Data => {
+            let msg = e.to_string();
+            let msg = msg.rsplit_once(" at line ").map_or(&*msg, |(m, _)| m);
+            Cow::Owned(msg.to_string())
+        }
+        _ => Cow::Borrowed("expected a JSON object like {\"op\":\"sub\",\"topic\":\"name\"}"),
+    })?;
+    let op = wire.op.ok_or("missing \"op\"")?;
+    let topic = wire.topic.ok_or("missing \"topic\"")?;
+    if !valid_topic(&topic) {
+        return Err("invalid topic name: 1-128 bytes of A-Z a-z 0-9 _ . : / -".into());
+    }
+    match &*op {
+        "sub" | "unsub" if wire.data.is_some() => {
+            Err(format!("\"data\" is not part of \"{op}\"").into())
+        }
+        "sub" => Ok(Request::Sub(topic)),
+        "unsub" => Ok(Request::Unsub(topic)),
+        "pub" => {
+            let data = wire.data.ok_or("missing \"data\"")?.get();
+            if !numbers_are_finite(data) {
+                return Err("numbers in \"data\" must fit a double (no 1E400)".into());
+            }
+            Ok(Request::Pub { topic, data })
+        }
+        _ => Err("unknown \"op\": expected sub, unsub or pub".into()),
+    }
+}
+
+/// The topics named by `topics=a,b` in a request's query string, percent-decoded
+/// and deduplicated (sorted). `Err` names the problem for a 400 answer. Stops as
+/// soon as more than `max` distinct topics were named, so the work is
+/// O(n log max) in the query's length and the memory O(max).
+pub(crate) fn query_topics(query: Option<&str>, max: usize) -> Result<Vec<String>, &'static str> {
     let Some(query) = query else {
         return Ok(Vec::new());
     };
-    let mut topics = Vec::new();
+    let mut topics: Vec<String> = Vec::new();
     for pair in query.split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         if name != "topics" {
@@ -88,11 +201,18 @@ pub(crate) fn query_topics(query: Option<&str>) -> Result<Vec<String>, &'static 
                     "invalid topic name in ?topics= (1-128 bytes of A-Z a-z 0-9 _ . : / -)",
                 );
             }
-            if !topics.iter().any(|t| t == topic) {
-                topics.push(topic.to_string());
+            topics.push(topic.to_string());
+            if topics.len() > max {
+                topics.sort_unstable();
+                topics.dedup();
+                if topics.len() > max {
+                    return Err("more topics in ?topics= than --max-subscriptions allows");
+                }
             }
         }
     }
+    topics.sort_unstable();
+    topics.dedup();
     Ok(topics)
 }
 
@@ -140,15 +260,18 @@ pub enum EventData<'a> {
 }
 
 impl<'a> EventData<'a> {
-    /// Classifies a publish body: JSON if it parses as JSON, text if UTF-8,
-    /// `None` otherwise (events are text frames).
-    pub fn classify(body: &'a [u8]) -> Option<EventData<'a>> {
-        let text = std::str::from_utf8(body).ok()?;
-        if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
-            Some(EventData::Json(text.trim()))
-        } else {
-            Some(EventData::Text(text))
+    /// Classifies a publish body: JSON if it parses as JSON, text if it is
+    /// other UTF-8 (events are text frames). `Err` says why the body cannot be
+    /// an event: not UTF-8, or JSON with a number no double holds (`1E400`).
+    pub fn classify(body: &'a [u8]) -> Result<EventData<'a>, &'static str> {
+        let text = std::str::from_utf8(body).map_err(|_| "the event must be UTF-8 text or JSON")?;
+        if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+            return Ok(EventData::Text(text));
         }
+        if !numbers_are_finite(text) {
+            return Err("numbers in a JSON event must fit a double (no 1E400)");
+        }
+        Ok(EventData::Json(text.trim()))
     }
 }
 
@@ -248,19 +371,78 @@ mod tests {
     }
 
     #[test]
+    fn only_the_documented_object_form_is_accepted() {
+        let array = parse_request(br#"["pub","t",{"x":1}]"#).unwrap_err();
+        assert!(array.contains("JSON object"), "{array}");
+        let dup = parse_request(br#"{"op":"sub","topic":"a","topic":"b"}"#).unwrap_err();
+        assert_eq!(dup, "duplicate key \"topic\"");
+        let unknown = parse_request(br#"{"op":"sub","topic":"a","x":1}"#).unwrap_err();
+        assert!(unknown.contains("unknown key \"x\""), "{unknown}");
+        let extra = parse_request(br#"{"op":"sub","topic":"a","data":1}"#).unwrap_err();
+        assert!(extra.contains("not part of"), "{extra}");
+        let missing = parse_request(br#"{"topic":"a"}"#).unwrap_err();
+        assert!(missing.contains("\"op\""), "{missing}");
+    }
+
+    #[test]
+    fn numbers_no_double_holds_are_refused() {
+        for data in ["1E400", "[1,-1e999]", "{\"a\":{\"b\":2e308}}"] {
+            let op = format!(r#"{{"op":"pub","topic":"a","data":{data}}}"#);
+            let e = parse_request(op.as_bytes()).unwrap_err();
+            assert!(e.contains("must fit a double"), "{data}: {e}");
+            assert!(EventData::classify(data.as_bytes()).is_err(), "{data}");
+        }
+        for data in ["1e308", "-0", "123456789012345678901234567890", "0.1"] {
+            let op = format!(r#"{{"op":"pub","topic":"a","data":{data}}}"#);
+            assert!(parse_request(op.as_bytes()).is_ok(), "{data}");
+            assert!(matches!(
+                EventData::classify(data.as_bytes()),
+                Ok(EventData::Json(_))
+            ));
+        }
+    }
+
+    #[test]
     fn query_topics_are_decoded_deduplicated_and_checked() {
-        assert_eq!(query_topics(None), Ok(vec![]));
+        assert_eq!(query_topics(None, 64), Ok(vec![]));
         assert_eq!(
-            query_topics(Some("topics=a,b,a")),
+            query_topics(Some("topics=b,a,b"), 64),
             Ok(vec!["a".to_string(), "b".to_string()])
         );
         assert_eq!(
-            query_topics(Some("x=1&topics=user%3A42,c%2Fd")),
-            Ok(vec!["user:42".into(), "c/d".into()])
+            query_topics(Some("x=1&topics=user%3A42,c%2Fd"), 64),
+            Ok(vec!["c/d".into(), "user:42".into()])
         );
-        assert_eq!(query_topics(Some("topics=")), Ok(vec![]));
-        assert!(query_topics(Some("topics=a%2")).is_err());
-        assert!(query_topics(Some("topics=bad%20name")).is_err());
+        assert_eq!(query_topics(Some("topics="), 64), Ok(vec![]));
+        assert!(query_topics(Some("topics=a%2"), 64).is_err());
+        assert!(query_topics(Some("topics=bad%20name"), 64).is_err());
+    }
+
+    #[test]
+    fn query_topics_stop_at_the_limit_and_duplicates_do_not_count() {
+        let three = Some("topics=a,b,c");
+        assert_eq!(query_topics(three, 3).map(|t| t.len()), Ok(3));
+        assert!(query_topics(three, 2)
+            .unwrap_err()
+            .contains("--max-subscriptions"));
+        // Many repeats of few topics are within a small limit.
+        let repeats = format!("topics={}", "a,b,".repeat(2000));
+        assert_eq!(
+            query_topics(Some(&repeats), 2),
+            Ok(vec!["a".to_string(), "b".to_string()])
+        );
+    }
+
+    #[test]
+    fn query_topics_work_is_bounded_by_the_limit_not_the_query() {
+        // The issue's attack: thousands of distinct topics in one request. The
+        // parser stops at the limit: it never holds more than max+1 of them.
+        let many: Vec<String> = (0..2649).map(|i| format!("t{i}")).collect();
+        let query = format!("topics={}", many.join(","));
+        assert!(query_topics(Some(&query), 64).is_err());
+        // And with a limit as large as the query it still sorts once, not n^2.
+        let all = query_topics(Some(&query), u16::MAX as usize).unwrap();
+        assert_eq!(all.len(), 2649);
     }
 
     #[test]
@@ -293,7 +475,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
         assert_eq!(v["data"], "he said \"hi\"\n");
         assert_eq!(v["seq"], 8);
-        assert!(EventData::classify(&[0xff, 0xfe]).is_none());
+        assert!(EventData::classify(&[0xff, 0xfe]).is_err());
         // Every event is valid JSON whatever the body.
         for body in [
             &b"42"[..],

@@ -110,6 +110,19 @@ pub struct ShardStats {
     pub parked: Counter,
     /// Ticks the shard's loop has handled (one per second): its liveness.
     pub loop_ticks: Counter,
+    /// Loop turns that found completions in the kernel's overflow list (the CQ
+    /// was full): a sizing bug, see limits.rs.
+    pub cq_overflow: Counter,
+    /// Loop turns that left the inbox waiting because a subscriber was over its
+    /// limit with bytes the kernel had not yet been offered.
+    pub congested_turns: Counter,
+    /// Bytes held now for unfinished frames, messages and request heads.
+    pub unfinished_bytes: Counter,
+    /// Connections closed (1013) or refused (503) because the shard's budget
+    /// for unfinished input was spent.
+    pub unfinished_refused: Counter,
+    /// Connections closed (1008) because a message was not completed in time.
+    pub message_timeouts: Counter,
     /// Publish-to-send-completion latency of events, in microseconds, merged
     /// from the shard's own histogram once per tick.
     pub delivery_latency: Mutex<Option<Histogram<u64>>>,

@@ -5,8 +5,9 @@
 //! walks its table once per tick and acts on the answers. No timer object exists
 //! per connection, so timers cost no memory.
 
-use crate::config::{ticks, ShardConfig, CLOSE_TIMEOUT};
+use crate::config::{ticks, ShardConfig};
 use crate::conn::{flag, Conn, State};
+use crate::limits::CLOSE_TIMEOUT;
 
 /// What a connection is due for at this tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub(crate) enum Due {
     Ping,
     IdleClose,
     HandshakeTimeout,
+    /// Input unfinished for longer than `--message-timeout`.
+    MessageTimeout,
     CloseTimeout,
     /// Silent long enough to trade the armed recv for a cheaper poll.
     Park,
@@ -29,6 +32,7 @@ pub(crate) struct Timeouts {
     ping_jitter: u32,
     idle: u32,
     close: u32,
+    message: u32,
     park: Option<u32>,
 }
 
@@ -41,6 +45,7 @@ impl Timeouts {
             ping_jitter: ping / 5,
             idle: ticks(cfg.idle_timeout),
             close: ticks(CLOSE_TIMEOUT),
+            message: ticks(cfg.message_timeout),
             park: cfg.park_after.map(ticks),
         }
     }
@@ -48,7 +53,11 @@ impl Timeouts {
 
 pub(crate) fn due(conn: &Conn, key: usize, now: u32, t: &Timeouts) -> Due {
     let elapsed = now.saturating_sub(conn.since);
+    let unfinished_for = conn.partial.as_ref().map(|p| now.saturating_sub(p.started));
     match conn.state {
+        State::Open | State::Closing if unfinished_for.is_some_and(|e| e >= t.message) => {
+            Due::MessageTimeout
+        }
         State::Handshake if elapsed >= t.handshake => Due::HandshakeTimeout,
         State::Open if elapsed >= t.idle => Due::IdleClose,
         State::Open => {
@@ -148,6 +157,23 @@ mod tests {
         assert_eq!(due(&c, 0, 15, &t), Due::CloseTimeout);
         c.state = State::Finished;
         assert_eq!(due(&c, 0, 1000, &t), Due::Nothing);
+    }
+
+    #[test]
+    fn unfinished_input_times_out_from_its_first_byte() {
+        let mut cfg = test_config();
+        cfg.message_timeout = Duration::from_secs(30);
+        let t = Timeouts::new(&cfg);
+        let mut c = Conn::new(0, 0, 0);
+        c.state = State::Open;
+        c.partial = Some(crate::conn::Partial::new(100));
+        // Fragments keep the connection from idling out (they move `since`)...
+        c.since = 129;
+        assert_eq!(due(&c, 0, 129, &t), Due::Nothing);
+        // ...but not the message's own deadline.
+        assert_eq!(due(&c, 0, 130, &t), Due::MessageTimeout);
+        c.partial = None;
+        assert_eq!(due(&c, 0, 130, &t), Due::Nothing);
     }
 
     #[test]

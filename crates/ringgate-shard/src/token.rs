@@ -1,9 +1,10 @@
 //! `user_data` encoding: what an operation was, and for which connection.
 //!
 //! Layout: `op` in bits 56..64, the connection's generation in bits 32..56, the
-//! connection-table key in bits 0..32. A completion whose generation does not
-//! match the slot's current record belongs to a connection that is gone and is
-//! dropped. `user_data` 0 is never used.
+//! connection-table key in bits 0..32. A record is freed only when nothing is
+//! in flight on it, so a completion whose generation does not match the slot's
+//! current record is a bug, and the shard crashes on it. `user_data` 0 is never
+//! used.
 
 /// The operation kinds a shard submits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -69,11 +69,27 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_message_size: u64,
 
+    /// Largest client message on /ws (a JSON op), over all its fragments (close 1009 past it).
+    #[arg(long, env = "RINGGATE_MAX_OP_SIZE", default_value = "16KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_op_size: u64,
+
+    /// Bytes one shard holds at most for unfinished frames, messages and request heads, over all
+    /// its connections; input past it closes its connection (1013, or 503 during the upgrade).
+    #[arg(long, env = "RINGGATE_MAX_UNFINISHED_BYTES", default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_unfinished_bytes: u64,
+
+    /// An unfinished frame or message must be complete this long after its first byte (close 1008
+    /// past it); further fragments do not extend it.
+    #[arg(long, env = "RINGGATE_MESSAGE_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub message_timeout: Duration,
+
     /// Largest HTTP upgrade request head accepted (431 past it).
     #[arg(long, env = "RINGGATE_MAX_REQUEST_SIZE", default_value = "8KiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_request_size: u64,
 
-    /// Bytes queued for one client before its reads pause.
+    /// What may wait to be sent to one client, each frame counted with 64 bytes of overhead. A /ws
+    /// subscriber past it whose socket is full is a slow consumer (see --slow-consumer); /echo
+    /// stops reading the client. No /ws queue passes twice this plus one largest event.
     #[arg(long, env = "RINGGATE_SEND_QUEUE_LIMIT", default_value = "256KiB", value_parser = parse_size, value_name = "SIZE")]
     pub send_queue_limit: u64,
 
@@ -116,7 +132,13 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_TCP_KEEPALIVE", default_value = "off", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
     pub tcp_keepalive: Duration,
 
-    /// On SIGTERM/SIGINT, wait this long for clients to finish closing.
+    /// Time a control-plane client has to send a request's headers (also between keep-alive
+    /// requests), and again to send its body.
+    #[arg(long, env = "RINGGATE_CONTROL_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub control_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, wait this long for clients to finish closing (the process exits at
+    /// most a second or two after it, whatever the clients do).
     #[arg(long, env = "RINGGATE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
@@ -129,6 +151,16 @@ pub struct Cli {
     )]
     pub max_subscriptions: usize,
 
+    /// Events one shard's inbox holds while the shard catches up; a publish that finds a shard's
+    /// inbox full is refused (503) and reaches nobody.
+    #[arg(
+        long,
+        env = "RINGGATE_INBOX_CAPACITY",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
+    pub inbox_capacity: usize,
+
     /// What to do with a subscriber whose send queue is full when an event arrives.
     #[arg(long, env = "RINGGATE_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]
     pub slow_consumer: SlowConsumerPolicy,
@@ -137,6 +169,14 @@ pub struct Cli {
     /// [default: clients may not publish].
     #[arg(long, env = "RINGGATE_CLIENT_PUBLISH", value_name = "PATTERN")]
     pub client_publish: Option<String>,
+
+    /// (testing) Tick with a re-armed one-shot timeout, as on kernels before 6.4.
+    #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK")]
+    pub oneshot_tick: bool,
+
+    /// (benchmarks) Do not recycle emptied send queues, to measure what recycling saves.
+    #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE")]
+    pub no_recycle: bool,
 
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

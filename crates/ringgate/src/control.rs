@@ -4,25 +4,48 @@
 //!
 //! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
 //! other UTF-8 text is sent as a JSON string), `GET /healthz` (200 while every
-//! shard runs) and `GET /stats` (JSON: every counter per shard and summed, with
-//! uptime and version). Client publishes from the shards arrive on a bounded
-//! channel and go through the same broker.
+//! shard runs), `GET /metrics` and `GET /stats` (JSON: every counter per shard
+//! and summed, with uptime and version). Client publishes from the shards
+//! arrive on a bounded channel and go through the same broker.
+//!
+//! Bounds, so no client can take the process's descriptors or memory: at most
+//! [`connections_max`] connections (more are answered 503 at once and closed),
+//! a listen backlog of the same size, `--control-timeout` to send a request's
+//! headers (also between keep-alive requests) and again to send its body, and
+//! `--max-message-size` for the body.
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::Body;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use ringgate_shard::{ClientPublish, EventData, ShardStats};
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::broker::{Broker, PublishError};
+
+/// Control-plane connections at most: far below any sane descriptor limit, far
+/// above what publishers and scrapers need.
+pub const CONNECTIONS_MAX: usize = 512;
+
+/// The connection cap on this host: [`CONNECTIONS_MAX`], or a quarter of the
+/// soft RLIMIT_NOFILE where that is lower, so the control plane alone can never
+/// run the process out of descriptors.
+pub fn connections_max() -> usize {
+    let quarter = (ringgate_shard::nofile_soft_limit() / 4).max(1);
+    CONNECTIONS_MAX.min(usize::try_from(quarter).unwrap_or(usize::MAX))
+}
 
 /// What the control thread can see of the running gateway.
 pub struct Control {
@@ -37,6 +60,25 @@ pub struct Control {
     pub settings: Value,
     /// The largest publish body accepted.
     pub message_bytes_max: usize,
+    /// Time allowed for a request's headers, and again for its body.
+    pub timeout: Duration,
+    /// Connections open now.
+    pub connections: AtomicU64,
+    /// Connections refused at the cap.
+    pub refused: AtomicU64,
+}
+
+/// Binds the control address with a listen backlog sized to the connection cap.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(connections_max() as i32)?;
+    Ok(socket.into())
 }
 
 /// Starts the control thread on an already bound listener.
@@ -61,51 +103,105 @@ pub fn spawn(
                     client_publishes,
                     control.broker.clone(),
                 ));
-                let body_max = control.message_bytes_max;
                 let app = Router::new()
                     .route("/publish/{*topic}", post(publish))
                     .route("/metrics", get(metrics))
                     .route("/healthz", get(healthz))
                     .route("/stats", get(stats))
-                    .layer(DefaultBodyLimit::max(body_max))
-                    .with_state(control);
-                let result = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => axum::serve(listener, app).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = result {
-                    tracing::error!("control plane stopped: {e}");
+                    .with_state(control.clone());
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, app, control).await,
+                    Err(e) => tracing::error!("control plane stopped: {e}"),
                 }
             });
         })
 }
 
+/// Accepts connections under the cap and serves each with the timeouts.
+async fn serve(listener: tokio::net::TcpListener, app: Router, control: Arc<Control>) {
+    let permits = Arc::new(Semaphore::new(connections_max()));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or memory: wait rather than spin.
+                tracing::warn!("control plane: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            control.refused.fetch_add(1, Ordering::Relaxed);
+            // One non-blocking write, then close: a refusal holds nothing.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\ntoo many control-plane connections\r\n\r\n",
+            );
+            continue;
+        };
+        control.connections.fetch_add(1, Ordering::Relaxed);
+        let service = TowerToHyperService::new(app.clone());
+        let control = control.clone();
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(control.timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("control connection ended: {e}");
+            }
+            control.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+type Answer = (StatusCode, Json<Value>);
+
+fn answer(status: StatusCode, body: Value) -> Answer {
+    (status, Json(body))
+}
+
 async fn publish(
     State(control): State<Arc<Control>>,
     Path(topic): Path<String>,
-    body: Bytes,
-) -> (StatusCode, Json<Value>) {
-    let Some(data) = EventData::classify(&body) else {
-        let msg = "the event must be UTF-8 text or JSON";
-        return (StatusCode::BAD_REQUEST, Json(json!({ "error": msg })));
+    body: Body,
+) -> Answer {
+    let limited = Limited::new(body, control.message_bytes_max);
+    let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            let msg = format!(
+                "the event is larger than --max-message-size ({} bytes)",
+                control.message_bytes_max
+            );
+            return answer(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": msg }));
+        }
+        Ok(Err(e)) => {
+            let msg = format!("reading the body failed: {e}");
+            return answer(StatusCode::BAD_REQUEST, json!({ "error": msg }));
+        }
+        Err(_) => {
+            let msg = "the body did not arrive within --control-timeout";
+            return answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": msg }));
+        }
+    };
+    let data = match EventData::classify(&body) {
+        Ok(data) => data,
+        Err(msg) => return answer(StatusCode::BAD_REQUEST, json!({ "error": msg })),
     };
     match control.broker.publish(&topic, data) {
-        Ok(p) => (
+        Ok(p) => answer(
             StatusCode::OK,
-            Json(json!({ "topic": topic, "seq": p.seq, "shards": p.shards })),
+            json!({ "topic": topic, "seq": p.seq, "shards": p.shards }),
         ),
-        Err(e @ PublishError::Busy { seq, delivered, .. }) => (
+        Err(e @ (PublishError::Busy { .. } | PublishError::Draining)) => answer(
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": e.message(), "topic": topic, "seq": seq, "shards": delivered })),
+            json!({ "error": e.message(), "topic": topic }),
         ),
-        Err(e @ PublishError::TooManyTopics) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": e.message() })),
-        ),
-        Err(e @ PublishError::BadTopic) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": e.message() })),
-        ),
+        Err(e @ PublishError::BadTopic) => {
+            answer(StatusCode::BAD_REQUEST, json!({ "error": e.message() }))
+        }
     }
 }
 
@@ -187,6 +283,20 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
             .rejected
             .load(std::sync::atomic::Ordering::Relaxed)),
     );
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    totals.insert("broker_topics".into(), json!(control.broker.topics()));
+    totals.insert(
+        "broker_topics_forgotten_total".into(),
+        json!(control.broker.topics_forgotten.load(relaxed)),
+    );
+    totals.insert(
+        "control_connections".into(),
+        json!(control.connections.load(relaxed)),
+    );
+    totals.insert(
+        "control_refused_total".into(),
+        json!(control.refused.load(relaxed)),
+    );
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
@@ -220,17 +330,21 @@ mod tests {
             rss_at_start: 0,
             settings: Value::Null,
             message_bytes_max: 1024,
+            timeout: Duration::from_secs(10),
+            connections: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
     fn call(control: Arc<Control>, topic: &str, body: &'static [u8]) -> (StatusCode, Value) {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
         let (status, Json(value)) = runtime.block_on(publish(
             State(control),
             Path(topic.to_string()),
-            Bytes::from_static(body),
+            Body::from(body),
         ));
         (status, value)
     }
@@ -240,7 +354,22 @@ mod tests {
         let (status, body) = call(control_with_inbox(0), "t", b"1");
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body["error"].as_str().unwrap().contains("full"), "{body}");
-        assert_eq!(body["shards"], 0);
+        assert!(body.get("seq").is_none(), "no seq was used: {body}");
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_413_and_a_draining_server_503() {
+        let big: &'static [u8] = Box::leak(vec![b'x'; 2000].into_boxed_slice());
+        let (status, _) = call(control_with_inbox(10), "t", big);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let control = control_with_inbox(10);
+        control.broker.start_draining();
+        let (status, body) = call(control, "t", b"1");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["error"].as_str().unwrap().contains("shutting down"));
+        let (status, body) = call(control_with_inbox(10), "t", b"1E400");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap().contains("double"), "{body}");
     }
 
     #[test]

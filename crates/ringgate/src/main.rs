@@ -11,12 +11,12 @@ mod signals;
 mod units;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringgate_codec::Limits;
-use ringgate_shard::{ClientPublish, Command, Publisher, ShardConfig, SlowConsumer, REJECT_SLOTS};
+use ringgate_shard::{ClientPublish, Publisher, ShardConfig, SlowConsumer, REJECT_SLOTS};
 
 use broker::Broker;
 use cli::{Cli, SlowConsumerPolicy, Subcommand};
@@ -111,7 +111,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     signals::block_shutdown_signals();
     let shard_count = cli.shards.unwrap_or_else(ringgate_shard::cpu_count).max(1);
     let cfg = shard_config(&cli, shard_count)?;
-    let control_listener = std::net::TcpListener::bind(cli.control)
+    let control_listener = control::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
     let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
     let (client_tx, client_rx) = tokio::sync::mpsc::channel::<ClientPublish>(CLIENT_PUBLISH_QUEUE);
@@ -121,6 +121,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     let broker = Arc::new(Broker::new(
         runtime.shards.iter().map(|s| s.sender()).collect(),
     ));
+    let drain_broker = broker.clone();
     let alive: Vec<Arc<AtomicBool>> = runtime
         .shards
         .iter()
@@ -134,6 +135,9 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         rss_at_start: metrics::rss_bytes().unwrap_or(0),
         settings: serde_json::to_value(&settings).map_err(|e| e.to_string())?,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
+        timeout: cli.control_timeout,
+        connections: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
     });
     control::spawn(control_listener, control, client_rx)
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
@@ -152,7 +156,13 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         "READY=1\nSTATUS=serving WebSockets on {} ({shard_count} shards), control on {control_addr}",
         runtime.local_addr
     ));
-    serve(runtime.shards, &alive, &notifier, cli.drain_timeout)
+    serve(
+        runtime.shards,
+        &alive,
+        &notifier,
+        cli.drain_timeout,
+        &drain_broker,
+    )
 }
 
 /// Waits for SIGTERM/SIGINT while watching the shards, then drains them.
@@ -161,6 +171,7 @@ fn serve(
     alive: &[Arc<AtomicBool>],
     notifier: &notify::Notifier,
     drain_timeout: Duration,
+    broker: &Broker,
 ) -> Result<(), String> {
     let mut progress = ShardProgress::new(&shards);
     let signal = loop {
@@ -179,7 +190,8 @@ fn serve(
                 .join()
                 .err()
                 .map_or_else(|| "exited".to_string(), |e| e.to_string());
-            drain(shards, Instant::now());
+            broker.start_draining();
+            let _ = drain(shards, Instant::now());
             return Err(format!("shard {id} stopped unexpectedly: {why}"));
         }
         // The watchdog is fed only while every shard's loop is turning: a hung
@@ -194,7 +206,9 @@ fn serve(
         "shutting down: closing every connection with 1001"
     );
     notifier.send("STOPPING=1\nSTATUS=draining");
-    drain(shards, Instant::now() + drain_timeout);
+    // From here a publish is answered 503: every subscriber is being closed.
+    broker.start_draining();
+    drain(shards, Instant::now() + drain_timeout)?;
     tracing::info!("bye");
     Ok(())
 }
@@ -236,21 +250,39 @@ impl ShardProgress {
     }
 }
 
-/// Tells every shard to drain by `deadline` and waits for them.
-fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) {
+/// How long after the drain deadline the shards get to exit: their own grace
+/// for the kernel to finish closing (`EXIT_GRACE`), plus a tick.
+const EXIT_WAIT: Duration = Duration::from_secs(3);
+
+/// Tells every shard to drain by `deadline` and waits for them, but never past
+/// `deadline + EXIT_WAIT`: a shard that has not stopped by then is reported and
+/// left behind (the process exits anyway).
+fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) -> Result<(), String> {
+    // A flag, not a queued command: it reaches a shard whatever its inbox holds.
     for shard in &shards {
-        if shard.send(Command::Shutdown { deadline }).is_err() {
-            tracing::warn!(
-                shard = shard.id,
-                "shard inbox full or closed during shutdown"
-            );
-        }
+        shard.shutdown(deadline);
     }
-    for shard in shards {
+    let give_up = deadline + EXIT_WAIT;
+    while shards.iter().any(|s| !s.is_finished()) && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stuck: Vec<usize> = shards
+        .iter()
+        .filter(|s| !s.is_finished())
+        .map(|s| s.id)
+        .collect();
+    for shard in shards.into_iter().filter(|s| s.is_finished()) {
         let id = shard.id;
         if let Err(e) = shard.join() {
             tracing::error!(shard = id, "shard ended with an error: {e}");
         }
+    }
+    if stuck.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "shards {stuck:?} did not stop within the drain timeout and {EXIT_WAIT:?}; exiting anyway"
+        ))
     }
 }
 
@@ -296,11 +328,17 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         echo: cli.echo,
         park_after: cli.park_after,
         subscriptions_max: cli.max_subscriptions,
+        inbox_capacity: cli.inbox_capacity,
         slow_consumer: match cli.slow_consumer {
             SlowConsumerPolicy::Close => SlowConsumer::Close,
             SlowConsumerPolicy::Drop => SlowConsumer::Drop,
         },
         client_publish: cli.client_publish.clone(),
         cpu: (!cli.no_pin).then_some(0),
+        op_bytes_max: cli.max_op_size,
+        unfinished_bytes_max: to_usize(cli.max_unfinished_bytes, "--max-unfinished-bytes")?,
+        message_timeout: cli.message_timeout,
+        oneshot_tick: cli.oneshot_tick,
+        recycle_send_queues: !cli.no_recycle,
     })
 }

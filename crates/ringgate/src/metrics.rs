@@ -131,6 +131,36 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.send_queue_bytes,
     ),
     (
+        "ringgate_cq_overflow_total",
+        "counter",
+        "Loop turns that found completions in the kernel's overflow list (the completion queue was full).",
+        |s| &s.cq_overflow,
+    ),
+    (
+        "ringgate_congested_turns_total",
+        "counter",
+        "Loop turns that left events in the inbox while a subscriber over its limit had bytes not yet offered to the kernel.",
+        |s| &s.congested_turns,
+    ),
+    (
+        "ringgate_unfinished_bytes",
+        "gauge",
+        "Bytes held for unfinished frames, messages and request heads (updated every second).",
+        |s| &s.unfinished_bytes,
+    ),
+    (
+        "ringgate_unfinished_refused_total",
+        "counter",
+        "Connections closed (1013) or refused (503) because the shard's budget for unfinished input was spent.",
+        |s| &s.unfinished_refused,
+    ),
+    (
+        "ringgate_message_timeouts_total",
+        "counter",
+        "Connections closed (1008) because a message was not completed within --message-timeout.",
+        |s| &s.message_timeouts,
+    ),
+    (
         "ringgate_topics",
         "gauge",
         "Topics with at least one local subscriber.",
@@ -219,8 +249,36 @@ pub fn render(control: &Control) -> String {
         &mut out,
         "ringgate_publish_rejected_total",
         "counter",
-        "Publishes refused or only partly delivered (full inbox, bad topic).",
+        "Publishes refused and delivered to nobody (full inbox, bad topic, draining).",
         broker.rejected.load(relaxed),
+    );
+    single(
+        &mut out,
+        "ringgate_broker_topics",
+        "gauge",
+        "Topics the broker keeps a seq for.",
+        broker.topics(),
+    );
+    single(
+        &mut out,
+        "ringgate_broker_topics_forgotten_total",
+        "counter",
+        "Topics forgotten because the topic table was full (their seq restarts at 1).",
+        broker.topics_forgotten.load(relaxed),
+    );
+    single(
+        &mut out,
+        "ringgate_control_connections",
+        "gauge",
+        "Connections open to the control plane.",
+        control.connections.load(relaxed),
+    );
+    single(
+        &mut out,
+        "ringgate_control_refused_total",
+        "counter",
+        "Control-plane connections refused (503) at the connection cap.",
+        control.refused.load(relaxed),
     );
     latency(&mut out, control);
     let rss = rss_bytes().unwrap_or(0);

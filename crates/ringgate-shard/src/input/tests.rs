@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::test_config;
+use crate::sendq::SendPool;
 use ringgate_codec::{encode_header, HEADER_BYTES_MAX};
 
 const REQUEST: &[u8] = b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -29,6 +30,9 @@ struct Harness {
     stats: ShardStats,
     conn: Conn,
     upcalls: Vec<Upcall>,
+    pool: SendPool,
+    unfinished: usize,
+    now: u32,
 }
 
 impl Harness {
@@ -38,6 +42,9 @@ impl Harness {
             stats: ShardStats::default(),
             conn: Conn::new(0, 0, 0),
             upcalls: Vec::new(),
+            pool: SendPool::new(true),
+            unfinished: 0,
+            now: 1,
         }
     }
 
@@ -54,10 +61,15 @@ impl Harness {
         let mut env = Env {
             cfg: &self.cfg,
             stats: &self.stats,
-            now: 1,
+            now: self.now,
             upcalls: &mut self.upcalls,
+            pool: &mut self.pool,
+            unfinished: &mut self.unfinished,
         };
         on_recv(&mut self.conn, &mut copy, &mut env);
+        // The shard's running count agrees with what the record holds.
+        let held = self.conn.partial.as_ref().map_or(0, |p| p.held_bytes());
+        assert_eq!(self.unfinished, held, "unfinished-input accounting");
     }
 
     /// Everything queued for sending, as one byte string; empties the queue.
@@ -67,7 +79,7 @@ impl Harness {
             while let Some(head) = q.head() {
                 let n = head.len();
                 out.extend_from_slice(head);
-                let _ = q.next_send();
+                let _ = q.next_send(0);
                 q.complete(n, |_| {});
             }
         }
@@ -234,7 +246,7 @@ fn a_peer_close_is_echoed_and_drains() {
 #[test]
 fn after_our_close_only_the_peer_close_matters() {
     let mut h = Harness::open();
-    start_close(&mut h.conn, 1001, "bye", 1);
+    start_close(&mut h.conn, 1001, "bye", 1, &mut h.pool);
     assert_eq!(close_code_of(&h.sent()), 1001);
     let mut wire = client_frame(true, OpCode::Text, b"late");
     wire.extend(client_frame(true, OpCode::Ping, b""));
@@ -346,6 +358,11 @@ fn topics_in_the_query_become_one_subscribe_upcall() {
         h.upcalls,
         vec![Upcall::Subscribe(vec!["a".into(), "user:42".into()])]
     );
+    let response = String::from_utf8(h.sent()).unwrap();
+    assert!(
+        !response.contains("Sec-WebSocket-Protocol"),
+        "no subprotocol was offered: {response}"
+    );
 }
 
 #[test]
@@ -383,4 +400,125 @@ fn ws_messages_are_handed_to_the_shard_whole() {
         ]
     );
     assert!(h.sent().is_empty(), "the shard answers, not input handling");
+}
+
+#[test]
+fn ws_answers_its_subprotocol_when_offered_and_echo_none() {
+    let offered = "Sec-WebSocket-Protocol: chat, ringgate.v1\r\n\r\n";
+    let ws = String::from_utf8(ws_request("/ws")).unwrap();
+    let mut h = Harness::new();
+    h.feed(ws.replace("\r\n\r\n", &format!("\r\n{offered}")).as_bytes());
+    let response = String::from_utf8(h.sent()).unwrap();
+    assert!(
+        response.contains("\r\nSec-WebSocket-Protocol: ringgate.v1\r\n"),
+        "{response}"
+    );
+    let echo = String::from_utf8(REQUEST.to_vec()).unwrap();
+    let mut h = Harness::new();
+    h.feed(
+        echo.replace("\r\n\r\n", &format!("\r\n{offered}"))
+            .as_bytes(),
+    );
+    let response = String::from_utf8(h.sent()).unwrap();
+    assert!(response.starts_with("HTTP/1.1 101 "));
+    assert!(!response.contains("Sec-WebSocket-Protocol"), "{response}");
+}
+
+#[test]
+fn ws_messages_have_their_own_small_limit() {
+    let mut h = Harness::new();
+    h.cfg.op_bytes_max = 200;
+    h.feed(&ws_request("/ws"));
+    h.sent();
+    // Fragments that add up past --max-op-size: 1009, with nothing buffered
+    // beyond the limit (the echo route would take 1 MiB).
+    let mut wire = client_frame(false, OpCode::Text, &[b'a'; 150]);
+    wire.extend(client_frame(true, OpCode::Continuation, &[b'a'; 100]));
+    h.feed(&wire);
+    assert_eq!(close_code_of(&h.sent()), 1009);
+    // One frame over it is refused from its header alone.
+    let mut h = Harness::new();
+    h.cfg.op_bytes_max = 200;
+    h.feed(&ws_request("/ws"));
+    h.sent();
+    h.feed(&client_frame(true, OpCode::Text, &[b'a'; 201])[..8]);
+    assert_eq!(close_code_of(&h.sent()), 1009);
+    assert!(h.conn.partial.is_none());
+}
+
+#[test]
+fn the_close_code_does_not_depend_on_segmentation() {
+    // A text message over the limit whose first bytes are bad UTF-8: 1009 in
+    // one piece and in any two pieces (the issue saw 1007 for two writes).
+    let mut payload = vec![0xffu8];
+    payload.extend(vec![b'a'; 299]);
+    let wire = client_frame(true, OpCode::Text, &payload);
+    for cut in 1..wire.len() {
+        let mut h = Harness::open();
+        h.cfg.limits.message_bytes_max = 200;
+        h.cfg.limits.frame_bytes_max = 1000;
+        h.feed(&wire[..cut]);
+        h.feed(&wire[cut..]);
+        assert_eq!(close_code_of(&h.sent()), 1009, "cut {cut}");
+    }
+}
+
+#[test]
+fn unfinished_input_over_the_shard_budget_closes_1013() {
+    let mut h = Harness::open();
+    h.cfg.unfinished_bytes_max = 4096;
+    // A frame of 10,000 bytes arriving in pieces: its tail would pass the budget.
+    let wire = client_frame(true, OpCode::Binary, &[7; 10_000]);
+    h.feed(&wire[..100]);
+    assert_eq!(close_code_of(&h.sent()), 1013);
+    assert!(h.conn.partial.is_none(), "the input is dropped");
+    assert_eq!(h.stats.unfinished_refused.get(), 1);
+    // During the upgrade: 503.
+    let mut h = Harness::new();
+    h.cfg.unfinished_bytes_max = 100;
+    h.feed(&REQUEST[..REQUEST.len() - 10]);
+    assert!(status_of(&mut h).starts_with("HTTP/1.1 503 "));
+}
+
+#[test]
+fn a_flood_of_pings_queues_a_few_pongs() {
+    let mut h = Harness::open();
+    let mut wire = Vec::new();
+    for i in 0..1000u32 {
+        wire.extend(client_frame(true, OpCode::Ping, &i.to_be_bytes()));
+    }
+    h.feed(&wire);
+    let queued = h.conn.sendq.as_ref().unwrap();
+    assert!(
+        queued.cost() <= usize::from(crate::limits::PONGS_QUEUED_MAX) * 100,
+        "1,000 pings queued {} bytes",
+        queued.cost()
+    );
+    // The last pong answers the last ping.
+    let sent = h.sent();
+    assert_eq!(&sent[sent.len() - 4..], &999u32.to_be_bytes());
+}
+
+#[test]
+fn a_tail_records_when_it_started_and_fragments_do_not_move_it() {
+    let mut h = Harness::open();
+    h.now = 5;
+    h.feed(&client_frame(false, OpCode::Binary, b"one"));
+    assert_eq!(h.conn.partial.as_ref().unwrap().started, 5);
+    h.now = 9;
+    h.feed(&client_frame(false, OpCode::Continuation, b"two"));
+    assert_eq!(h.conn.partial.as_ref().unwrap().started, 5);
+    h.feed(&client_frame(true, OpCode::Continuation, b"end"));
+    assert!(h.conn.partial.is_none());
+}
+
+#[test]
+fn absolute_form_and_many_headers_are_served() {
+    let mut request = String::from_utf8(ws_request("http://example.com/ws?topics=a")).unwrap();
+    let extra: String = (0..50).map(|i| format!("X-Proxy-{i}: 1\r\n")).collect();
+    request = request.replace("Host: t\r\n", &format!("Host: t\r\n{extra}"));
+    let mut h = Harness::new();
+    h.feed(request.as_bytes());
+    assert_eq!(h.conn.state, State::Open);
+    assert_eq!(h.upcalls, vec![Upcall::Subscribe(vec!["a".into()])]);
 }

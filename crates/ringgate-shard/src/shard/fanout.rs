@@ -2,21 +2,26 @@
 //! publish), and fanout of published frames to local subscribers.
 //!
 //! Fanout queues the very same `Bytes` on every subscriber (a refcount, never a
-//! copy or a re-encode) and stages one send per subscriber; the loop submits
-//! them in batches. A subscriber whose queue would pass the send-queue limit is
-//! a slow consumer: closed with 1008, or, with `--slow-consumer=drop`, it misses
-//! the event (its `seq` shows the gap).
+//! copy or a re-encode) and asks for one send per subscriber; the loop submits
+//! them in batches. A subscriber whose queue would pass the send-queue limit
+//! while the kernel refuses its bytes (its socket is full) is a slow consumer:
+//! closed with 1008, or, with `--slow-consumer=drop`, it misses the event (its
+//! `seq` shows the gap). Over the limit with bytes the kernel was not yet offered,
+//! it is not judged: the event is queued and the inbox waits (congestion). No
+//! queue ever passes the hard limit (`ShardConfig::send_queue_hard_max`).
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use ringgate_codec::close_code;
 
-use super::{stage_send, Shard};
-use crate::config::{SlowConsumer, STRIKES_MAX};
-use crate::conn::{Conn, State};
+use super::Shard;
+use crate::config::SlowConsumer;
+use crate::conn::{flag, Conn, State};
 use crate::input::{self, Upcall};
+use crate::limits::{FRAME_OVERHEAD_BYTES, SCRATCH_KEEP, STRIKES_MAX};
 use crate::pubsub::{self, Request};
+use crate::sendq::{event_stamp, SendPool};
 use crate::stats::ShardStats;
 use crate::topics::Subscribed;
 use crate::ClientPublish;
@@ -55,14 +60,14 @@ impl Shard {
     fn handle_request(&mut self, key: usize, text: &[u8]) {
         let request = match pubsub::parse_request(text) {
             Ok(request) => request,
-            Err(reason) => return self.bad_request(key, reason),
+            Err(reason) => return self.bad_request(key, &reason),
         };
         match request {
             Request::Sub(topic) => {
                 let max = self.cfg.subscriptions_max;
                 match self.topics.subscribe(&mut self.conns, key, &topic, max) {
                     Subscribed::New | Subscribed::Already => {
-                        self.conns[key].queue(pubsub::reply("subscribed", &topic))
+                        self.reply(key, pubsub::reply("subscribed", &topic))
                     }
                     Subscribed::Full => {
                         self.error(key, "limit", "too many subscriptions on this connection")
@@ -71,7 +76,7 @@ impl Shard {
             }
             Request::Unsub(topic) => {
                 self.topics.unsubscribe(&mut self.conns, key, &topic);
-                self.conns[key].queue(pubsub::reply("unsubscribed", &topic));
+                self.reply(key, pubsub::reply("unsubscribed", &topic));
             }
             Request::Pub { topic, data } => self.client_publish(key, topic, data),
         }
@@ -106,36 +111,64 @@ impl Shard {
                 close_code::POLICY_VIOLATION,
                 "too many bad requests",
                 self.now,
+                &mut self.pool,
             );
             self.stats.protocol_errors.add(1);
         }
     }
 
     fn error(&mut self, key: usize, code: &str, msg: &str) {
-        self.conns[key].queue(pubsub::error_reply(code, msg));
+        self.reply(key, pubsub::error_reply(code, msg));
+    }
+
+    /// Queues an answer to a client's request. A client whose socket is full
+    /// and whose queue is over its limit is not reading its answers: it is
+    /// closed as a slow consumer whatever the policy, instead of growing.
+    fn reply(&mut self, key: usize, frame: Bytes) {
+        let limits = QueueLimits::of(self);
+        let conn = &mut self.conns[key];
+        if conn.state != State::Open {
+            return;
+        }
+        match limits.judge(conn, frame.len()) {
+            Verdict::Fits | Verdict::Congested => conn.queue(frame, &mut self.pool),
+            Verdict::Slow => close_slow(conn, self.now, &self.stats, &mut self.pool),
+        }
     }
 
     /// Queues `frame` on every open local subscriber of `topic`.
     pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes, published_ns: u64) {
-        let limit = self.cfg.send_queue_bytes_max;
-        let policy = self.cfg.slow_consumer;
-        let Shard {
-            topics,
-            conns,
-            staged,
-            stats,
-            now,
-            ..
-        } = self;
-        for &key in topics.subscribers(topic) {
+        let limits = QueueLimits::of(self);
+        // The keys are copied out (a memcpy, 4 bytes per subscriber) so each
+        // subscriber can be handled with the whole shard at hand.
+        let mut keys = std::mem::take(&mut self.fanout_keys);
+        keys.extend_from_slice(self.topics.subscribers(topic));
+        for &key in &keys {
             let key = key as usize;
-            let conn = &mut conns[key];
-            if queue_event(conn, frame, published_ns, limit, policy, *now, stats) != Queued::Skipped
-            {
-                stage_send(conn, key, staged);
+            let conn = &mut self.conns[key];
+            let queued = queue_event(
+                conn,
+                frame,
+                published_ns,
+                &limits,
+                self.now,
+                &self.stats,
+                &mut self.pool,
+            );
+            match queued {
+                Queued::Skipped => continue,
+                Queued::Congested if !conn.has(flag::CONGESTED) => {
+                    conn.set(flag::CONGESTED);
+                    self.congested.push((key, conn.generation));
+                }
+                Queued::Congested | Queued::Event | Queued::Closed => {}
             }
+            self.want_send(key);
         }
-        stats.events_received.add(1);
+        keys.clear();
+        keys.shrink_to(SCRATCH_KEEP);
+        self.fanout_keys = keys;
+        self.stats.events_received.add(1);
     }
 
     pub(super) fn update_topic_gauges(&self) {
@@ -151,10 +184,60 @@ impl Shard {
 pub(crate) enum Queued {
     /// The event is queued.
     Event,
+    /// The event is queued, over the limit, with bytes the kernel was not yet
+    /// offered: the shard waits before taking more events.
+    Congested,
     /// The subscriber was too slow: its queue now ends in a Close 1008.
     Closed,
     /// Nothing queued (not open, or the event was dropped for it).
     Skipped,
+}
+
+/// The limits a queued frame is judged by, and the judging.
+pub(crate) struct QueueLimits {
+    /// `--send-queue-limit`.
+    pub soft: usize,
+    /// No queue passes this, refused or not.
+    pub hard: usize,
+    pub policy: SlowConsumer,
+    /// The loop epoch, for [`crate::sendq::SendQueue::refused`].
+    pub epoch: u32,
+}
+
+/// How a frame of some size fits a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Within the limit (or the queue is empty: one frame always fits).
+    Fits,
+    /// Over the limit, but the kernel has not refused this connection's bytes.
+    Congested,
+    /// Over the limit and refused, or over the hard limit.
+    Slow,
+}
+
+impl QueueLimits {
+    fn of(shard: &Shard) -> Self {
+        QueueLimits {
+            soft: shard.cfg.send_queue_bytes_max,
+            hard: shard.cfg.send_queue_hard_max(),
+            policy: shard.cfg.slow_consumer,
+            epoch: shard.epoch,
+        }
+    }
+
+    pub fn judge(&self, conn: &Conn, frame_len: usize) -> Verdict {
+        let Some(queue) = conn.sendq.as_ref().filter(|q| !q.is_empty()) else {
+            return Verdict::Fits;
+        };
+        let after = queue.cost() + frame_len + FRAME_OVERHEAD_BYTES;
+        if after <= self.soft {
+            Verdict::Fits
+        } else if queue.refused(self.epoch) || after > self.hard {
+            Verdict::Slow
+        } else {
+            Verdict::Congested
+        }
+    }
 }
 
 /// Queues one published frame on one subscriber, applying the slow-consumer
@@ -163,46 +246,55 @@ pub(crate) fn queue_event(
     conn: &mut Conn,
     frame: &Bytes,
     published_ns: u64,
-    limit: usize,
-    policy: SlowConsumer,
+    limits: &QueueLimits,
     now: u32,
     stats: &ShardStats,
+    pool: &mut SendPool,
 ) -> Queued {
     if conn.state != State::Open {
         return Queued::Skipped;
     }
-    let queued = conn.queued_bytes();
-    if queued > 0 && queued + frame.len() > limit {
-        match policy {
-            SlowConsumer::Drop => {
-                stats.events_dropped.add(1);
-                return Queued::Skipped;
-            }
-            SlowConsumer::Close => {
-                stats.slow_consumers.add(1);
-                if let Some(q) = conn.sendq.as_mut() {
-                    q.discard_unsent();
-                }
-                conn.queue(input::close_frame(
-                    close_code::POLICY_VIOLATION,
-                    "slow consumer",
-                ));
-                conn.state = State::Draining;
-                conn.since = now;
-                return Queued::Closed;
-            }
+    let verdict = limits.judge(conn, frame.len());
+    match (verdict, limits.policy) {
+        (Verdict::Slow, SlowConsumer::Drop) => {
+            stats.events_dropped.add(1);
+            return Queued::Skipped;
         }
+        (Verdict::Slow, SlowConsumer::Close) => {
+            close_slow(conn, now, stats, pool);
+            return Queued::Closed;
+        }
+        (Verdict::Fits | Verdict::Congested, _) => {}
     }
-    conn.queue_event(frame.clone(), published_ns);
+    conn.queue_stamped(frame.clone(), event_stamp(published_ns), pool);
     stats.messages_sent.add(1);
-    Queued::Event
+    if verdict == Verdict::Congested {
+        Queued::Congested
+    } else {
+        Queued::Event
+    }
+}
+
+/// Closes a subscriber that does not keep up: its unsent frames go, a Close
+/// 1008 follows whatever is in flight, and it drains.
+fn close_slow(conn: &mut Conn, now: u32, stats: &ShardStats, pool: &mut SendPool) {
+    stats.slow_consumers.add(1);
+    if let Some(q) = conn.sendq.as_mut() {
+        q.discard_unsent();
+    }
+    conn.queue(
+        input::close_frame(close_code::POLICY_VIOLATION, "slow consumer"),
+        pool,
+    );
+    conn.state = State::Draining;
+    conn.since = now;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::NextSend;
     use crate::pubsub::{event_frame, EventData};
+    use crate::sendq::NextSend;
     use crate::topics::TopicIndex;
     use slab::Slab;
 
@@ -218,20 +310,29 @@ mod tests {
         (conns, index)
     }
 
+    fn limits(soft: usize, policy: SlowConsumer, epoch: u32) -> QueueLimits {
+        QueueLimits {
+            soft,
+            hard: 4 * soft,
+            policy,
+            epoch,
+        }
+    }
+
     #[test]
     fn every_subscriber_gets_the_same_bytes_not_a_copy() {
         let (mut conns, index) = open_subscribers(100, "news");
         let frame = event_frame("news", 1, EventData::Json("{\"x\":1}"));
         let stats = ShardStats::default();
+        let mut pool = SendPool::new(true);
+        let limits = limits(1 << 20, SlowConsumer::Close, 0);
         for &key in index.subscribers("news") {
             let conn = &mut conns[key as usize];
-            assert_eq!(
-                queue_event(conn, &frame, 1, 1 << 20, SlowConsumer::Close, 0, &stats),
-                Queued::Event
-            );
+            let queued = queue_event(conn, &frame, 1, &limits, 0, &stats, &mut pool);
+            assert_eq!(queued, Queued::Event);
         }
         for (_, conn) in conns.iter_mut() {
-            match conn.sendq.as_mut().unwrap().next_send() {
+            match conn.sendq.as_mut().unwrap().next_send(0) {
                 Some(NextSend::One(ptr, len)) => {
                     assert_eq!(ptr, frame.as_ptr(), "a subscriber got a copy");
                     assert_eq!(len, frame.len());
@@ -245,32 +346,75 @@ mod tests {
         assert_eq!(stats.messages_sent.get(), 100);
     }
 
-    #[test]
-    fn slow_consumers_are_closed_or_skipped() {
-        let (mut conns, _) = open_subscribers(2, "t");
+    /// Offers `n` 100-byte events to `conn` at loop epoch `epoch`; the limit
+    /// holds three of them.
+    fn offer(conn: &mut Conn, n: usize, policy: SlowConsumer, epoch: u32) -> Vec<Queued> {
         let frame = Bytes::from(vec![0u8; 100]);
         let stats = ShardStats::default();
-        let (a, b) = (0, 1);
-        // One 100-byte event for a connection whose queue may hold 150.
-        let offer = |conn: &mut Conn, policy| queue_event(conn, &frame, 1, 150, policy, 7, &stats);
-        // The first event always fits, whatever its size.
-        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Event);
-        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Closed);
-        let conn = &conns[a];
+        let mut pool = SendPool::new(true);
+        let limits = limits(3 * (100 + FRAME_OVERHEAD_BYTES), policy, epoch);
+        (0..n)
+            .map(|_| queue_event(conn, &frame, 1, &limits, 7, &stats, &mut pool))
+            .collect()
+    }
+
+    #[test]
+    fn over_the_limit_a_subscriber_is_judged_only_once_the_kernel_refused() {
+        let (mut conns, _) = open_subscribers(1, "t");
+        let conn = &mut conns[0];
+        // Four events with nothing offered to the kernel yet: the fourth is
+        // over the limit, but that is the shard's pace, not the reader's.
+        let queued = offer(conn, 4, SlowConsumer::Close, 1);
+        assert_eq!(queued.last(), Some(&Queued::Congested));
+        // Offered (staged at epoch 1) and taken in full: still not refused.
+        let q = conn.sendq.as_mut().unwrap();
+        let _ = q.next_send(1);
+        q.complete(400, |_| {});
+        assert_eq!(offer(conn, 1, SlowConsumer::Close, 2), vec![Queued::Event]);
+        // Offered at epoch 2 and still in flight at epoch 3: refused, so an
+        // event over the limit now makes it a slow consumer.
+        let _ = conn.sendq.as_mut().unwrap().next_send(2);
+        let queued = offer(conn, 3, SlowConsumer::Close, 3);
+        assert_eq!(queued, vec![Queued::Event, Queued::Event, Queued::Closed]);
         assert_eq!(conn.state, State::Draining);
-        let q = conn.sendq.as_ref().unwrap();
         assert_eq!(
-            q.head().unwrap()[0],
-            0x88,
-            "queued events dropped, a close queued"
+            offer(conn, 1, SlowConsumer::Close, 3),
+            vec![Queued::Skipped]
         );
-        assert_eq!(stats.slow_consumers.get(), 1);
-        // Closed connections get nothing more.
-        assert_eq!(offer(&mut conns[a], SlowConsumer::Close), Queued::Skipped);
-        // The drop policy keeps the connection and skips the event.
-        assert_eq!(offer(&mut conns[b], SlowConsumer::Drop), Queued::Event);
-        assert_eq!(offer(&mut conns[b], SlowConsumer::Drop), Queued::Skipped);
-        assert_eq!(conns[b].state, State::Open);
-        assert_eq!(stats.events_dropped.get(), 1);
+    }
+
+    #[test]
+    fn a_short_send_is_a_refusal_and_the_drop_policy_skips() {
+        let (mut conns, _) = open_subscribers(1, "t");
+        let conn = &mut conns[0];
+        offer(conn, 3, SlowConsumer::Drop, 1);
+        let q = conn.sendq.as_mut().unwrap();
+        let _ = q.next_send(1);
+        q.complete(10, |_| {}); // the socket took 10 of 306 bytes
+        assert_eq!(offer(conn, 1, SlowConsumer::Drop, 1), vec![Queued::Skipped]);
+        assert_eq!(conn.state, State::Open, "drop keeps the subscriber");
+    }
+
+    #[test]
+    fn no_queue_passes_the_hard_limit() {
+        let (mut conns, _) = open_subscribers(1, "t");
+        let conn = &mut conns[0];
+        // Never refused, never offered: congested up to the hard limit (four
+        // times the soft one here), then judged.
+        let queued = offer(conn, 13, SlowConsumer::Close, 1);
+        assert_eq!(queued[..3], [Queued::Event; 3]);
+        assert_eq!(queued[3..12], [Queued::Congested; 9]);
+        assert_eq!(queued[12], Queued::Closed);
+    }
+
+    #[test]
+    fn the_first_event_always_fits() {
+        let (mut conns, _) = open_subscribers(1, "t");
+        let big = Bytes::from(vec![0u8; 10_000]);
+        let stats = ShardStats::default();
+        let mut pool = SendPool::new(true);
+        let limits = limits(1000, SlowConsumer::Close, 0);
+        let queued = queue_event(&mut conns[0], &big, 1, &limits, 0, &stats, &mut pool);
+        assert_eq!(queued, Queued::Event);
     }
 }

@@ -1,0 +1,129 @@
+//! Every fixed limit of a shard, in one place, with how each relates to the
+//! others (TigerBeetle's `constants.zig`). Relations between constants are
+//! checked at compile time below; relations with settings (flags) are checked
+//! once at start by [`crate::ShardConfig::validate`].
+//!
+//! Owns numbers only: no code here allocates or decides anything. A limit that
+//! an operator may change is a setting in `config.rs`; its bounds are here.
+
+use std::time::Duration;
+
+// ---- the ring -----------------------------------------------------------------
+
+/// Submission queue entries per ring. Handlers stage SQEs in memory and the loop
+/// flushes them in batches, so a full SQ only costs an extra submit.
+pub const SQ_ENTRIES: u32 = 4096;
+
+/// Completion queue entries. A CQE the ring has no room for goes to the kernel's
+/// overflow list: not lost (IORING_FEAT_NODROP), but slow, and counted in
+/// `ringgate_cq_overflow_total`.
+pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
+
+/// Completions copied out and handled per loop turn before submitting again:
+/// bounds the latency one busy turn adds to everything else on the shard.
+pub const CQE_BATCH_MAX: usize = 1024;
+
+/// Sends in flight at most per shard. A fanout to more subscribers than this
+/// queues the rest on a ready list and submits them as earlier sends complete,
+/// so a 100,000-subscriber fanout never posts 100,000 CQEs at once.
+pub const SENDS_INFLIGHT_MAX: usize = 8192;
+
+/// The CQ has room for every send in flight and as much again for everything
+/// else that completes in one turn: armed multishot receives (each posts at most
+/// one CQE per buffer, and the buffer ring is smaller), accepts, closes.
+const _: () = assert!(CQ_ENTRIES as usize >= 2 * SENDS_INFLIGHT_MAX);
+const _: () = assert!(CQE_BATCH_MAX <= SENDS_INFLIGHT_MAX);
+const _: () = assert!(SQ_ENTRIES as usize >= CQE_BATCH_MAX);
+
+/// Scratch vectors (staged SQEs, the sweep's list, the ready list) keep at most
+/// this many entries of capacity after a burst: a fanout to 100,000 subscribers
+/// must not leave megabytes of scratch space behind for good.
+pub const SCRATCH_KEEP: usize = 1024;
+
+/// The kernel's limit on provided-buffer ring entries.
+pub const BUFFERS_MAX: u32 = 32768;
+
+/// Extra fixed-file slots beyond the connection limit, so a connection over the
+/// limit can still be accepted and answered 503 instead of being reset.
+pub const REJECT_SLOTS: u32 = 64;
+
+/// How often the shard's sweep runs (timeouts are whole ticks).
+pub const TICK: Duration = Duration::from_secs(1);
+
+// ---- the inbox ------------------------------------------------------------------
+
+/// Commands a shard's inbox holds by default (`--inbox-capacity`) before
+/// senders see it as full: a burst of this many publishes waits for one shard
+/// without loss. Each holds a reference to an event frame, so the memory it can
+/// pin is this many events.
+pub const INBOX_CAPACITY: usize = 4096;
+
+/// The largest `--inbox-capacity`.
+pub const INBOX_CAPACITY_MAX: usize = 1 << 20;
+
+/// Inbox commands handled per loop turn at most. Between turns the shard submits
+/// the sends it staged and reaps their completions, so a subscriber that reads
+/// is never judged by bytes the kernel was not yet offered.
+pub const INBOX_TURN_COMMANDS_MAX: usize = 64;
+
+/// Event bytes taken from the inbox per loop turn at most (at least one command
+/// is always taken, whatever its size).
+pub const INBOX_TURN_BYTES_MAX: usize = 32 * 1024;
+
+const _: () = assert!(INBOX_CAPACITY <= INBOX_CAPACITY_MAX);
+
+// ---- send queues ------------------------------------------------------------------
+
+/// What one queued frame costs beyond its bytes: its queue slot (a `Bytes` and a
+/// timestamp, 40 bytes) and the queue's growth slack. `--send-queue-limit`
+/// counts each frame as its length plus this, so a flood of tiny frames (pongs)
+/// hits the limit as surely as a few large ones.
+pub const FRAME_OVERHEAD_BYTES: usize = 64;
+
+/// The smallest `--send-queue-limit`: one turn's fanout must fit twice, so a
+/// subscriber that reads is not over the limit from one turn's events alone.
+pub const SEND_QUEUE_LIMIT_MIN: usize = 2 * INBOX_TURN_BYTES_MAX;
+
+/// The largest `--send-queue-limit` (queue sizes are kept in 32-bit counters).
+pub const SEND_QUEUE_LIMIT_MAX: usize = 1 << 30;
+
+/// Frames gathered into one vectored send: fewer, larger sends when a
+/// connection has a backlog (a burst of events), one plain send otherwise.
+pub const SEND_FRAMES_MAX: usize = 32;
+
+/// Pongs a connection may have queued and unsent; a ping beyond that replaces the
+/// newest unsent pong (RFC 6455 5.5.3 allows answering only the latest ping).
+/// Enough for a client's burst of pings (Autobahn 2.10 sends ten at once and
+/// expects ten pongs); a flood from a client that does not read costs at most
+/// this many small frames.
+pub const PONGS_QUEUED_MAX: u8 = 16;
+
+/// Emptied send queues (with their small frame arrays) kept for reuse per shard,
+/// so a subscriber receiving one event at a time does not allocate per event.
+pub const SEND_QUEUE_POOL_MAX: usize = 4096;
+
+const _: () = assert!(SEND_QUEUE_POOL_MAX <= SENDS_INFLIGHT_MAX);
+
+// ---- input --------------------------------------------------------------------
+
+/// Request heads larger than this are never accepted, whatever the setting.
+pub const REQUEST_BYTES_CEILING: usize = 64 * 1024;
+
+/// Client messages that may be bad before a connection is closed with 1008; the
+/// sweep forgives one per tick.
+pub const STRIKES_MAX: u8 = 10;
+
+/// The largest `--max-op-size` (a `/ws` client message).
+pub const OP_BYTES_MAX: u64 = 1 << 20;
+
+// ---- timers ---------------------------------------------------------------------
+
+/// How long a connection may take to finish a close handshake and the TCP close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After the drain deadline, how long a shard waits for the kernel to finish the
+/// cancels and closes it issued before it exits anyway (leaking, not freeing,
+/// memory the kernel may still use).
+pub const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+const _: () = assert!(EXIT_GRACE.as_millis() >= TICK.as_millis());

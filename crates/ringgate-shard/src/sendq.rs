@@ -1,0 +1,319 @@
+//! A connection's outgoing frames, what they cost, and whether the kernel is
+//! refusing them; and the shard's pool of emptied queues.
+//!
+//! Frames are refcounted `Bytes`, so a frame shared by many connections is never
+//! copied. Every frame covered by the send in flight stays in the queue, unmoved,
+//! until that send completes; so does the boxed gather list of a vectored send.
+//!
+//! Cost: each frame counts as its length plus [`FRAME_OVERHEAD_BYTES`] (its slot
+//! and the queue's slack), so `--send-queue-limit` bounds memory for tiny frames
+//! as well as large ones. Refusal: the kernel refused this connection's bytes when
+//! its last send was short (the socket buffer is full) or a send offered to the
+//! kernel has not completed; a queue over its limit is judged slow only then, never
+//! for bytes the kernel was not yet offered.
+//!
+//! Owns no policy: the shard decides what to do with a queue over its limit.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::limits::{FRAME_OVERHEAD_BYTES, PONGS_QUEUED_MAX, SEND_FRAMES_MAX, SEND_QUEUE_POOL_MAX};
+
+/// The stamp of a frame that is neither an event nor a pong.
+pub(crate) const STAMP_PLAIN: u64 = 0;
+/// The stamp of a pong, which a later ping may replace while it is unsent.
+const STAMP_PONG: u64 = 1;
+
+/// The stamp of an event published at `published_ns` ([`crate::clock_ns`]).
+pub(crate) fn event_stamp(published_ns: u64) -> u64 {
+    published_ns.max(STAMP_PONG + 1)
+}
+
+/// A connection's outgoing frames; boxed, and `None` in the record while empty.
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    /// Frames, each with its stamp: [`STAMP_PLAIN`], a pong, or an event's
+    /// publish time.
+    frames: VecDeque<(Bytes, u64)>,
+    /// The gather list and header of vectored sends, which the kernel reads
+    /// until the send completes. Boxed and made only the first time the queue
+    /// holds several frames: a connection with one pending event (the common
+    /// push) does not carry 570 bytes it never uses.
+    gather: Option<Box<Gather>>,
+    /// Unsent bytes plus [`FRAME_OVERHEAD_BYTES`] per queued frame.
+    cost: usize,
+    /// Bytes of the head frame already sent.
+    head_sent: u32,
+    /// The shard's loop epoch when the send in flight was staged.
+    epoch: u32,
+    /// Frames covered by the send in flight; 0 when none is.
+    in_flight: u16,
+    /// The last send completed short: the kernel took less than it was offered.
+    short: bool,
+    /// Pongs queued and not yet fully sent.
+    pongs: u8,
+}
+
+// A queue exists per connection with something to send: keep it small.
+const _: () = assert!(std::mem::size_of::<SendQueue>() <= 64);
+const _: () = assert!(SEND_FRAMES_MAX <= u16::MAX as usize);
+
+struct Gather {
+    iov: [libc::iovec; SEND_FRAMES_MAX],
+    msg: libc::msghdr,
+}
+
+impl Gather {
+    fn new() -> Box<Gather> {
+        Box::new(Gather {
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; SEND_FRAMES_MAX],
+            // SAFETY: msghdr is plain data; all-zero is an empty header.
+            msg: unsafe { std::mem::zeroed() },
+        })
+    }
+}
+
+impl std::fmt::Debug for SendQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendQueue")
+            .field("frames", &self.frames.len())
+            .field("cost", &self.cost)
+            .field("in_flight", &self.in_flight)
+            .field("short", &self.short)
+            .finish()
+    }
+}
+
+/// The next send to submit for a queue.
+pub(crate) enum NextSend {
+    /// One contiguous range: a plain send.
+    One(*const u8, usize),
+    /// Several frames: a sendmsg of this header (in the queue's gather box).
+    Many(*const libc::msghdr),
+}
+
+impl SendQueue {
+    /// Queues a frame with its stamp.
+    pub fn push(&mut self, frame: Bytes, stamp: u64) {
+        // A frame has at least a 2-byte header; an empty one would make a send
+        // of 0 bytes, whose result reads as a closed peer.
+        assert!(!frame.is_empty(), "an empty frame was queued");
+        debug_assert!(stamp != STAMP_PONG, "pongs go through push_pong");
+        self.cost += frame.len() + FRAME_OVERHEAD_BYTES;
+        self.frames.push_back((frame, stamp));
+    }
+
+    /// Queues a pong. With [`PONGS_QUEUED_MAX`] pongs already waiting, it
+    /// replaces the newest one not yet offered to the kernel instead (RFC 6455
+    /// 5.5.3: a pong for only the most recent ping is enough). Returns whether a
+    /// frame was added.
+    pub fn push_pong(&mut self, frame: Bytes) -> bool {
+        if self.pongs >= PONGS_QUEUED_MAX {
+            let offered = usize::from(self.in_flight);
+            let newest = (offered..self.frames.len())
+                .rev()
+                .find(|&i| self.frames[i].1 == STAMP_PONG);
+            if let Some(i) = newest {
+                let old = std::mem::replace(&mut self.frames[i].0, frame);
+                self.cost = self.cost - old.len() + self.frames[i].0.len();
+                return false;
+            }
+        }
+        self.pongs += 1;
+        self.cost += frame.len() + FRAME_OVERHEAD_BYTES;
+        self.frames.push_back((frame, STAMP_PONG));
+        true
+    }
+
+    /// What the queue costs now: unsent bytes plus the per-frame overhead.
+    pub fn cost(&self) -> usize {
+        self.cost
+    }
+
+    /// Unsent bytes.
+    pub fn bytes(&self) -> usize {
+        self.cost - self.frames.len() * FRAME_OVERHEAD_BYTES
+    }
+
+    /// Whether the kernel refused this connection's bytes: its last send was
+    /// short, or a send staged before loop epoch `epoch` (so submitted, with
+    /// every completion since reaped) is still in flight.
+    pub fn refused(&self, epoch: u32) -> bool {
+        self.short || (self.in_flight > 0 && self.epoch != epoch)
+    }
+
+    /// Whether a send is in flight.
+    pub fn sending(&self) -> bool {
+        self.in_flight > 0
+    }
+
+    /// The unsent part of the head frame.
+    #[cfg(test)]
+    pub fn head(&self) -> Option<&[u8]> {
+        self.frames
+            .front()
+            .map(|(f, _)| &f[self.head_sent as usize..])
+    }
+
+    /// Prepares a send of up to [`SEND_FRAMES_MAX`] frames from the head, marks
+    /// them in flight, staged at loop epoch `epoch`. `None` if the queue is empty
+    /// or a send is in flight.
+    pub fn next_send(&mut self, epoch: u32) -> Option<NextSend> {
+        if self.in_flight > 0 || self.frames.is_empty() {
+            return None;
+        }
+        let count = self.frames.len().min(SEND_FRAMES_MAX);
+        self.in_flight = count as u16;
+        self.epoch = epoch;
+        let head = &self.frames[0].0[self.head_sent as usize..];
+        if count == 1 {
+            return Some(NextSend::One(head.as_ptr(), head.len()));
+        }
+        let gather = self.gather.get_or_insert_with(Gather::new);
+        for (i, (frame, _)) in self.frames.iter().take(count).enumerate() {
+            let part = if i == 0 { head } else { &frame[..] };
+            gather.iov[i] = libc::iovec {
+                iov_base: part.as_ptr() as *mut _,
+                iov_len: part.len(),
+            };
+        }
+        gather.msg.msg_iov = gather.iov.as_mut_ptr();
+        gather.msg.msg_iovlen = count as _;
+        Some(NextSend::Many(&gather.msg))
+    }
+
+    /// Records the completion of the send in flight that wrote `sent` bytes (a
+    /// short send leaves the rest queued and marks the queue refused); calls
+    /// `event_sent` with the publish time of each event now fully sent, and
+    /// returns how many frames completed.
+    pub fn complete(&mut self, sent: usize, mut event_sent: impl FnMut(u64)) -> usize {
+        let covered = usize::from(self.in_flight);
+        assert!(covered > 0, "a send completed with none in flight");
+        let offered: usize = self
+            .frames
+            .iter()
+            .take(covered)
+            .map(|(f, _)| f.len())
+            .sum::<usize>()
+            - self.head_sent as usize;
+        assert!(sent <= offered, "sent {sent} of {offered} offered bytes");
+        self.in_flight = 0;
+        self.short = sent < offered;
+        self.cost -= sent;
+        let mut left = sent;
+        let mut done = 0;
+        while left > 0 {
+            let remaining = self.frames[0].0.len() - self.head_sent as usize;
+            if left < remaining {
+                self.head_sent += left as u32;
+                break;
+            }
+            left -= remaining;
+            let (_, stamp) = self
+                .frames
+                .pop_front()
+                .expect("sent bytes belong to queued frames");
+            self.cost -= FRAME_OVERHEAD_BYTES;
+            match stamp {
+                STAMP_PLAIN => {}
+                STAMP_PONG => self.pongs -= 1,
+                published_ns => event_sent(published_ns),
+            }
+            self.head_sent = 0;
+            done += 1;
+        }
+        done
+    }
+
+    /// Ends the send in flight without progress (it failed or was cancelled).
+    pub fn abandon_in_flight(&mut self) {
+        self.in_flight = 0;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Drops every frame not handed to the kernel. Frames covered by a send in
+    /// flight stay: the kernel still reads them, and a frame cut in the middle
+    /// would corrupt the stream.
+    pub fn discard_unsent(&mut self) {
+        let keep = usize::from(self.in_flight);
+        for (frame, stamp) in self.frames.drain(keep..) {
+            self.cost -= frame.len() + FRAME_OVERHEAD_BYTES;
+            if stamp == STAMP_PONG {
+                self.pongs -= 1;
+            }
+        }
+        if keep == 0 && self.head_sent > 0 {
+            self.head_sent = 0;
+        }
+        if self.frames.is_empty() {
+            debug_assert_eq!(self.cost, 0);
+            self.cost = 0;
+        }
+    }
+}
+
+/// Emptied send queues kept for reuse, so a subscriber receiving one event at a
+/// time costs no allocation per event. Holds at most [`SEND_QUEUE_POOL_MAX`]
+/// queues, each with a frame array of at most [`POOLED_FRAMES_MAX`] slots and
+/// no gather box: about 1 MiB per shard when full.
+#[derive(Default)]
+pub(crate) struct SendPool {
+    // Boxed on purpose: a connection's queue is a box, and recycling the box
+    // itself is the point (one allocation saved per delivery).
+    #[allow(clippy::vec_box)]
+    free: Vec<Box<SendQueue>>,
+    /// 0 turns recycling off (for measuring what it saves).
+    max: usize,
+}
+
+/// Frame slots a pooled queue keeps (a larger array is freed).
+const POOLED_FRAMES_MAX: usize = 4;
+
+impl SendPool {
+    pub fn new(enabled: bool) -> Self {
+        SendPool {
+            free: Vec::new(),
+            max: if enabled { SEND_QUEUE_POOL_MAX } else { 0 },
+        }
+    }
+
+    /// An empty queue, recycled when one is at hand.
+    pub fn take(&mut self) -> Box<SendQueue> {
+        self.free.pop().unwrap_or_default()
+    }
+
+    /// Takes back a queue that is empty and has nothing in flight.
+    pub fn put(&mut self, mut queue: Box<SendQueue>) {
+        assert!(
+            queue.frames.is_empty() && queue.in_flight == 0,
+            "only an empty queue with nothing in flight is recycled: {queue:?}"
+        );
+        if self.free.len() >= self.max {
+            return;
+        }
+        if queue.frames.capacity() > POOLED_FRAMES_MAX {
+            queue.frames = VecDeque::new();
+        }
+        queue.gather = None;
+        queue.cost = 0;
+        queue.head_sent = 0;
+        queue.short = false;
+        queue.pongs = 0;
+        self.free.push(queue);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

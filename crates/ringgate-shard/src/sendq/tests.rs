@@ -1,0 +1,189 @@
+//! The send queue against a pretend kernel that reads through the same
+//! pointers the real one gets.
+
+use super::*;
+
+/// The bytes a send would write, read through the pointers the kernel gets.
+pub(crate) fn bytes_of(next: &NextSend) -> Vec<u8> {
+    match *next {
+        // SAFETY: `next_send` points into frames that stay in the queue
+        // until `complete`, which the caller has not called yet.
+        NextSend::One(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec(),
+        NextSend::Many(msg) => {
+            // SAFETY: the header lives in the queue, as above.
+            let msg = unsafe { &*msg };
+            // SAFETY: it points at `msg_iovlen` initialised iovecs in the queue.
+            let iovs = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen) };
+            iovs.iter()
+                // SAFETY: each iovec names a live frame, as above.
+                .flat_map(|iov| unsafe {
+                    std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+                })
+                .copied()
+                .collect()
+        }
+    }
+}
+
+fn drain_all(q: &mut SendQueue) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(next) = q.next_send(0) {
+        // Pretend the kernel takes 3 bytes at most, to exercise short sends.
+        let bytes = bytes_of(&next);
+        let sent = bytes.len().min(3);
+        out.extend_from_slice(&bytes[..sent]);
+        q.complete(sent, |_| {});
+    }
+    out
+}
+
+#[test]
+fn short_and_vectored_sends_deliver_every_byte_in_order() {
+    let mut q = SendQueue::default();
+    let mut expected = Vec::new();
+    for i in 0..(SEND_FRAMES_MAX * 2 + 5) {
+        let frame: Vec<u8> = (0..(i % 7 + 1)).map(|j| (i * 10 + j) as u8).collect();
+        expected.extend_from_slice(&frame);
+        q.push(Bytes::from(frame), STAMP_PLAIN);
+    }
+    assert_eq!(drain_all(&mut q), expected);
+    assert!(q.is_empty());
+    assert_eq!((q.cost(), q.bytes()), (0, 0));
+}
+
+#[test]
+fn one_send_at_a_time_and_a_full_batch_completes_many_frames() {
+    let mut q = SendQueue::default();
+    for _ in 0..SEND_FRAMES_MAX + 3 {
+        q.push(Bytes::from_static(b"ab"), STAMP_PLAIN);
+    }
+    assert!(matches!(q.next_send(0), Some(NextSend::Many(_))));
+    assert!(q.next_send(0).is_none(), "one send in flight at a time");
+    assert_eq!(q.complete(2 * SEND_FRAMES_MAX, |_| {}), SEND_FRAMES_MAX);
+    assert!(matches!(q.next_send(0), Some(NextSend::Many(_))));
+    assert_eq!(q.complete(5, |_| {}), 2);
+    assert!(matches!(q.next_send(0), Some(NextSend::One(_, 1))));
+}
+
+#[test]
+fn cost_counts_every_frame_and_its_slot() {
+    let mut q = SendQueue::default();
+    q.push(Bytes::from_static(b"abcd"), STAMP_PLAIN);
+    q.push(Bytes::from_static(b"ef"), STAMP_PLAIN);
+    assert_eq!(q.cost(), 6 + 2 * FRAME_OVERHEAD_BYTES);
+    assert_eq!(q.bytes(), 6);
+    let _ = q.next_send(0);
+    q.complete(1, |_| {});
+    assert_eq!(q.cost(), 5 + 2 * FRAME_OVERHEAD_BYTES);
+    let _ = q.next_send(0);
+    q.complete(5, |_| {});
+    assert_eq!(q.cost(), 0);
+}
+
+#[test]
+fn refusal_is_a_short_send_or_a_send_held_past_a_submit() {
+    let mut q = SendQueue::default();
+    q.push(Bytes::from_static(b"abcdef"), STAMP_PLAIN);
+    assert!(!q.refused(7), "nothing was offered yet");
+    let _ = q.next_send(7);
+    assert!(!q.refused(7), "staged this epoch: not yet offered");
+    assert!(q.refused(8), "offered at a submit and still in flight");
+    q.complete(2, |_| {});
+    assert!(q.refused(8), "a short send: the socket is full");
+    let _ = q.next_send(8);
+    q.complete(4, |_| {});
+    assert!(!q.refused(8), "the kernel took all it was offered");
+}
+
+#[test]
+fn discarding_keeps_the_frames_in_flight() {
+    let mut q = SendQueue::default();
+    for (i, f) in [&b"abcd"[..], b"ef", b"gh"].into_iter().enumerate() {
+        q.push(Bytes::copy_from_slice(f), event_stamp(i as u64 + 10));
+    }
+    let _ = q.next_send(0);
+    let mut events = Vec::new();
+    q.complete(1, |ns| events.push(ns));
+    assert!(events.is_empty(), "a partly sent event is not done");
+    let _ = q.next_send(0); // covers all three frames
+    q.push(Bytes::from_static(b"ij"), event_stamp(19));
+    q.discard_unsent();
+    assert_eq!(q.bytes(), 3 + 2 + 2, "only the new frame was dropped");
+    q.complete(7, |ns| events.push(ns));
+    assert_eq!(events, vec![10, 11, 12], "each sent event reports once");
+    assert!(q.is_empty());
+    q.push(Bytes::from_static(b"kl"), STAMP_PLAIN);
+    q.discard_unsent();
+    assert!(q.is_empty());
+    assert_eq!(q.cost(), 0);
+}
+
+#[test]
+fn pongs_beyond_the_cap_replace_the_newest_unsent_one() {
+    let pong = |n: u8| Bytes::from(vec![0x8a, 1, n]);
+    let mut q = SendQueue::default();
+    for n in 0..PONGS_QUEUED_MAX {
+        assert!(q.push_pong(pong(n)));
+    }
+    let cost = q.cost();
+    for n in 100..200 {
+        assert!(!q.push_pong(pong(n)), "coalesced");
+    }
+    assert_eq!(q.cost(), cost, "a flood of pings costs nothing more");
+    let mut wire = Vec::new();
+    while let Some(next) = q.next_send(0) {
+        let bytes = bytes_of(&next);
+        q.complete(bytes.len(), |_| {});
+        wire.extend(bytes);
+    }
+    let last: Vec<u8> = wire.chunks(3).map(|c| c[2]).collect();
+    assert_eq!(
+        last,
+        vec![0, 1, 2, 199],
+        "the newest pong answers the last ping"
+    );
+    // Sent pongs no longer count: new ones queue again.
+    assert!(q.push_pong(pong(7)));
+}
+
+#[test]
+fn a_pong_offered_to_the_kernel_is_never_replaced() {
+    let mut q = SendQueue::default();
+    for n in 0..PONGS_QUEUED_MAX {
+        q.push_pong(Bytes::from(vec![0x8a, 1, n]));
+    }
+    let next = q.next_send(0).unwrap();
+    let offered = bytes_of(&next);
+    assert!(
+        q.push_pong(Bytes::from(vec![0x8a, 1, 9])),
+        "all are in flight: queue it"
+    );
+    assert_eq!(bytes_of(&next), offered);
+}
+
+#[test]
+fn the_pool_recycles_empty_queues_up_to_its_cap() {
+    let mut pool = SendPool::new(true);
+    let mut q = pool.take();
+    q.push(Bytes::from_static(b"x"), STAMP_PLAIN);
+    let _ = q.next_send(0);
+    q.complete(1, |_| {});
+    let addr = &*q as *const SendQueue;
+    pool.put(q);
+    assert_eq!(pool.len(), 1);
+    let q = pool.take();
+    assert_eq!(&*q as *const SendQueue, addr, "the same box came back");
+    assert_eq!(q.cost(), 0);
+    let mut off = SendPool::new(false);
+    off.put(q);
+    assert_eq!(off.len(), 0);
+}
+
+#[test]
+#[should_panic(expected = "only an empty queue")]
+fn recycling_a_queue_in_flight_is_a_bug() {
+    let mut q = Box::<SendQueue>::default();
+    q.push(Bytes::from_static(b"x"), STAMP_PLAIN);
+    let _ = q.next_send(0);
+    SendPool::new(true).put(q);
+}

@@ -1,0 +1,133 @@
+//! What other threads ask of the shard: events to fan out, taken from the inbox
+//! a bounded share per loop turn, and shutdown.
+//!
+//! The doorbell only marks the inbox as pending; the loop takes commands once
+//! every completion has been reaped, at most `INBOX_TURN_COMMANDS_MAX` commands
+//! and `INBOX_TURN_BYTES_MAX` event bytes per turn, and not while a subscriber
+//! is congested (over its limit with bytes the kernel was not yet offered).
+
+use std::io;
+use std::time::Instant;
+
+use io_uring::opcode;
+use io_uring::types::{CancelBuilder, Fd};
+use ringgate_codec::close_code;
+
+use super::Shard;
+use crate::conn::{flag, State};
+use crate::inbox::Command;
+use crate::input;
+use crate::limits::{INBOX_TURN_BYTES_MAX, INBOX_TURN_COMMANDS_MAX};
+use crate::sys;
+use crate::token::{Op, Token};
+
+impl Shard {
+    pub(super) fn arm_doorbell(&mut self) {
+        let buf: *mut u64 = &mut *self.doorbell_buf;
+        let sqe = opcode::Read::new(Fd(sys::raw(self.inbox.doorbell())), buf.cast(), 8)
+            .build()
+            .user_data(Token::shard(Op::Doorbell).encode());
+        self.staged.push(sqe);
+    }
+
+    pub(super) fn on_doorbell(&mut self, result: i32) {
+        if result < 0 && -result != libc::EINTR {
+            panic!(
+                "the shard's doorbell read failed: {}",
+                io::Error::from_raw_os_error(-result)
+            );
+        }
+        self.inbox_pending = true;
+        if let Some(deadline) = self.inbox.shutdown_requested() {
+            self.begin_shutdown(deadline);
+        }
+        self.arm_doorbell();
+    }
+
+    /// Takes one turn's share of the inbox and acts on it.
+    pub(super) fn handle_commands(&mut self) {
+        let mut commands = std::mem::take(&mut self.commands);
+        self.inbox_pending =
+            self.inbox
+                .take(&mut commands, INBOX_TURN_COMMANDS_MAX, INBOX_TURN_BYTES_MAX);
+        for command in commands.drain(..) {
+            match command {
+                Command::Deliver {
+                    topic,
+                    frame,
+                    published_ns,
+                } => self.deliver(&topic, &frame, published_ns),
+            }
+        }
+        self.commands = commands;
+    }
+
+    /// Whether a subscriber is over its send-queue limit with bytes the kernel
+    /// was not yet offered (its send is staged or just submitted): then new
+    /// events wait in the inbox until the kernel took them or refused them, so
+    /// the shard's own pace never makes a reader look slow. A connection waiting
+    /// for a send slot does not hold the inbox (the slots may all be taken by
+    /// stalled subscribers); the hard limit bounds it instead.
+    pub(super) fn is_congested(&mut self) -> bool {
+        let limit = self.cfg.send_queue_bytes_max;
+        let epoch = self.epoch;
+        let Shard {
+            conns, congested, ..
+        } = self;
+        congested.retain(|&(key, generation)| {
+            let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else {
+                return false;
+            };
+            let still = conn.state == State::Open
+                && conn.has(flag::SEND_INFLIGHT)
+                && conn
+                    .sendq
+                    .as_ref()
+                    .is_some_and(|q| q.cost() > limit && !q.refused(epoch));
+            if !still {
+                conn.clear(flag::CONGESTED);
+            }
+            still
+        });
+        if congested.is_empty() {
+            return false;
+        }
+        self.stats.congested_turns.add(1);
+        true
+    }
+
+    pub(super) fn begin_shutdown(&mut self, deadline: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        tracing::info!(shard = self.id, connections = self.conns.len(), "draining");
+        self.shutdown_deadline = Some(deadline);
+        if self.accept_armed {
+            let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(
+                Token::shard(Op::Accept).encode(),
+            ))
+            .build()
+            .user_data(Token::shard(Op::Cancel).encode());
+            self.staged.push(cancel);
+        }
+        // The cancel holds its own reference to the socket; closing ours now
+        // takes this shard out of the SO_REUSEPORT group.
+        self.listener = None;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            match conn.state {
+                State::Open => input::start_close(
+                    conn,
+                    close_code::GOING_AWAY,
+                    "server shutting down",
+                    self.now,
+                    &mut self.pool,
+                ),
+                State::Handshake => self.finish(key),
+                _ => {}
+            }
+            self.drive(key);
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! A connection's operations: accept, receive, send, shutdown, close; and
+//! `drive`, which stages whatever a record's state calls for next.
+//!
+//! Sends take a slot of `SENDS_INFLIGHT_MAX`; a connection that finds none waits
+//! on the ready list and is offered one as earlier sends complete, so the CQ
+//! never has to hold a completion per subscriber of a large fanout.
+
+use std::io;
+
+use io_uring::types::{CancelBuilder, Fd, Fixed};
+use io_uring::{cqueue, opcode};
+
+use super::{Shard, BGID};
+use crate::conn::{flag, Conn, State};
+use crate::input;
+use crate::limits::{SCRATCH_KEEP, SENDS_INFLIGHT_MAX};
+use crate::sendq::NextSend;
+use crate::stats::{clock_ns, LATENCY_MAX_US};
+use crate::sys;
+use crate::token::{Op, Token};
+
+impl Shard {
+    // ---- accept -------------------------------------------------------------
+
+    pub(super) fn arm_accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let sqe = opcode::AcceptMulti::new(Fd(sys::raw(listener)))
+            .allocate_file_index(true)
+            .build()
+            .user_data(Token::shard(Op::Accept).encode());
+        self.staged.push(sqe);
+        self.accept_armed = true;
+    }
+
+    pub(super) fn on_accept(&mut self, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if result < 0 {
+            match -result {
+                libc::ENFILE => {
+                    // The fixed-file table is full: the kernel closed the socket.
+                    // Accepting again waits for the next tick.
+                    self.stats.rejected_table_full.add(1);
+                    return;
+                }
+                libc::ECANCELED => return,
+                errno => tracing::warn!(
+                    shard = self.id,
+                    "accept failed: {}",
+                    io::Error::from_raw_os_error(errno)
+                ),
+            }
+        } else {
+            self.admit(result as u32);
+        }
+        if !self.accept_armed && self.shutdown_deadline.is_none() {
+            self.arm_accept();
+        }
+    }
+
+    fn admit(&mut self, slot: u32) {
+        self.stats.accepted.add(1);
+        self.stats.direct_descriptors.add(1);
+        self.stats.connections.add(1);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1) & crate::token::GENERATION_MASK;
+        let full = self.conns.len() >= self.cfg.connections_max as usize;
+        let key = self.conns.insert(Conn::new(slot, generation, self.now));
+        if full {
+            self.stats.rejected_limit.add(1);
+            let (conns, mut env) = self.env_parts();
+            input::reject(
+                &mut conns[key],
+                503,
+                "server at its connection limit, try again later",
+                "Retry-After: 1\r\n",
+                &mut env,
+            );
+        }
+        self.drive(key);
+    }
+
+    // ---- receive ------------------------------------------------------------
+
+    pub(super) fn on_recv(&mut self, key: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let conn = &mut self.conns[key];
+        if !more {
+            conn.clear(flag::RECV_ARMED);
+        }
+        if result > 0 {
+            let bid = cqueue::buffer_select(flags).expect("recv with buffer select names a buffer");
+            let bufs = self.bufs.as_mut().expect("present until exit");
+            let chunk = bufs.take(bid, result as usize, cqueue::buffer_more(flags));
+            // SAFETY: the kernel filled these bytes and gave the buffer to us with
+            // this completion; it is not in the ring (or, in incremental mode, the
+            // kernel writes only past them) until `finish` below, and nothing else
+            // refers to it meanwhile.
+            let data = unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len) };
+            let (conns, mut env) = self.env_parts();
+            input::on_recv(&mut conns[key], data, &mut env);
+            self.bufs
+                .as_mut()
+                .expect("present until exit")
+                .finish(chunk);
+            if !self.upcalls.is_empty() {
+                self.handle_upcalls(key);
+            }
+            return;
+        }
+        match -result {
+            // EOF: the peer is gone or answered our shutdown.
+            0 => self.finish(key),
+            libc::ENOBUFS => {
+                // Flow control, not loss: the bytes wait in the socket.
+                self.stats.buffer_ring_exhausted.add(1);
+                let conn = &mut self.conns[key];
+                conn.set(flag::REARM_WAIT);
+                self.rearm.push((key, conn.generation));
+            }
+            // Paused for back-pressure, or finishing: drive() decides.
+            libc::ECANCELED => {}
+            errno => {
+                tracing::debug!(
+                    shard = self.id,
+                    "recv failed: {}",
+                    io::Error::from_raw_os_error(errno)
+                );
+                self.finish(key);
+            }
+        }
+    }
+
+    /// Re-arms the recvs that ran out of buffers, once buffers have come back.
+    pub(super) fn rearm_starved(&mut self) {
+        for (key, generation) in std::mem::take(&mut self.rearm) {
+            match self.conns.get_mut(key) {
+                Some(conn) if conn.generation == generation => conn.clear(flag::REARM_WAIT),
+                _ => continue,
+            }
+            self.drive(key);
+        }
+    }
+
+    /// A parked connection's poll fired: input (or EOF) is waiting. Unpark; drive
+    /// re-arms the recv, which reads it.
+    pub(super) fn on_poll(&mut self, key: usize, result: i32) {
+        let conn = &mut self.conns[key];
+        conn.clear(flag::POLL_ARMED);
+        if result >= 0 {
+            conn.clear(flag::PARKED);
+        }
+    }
+
+    // ---- send -----------------------------------------------------------------
+
+    pub(super) fn on_send(&mut self, key: usize, result: i32) {
+        assert!(
+            self.sends_inflight > 0,
+            "a send completed with none counted"
+        );
+        self.sends_inflight -= 1;
+        let conn = &mut self.conns[key];
+        conn.clear(flag::SEND_INFLIGHT);
+        let queue = conn.sendq.as_mut().expect("a send was in flight");
+        if result <= 0 {
+            queue.abandon_in_flight();
+            if result < 0 && -result != libc::ECANCELED {
+                tracing::debug!(
+                    shard = self.id,
+                    "send failed: {}",
+                    io::Error::from_raw_os_error(-result)
+                );
+            }
+            self.finish(key);
+            return;
+        }
+        let sent = result as usize;
+        self.stats.bytes_sent.add(sent as u64);
+        let latency = &mut self.latency;
+        let mut now_ns = None;
+        queue.complete(sent, |published_ns| {
+            let now = *now_ns.get_or_insert_with(clock_ns);
+            let us = (now.saturating_sub(published_ns) / 1000).clamp(1, LATENCY_MAX_US);
+            let _ = latency.record(us);
+        });
+        conn.release_queue(&mut self.pool);
+    }
+
+    /// Sends the connection's queue if it has something and no send in flight:
+    /// now, if a send slot is free, else after the connections already waiting.
+    pub(super) fn want_send(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let idle = conn.sendq.as_ref().is_none_or(|q| q.is_empty());
+        if idle || conn.has(flag::SEND_INFLIGHT | flag::SEND_READY) || conn.state == State::Finished
+        {
+            return;
+        }
+        if self.sends_inflight >= SENDS_INFLIGHT_MAX || !self.ready.is_empty() {
+            conn.set(flag::SEND_READY);
+            self.ready.push_back((key, conn.generation));
+            return;
+        }
+        self.stage_send(key);
+    }
+
+    /// Gives free send slots to the connections waiting for one, in order.
+    pub(super) fn offer_send_slots(&mut self) {
+        while self.sends_inflight < SENDS_INFLIGHT_MAX {
+            let Some((key, generation)) = self.ready.pop_front() else {
+                break;
+            };
+            match self.conns.get_mut(key) {
+                Some(conn) if conn.generation == generation => conn.clear(flag::SEND_READY),
+                // Freed while waiting: the entry is stale.
+                _ => continue,
+            }
+            self.stage_send(key);
+        }
+        if self.ready.is_empty() && self.ready.capacity() > SCRATCH_KEEP {
+            self.ready.shrink_to(SCRATCH_KEEP);
+        }
+    }
+
+    /// Stages a send of the head of the connection's queue (one send per
+    /// connection at a time, so frames go out in order).
+    fn stage_send(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.has(flag::SEND_INFLIGHT) || conn.state == State::Finished {
+            return;
+        }
+        let Some(next) = conn.sendq.as_mut().and_then(|q| q.next_send(self.epoch)) else {
+            return;
+        };
+        let fixed = Fixed(conn.slot);
+        let sqe = match next {
+            NextSend::One(ptr, len) => opcode::Send::new(fixed, ptr, len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            NextSend::Many(msg) => opcode::SendMsg::new(fixed, msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build(),
+        };
+        // The frames (and for SendMsg the header and gather list) stay in the
+        // boxed queue, unmoved, until this completes: see SendQueue.
+        self.staged
+            .push(sqe.user_data(Token::new(Op::Send, conn.generation, key).encode()));
+        conn.set(flag::SEND_INFLIGHT);
+        self.sends_inflight += 1;
+    }
+
+    // ---- shutdown / close -------------------------------------------------------
+
+    pub(super) fn on_shutdown(&mut self, key: usize, result: i32) {
+        let conn = &mut self.conns[key];
+        conn.clear(flag::SHUT_INFLIGHT);
+        conn.set(flag::SHUT_DONE);
+        if result < 0 {
+            self.finish(key);
+        }
+    }
+
+    pub(super) fn on_close(&mut self, key: usize) {
+        self.stats.direct_descriptors.sub(1);
+        let conn = &mut self.conns[key];
+        conn.clear(flag::CLOSE_INFLIGHT);
+        conn.set(flag::CLOSED);
+    }
+
+    /// Cancels one operation in flight by its own user_data.
+    pub(super) fn cancel(&mut self, op: Op, key: usize) {
+        let target = Token::new(op, self.conns[key].generation, key).encode();
+        let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(target))
+            .build()
+            .user_data(Token::shard(Op::Cancel).encode());
+        self.staged.push(cancel);
+    }
+
+    /// Ends a connection: cancel what is armed on it and close the descriptor.
+    pub(super) fn finish(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.state == State::Finished {
+            return;
+        }
+        conn.state = State::Finished;
+        self.unfinished -= input::drop_partial(conn);
+        if conn.subs.len() > 0 {
+            self.topics.unsubscribe_all(&mut self.conns, key);
+            self.update_topic_gauges();
+        }
+        // Cancel what is in flight by its own user_data, never by file: a fixed
+        // slot is reused as soon as it is closed, and a cancel (or a shutdown the
+        // kernel ran late on a worker thread) aimed at a slot would then hit the
+        // next connection in it. drive() closes the slot once all of these ended.
+        let in_flight = [
+            (flag::RECV_ARMED, Op::Recv),
+            (flag::SEND_INFLIGHT, Op::Send),
+            (flag::SHUT_INFLIGHT, Op::Shutdown),
+            (flag::POLL_ARMED, Op::Poll),
+        ];
+        for (bit, op) in in_flight {
+            if self.conns[key].has(bit) {
+                self.cancel(op, key);
+            }
+        }
+    }
+
+    /// Stages whatever operations the connection's state now calls for, and frees
+    /// its record once nothing is in flight.
+    pub(super) fn drive(&mut self, key: usize) {
+        self.conns[key].check();
+        if self.conns[key].state == State::Finished {
+            return self.drive_finished(key);
+        }
+        self.want_send(key);
+        let conn = &mut self.conns[key];
+        let generation = conn.generation;
+        let fixed = Fixed(conn.slot);
+        let sending = conn.has(flag::SEND_INFLIGHT | flag::SEND_READY);
+        // The close handshake is done and everything is sent: close now (before
+        // arming a recv that would only be cancelled).
+        if conn.state == State::Flushing && conn.sendq.is_none() && !sending {
+            self.finish(key);
+            return self.drive(key);
+        }
+        self.pause_or_resume_reads(key);
+        let conn = &mut self.conns[key];
+        // Keep a recv armed while reading (also to see the FIN while draining); a
+        // parked connection waits with a one-shot poll instead.
+        let parked = conn.has(flag::PARKED) && conn.state == State::Open;
+        if parked && !conn.has(flag::RECV_ARMED | flag::POLL_ARMED) {
+            let sqe = opcode::PollAdd::new(fixed, (libc::POLLIN | libc::POLLRDHUP) as u32)
+                .build()
+                .user_data(Token::new(Op::Poll, generation, key).encode());
+            self.staged.push(sqe);
+            conn.set(flag::POLL_ARMED);
+        }
+        let wants_recv = !parked
+            && !conn
+                .has(flag::RECV_ARMED | flag::READ_PAUSED | flag::REARM_WAIT | flag::POLL_ARMED);
+        if wants_recv {
+            let sqe = opcode::RecvMulti::new(fixed, BGID)
+                .build()
+                .user_data(Token::new(Op::Recv, generation, key).encode());
+            self.staged.push(sqe);
+            conn.set(flag::RECV_ARMED);
+        }
+        if conn.state == State::Draining
+            && conn.sendq.is_none()
+            && !conn.has(flag::SEND_INFLIGHT | flag::SHUT_INFLIGHT | flag::SHUT_DONE)
+        {
+            let sqe = opcode::Shutdown::new(fixed, libc::SHUT_WR)
+                .build()
+                .user_data(Token::new(Op::Shutdown, generation, key).encode());
+            self.staged.push(sqe);
+            conn.set(flag::SHUT_INFLIGHT);
+        }
+        self.conns[key].check();
+    }
+
+    /// A finished connection: close the slot only when no operation can still
+    /// refer to it, then free the record once the close has completed.
+    fn drive_finished(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.has(flag::INFLIGHT) {
+            return;
+        }
+        if conn.has(flag::CLOSED) {
+            assert!(
+                conn.partial.is_none() && conn.subs.len() == 0,
+                "a freed record still holds input or subscriptions: {conn:?}"
+            );
+            let mut conn = self.conns.remove(key);
+            if let Some(queue) = conn.sendq.as_mut() {
+                queue.discard_unsent();
+            }
+            conn.release_queue(&mut self.pool);
+            self.stats.connections.sub(1);
+        } else {
+            let close = opcode::Close::new(Fixed(conn.slot))
+                .build()
+                .user_data(Token::new(Op::Close, conn.generation, key).encode());
+            self.staged.push(close);
+            conn.set(flag::CLOSE_INFLIGHT);
+        }
+    }
+
+    /// Back-pressure on `/echo`: a peer that does not read its echoes stops being
+    /// read once its queue passes the limit, and is read again at half of it.
+    fn pause_or_resume_reads(&mut self, key: usize) {
+        let limit = self.cfg.send_queue_bytes_max;
+        let conn = &mut self.conns[key];
+        let cost = conn.queued_cost();
+        if cost > limit && !conn.has(flag::READ_PAUSED) {
+            conn.set(flag::READ_PAUSED);
+            self.stats.reads_paused.add(1);
+            if conn.has(flag::RECV_ARMED) {
+                self.cancel(Op::Recv, key);
+            }
+        } else if conn.has(flag::READ_PAUSED) && cost <= limit / 2 {
+            conn.clear(flag::READ_PAUSED);
+        }
+    }
+}
