@@ -22,6 +22,14 @@ pub const STARVED_RING: &[&str] = &[
     "512",
 ];
 
+/// The binary under test: the one cargo built, or `RINGGATE_BIN` (to run a
+/// test against another build, e.g. to show it fails before a fix).
+pub fn binary() -> std::ffi::OsString {
+    std::env::var_os("RINGGATE_BIN")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ringgate").into())
+}
+
 /// A running ringgate, killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -43,7 +51,7 @@ impl Server {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        let mut child = Command::new(binary())
             .args(listen)
             .args(["--control", "127.0.0.1:0", "--no-pin"])
             .args(args)

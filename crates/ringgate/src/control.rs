@@ -132,7 +132,11 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, control: Arc<Cont
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             control.refused.fetch_add(1, Ordering::Relaxed);
-            // One non-blocking write, then close: a refusal holds nothing.
+            // One non-blocking read (closing with unread bytes would reset the
+            // connection before the client reads the answer), one non-blocking
+            // write, then close: a refusal holds nothing.
+            let mut request = [0u8; 4096];
+            let _ = stream.try_read(&mut request);
             let _ = stream.try_write(
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\ntoo many control-plane connections\r\n\r\n",
             );

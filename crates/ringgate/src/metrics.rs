@@ -131,6 +131,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.send_queue_bytes,
     ),
     (
+        "ringgate_loop_ticks_total",
+        "counter",
+        "Ticks the shard's loop has handled (one a second): its liveness.",
+        |s| &s.loop_ticks,
+    ),
+    (
         "ringgate_cq_overflow_total",
         "counter",
         "Loop turns that found completions in the kernel's overflow list (the completion queue was full).",
