@@ -164,6 +164,44 @@ fn fanout_loses_nothing_and_matches_the_server() {
     assert_eq!(r["latency_ms"]["count"], r["delivered"]);
 }
 
+/// Issue 10, item 14: a fanout stages one send per subscriber, and the CQ holds
+/// 16,384 completions. 19,000 subscribers on one shard (as many as one ring's
+/// file table holds here: the soft RLIMIT_NOFILE is 20,000) get every event
+/// with the CQ never overflowing: sends wait for a slot instead.
+#[test]
+fn a_fanout_larger_than_the_cq_on_one_shard_never_overflows_it() {
+    let server = Ringgate::start(&["--shards", "1"]);
+    let r = loadgen(
+        &server,
+        &[
+            "fanout",
+            "--conns",
+            "19000",
+            "--procs",
+            "2",
+            "--sources",
+            "127.0.0.2-127.0.0.3",
+            "--events",
+            "20",
+        ],
+    );
+    assert_eq!(r["expected"], 20 * 19000);
+    assert_eq!(r["delivered"], r["expected"]);
+    let stats = http_get_json(&server.control, "/stats");
+    assert_eq!(stats["totals"]["cq_overflow_total"], 0, "{}", stats["totals"]);
+}
+
+/// GET `path` on `addr` (HOST:PORT) and parse the body as JSON.
+fn http_get_json(addr: &str, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap()
+}
+
 #[test]
 fn the_fastwebsockets_peer_echoes_for_the_bench() {
     let peer = Ringgate::start_binary(
