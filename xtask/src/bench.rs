@@ -42,6 +42,9 @@ impl Drop for Server {
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Ringgate,
+    /// ringgate with send-queue recycling off (`--no-recycle`): what recycling
+    /// saves per delivery, measured in the same run.
+    RinggateNoRecycle,
     Baseline,
     /// The baseline binary serving `/echo` with fastwebsockets: the best echo
     /// peer in issue 6's table, measured in the same run.
@@ -53,7 +56,7 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &cpu.to_string()]);
     match kind {
-        Kind::Ringgate => cmd.arg(dir.join("ringgate")).args([
+        Kind::Ringgate | Kind::RinggateNoRecycle => cmd.arg(dir.join("ringgate")).args([
             "--shards",
             "1",
             "--echo",
@@ -73,6 +76,9 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
     };
     if kind == Kind::FastEcho {
         cmd.args(["--engine", "fastwebsockets"]);
+    }
+    if kind == Kind::RinggateNoRecycle {
+        cmd.arg("--no-recycle");
     }
     let mut child = cmd
         .env("RUST_LOG", "warn")
@@ -365,6 +371,28 @@ pub fn run(args: &Args) -> Result<(), String> {
             "fanout at 5 ev/s, server CPU per delivery over the floor: ringgate {:.2}x, baseline {:.2}x",
             ours / floor.uring_us,
             theirs / floor.uring_us
+        );
+    }
+    // Send-queue recycling (issue 10, item 15): the steady scenario again on a
+    // ringgate that allocates a queue per delivery, then on one that recycles.
+    let mut recycling = Vec::new();
+    for kind in [Kind::RinggateNoRecycle, Kind::Ringgate] {
+        let server = start(kind, args.server_cpu)?;
+        let a = args_for(
+            Scenario::Fanout,
+            &server,
+            args.quick,
+            args.loadgen_cpu,
+            true,
+        );
+        recycling.push(loadgen::run(&a)?.server_cpu_us_per_message);
+    }
+    if let [Some(without), Some(with)] = recycling[..] {
+        println!(
+            "fanout at 5 ev/s, server CPU per delivery: {} us allocating each send queue (--no-recycle), {} us recycling them ({:.2}x)",
+            human(without),
+            human(with),
+            without / with
         );
     }
     let peer = {

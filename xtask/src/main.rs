@@ -1,6 +1,7 @@
 //! `cargo xtask`: ringgate's developer tasks.
 //!
-//! - `test`: the whole suite as CI runs it (fmt check, clippy -D warnings, every test).
+//! - `test`: the whole suite as CI runs it (fmt check, clippy -D warnings, every
+//!   test, and each fuzz target briefly when a nightly toolchain is installed).
 //! - `autobahn`: the Autobahn TestSuite server cases against a release `--echo`.
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
 //! - `loadgen`: drive load at a running server (connect, fanout, echo, churn).
@@ -27,7 +28,7 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run everything CI runs: cargo fmt --check, clippy -D warnings, all tests.
+    /// Run everything CI runs: cargo fmt --check, clippy -D warnings, all tests, brief fuzzing.
     Test,
     /// Run the Autobahn server cases (../shared/conformance) against a release `ringgate --echo`.
     Autobahn {
@@ -118,7 +119,38 @@ fn test() -> Result<(), String> {
     if failed > 0 || passed == 0 {
         return Err(format!("{failed} tests failed, {passed} passed"));
     }
-    Ok(())
+    fuzz_briefly()
+}
+
+/// Seconds each fuzz target runs in the suite: enough to replay the seeds and
+/// explore a little; long runs are `scripts/fuzz.sh SECONDS`.
+const SUITE_FUZZ_SECONDS: &str = "15";
+
+/// Runs every fuzz target briefly when a nightly toolchain is installed (the
+/// project itself builds on stable; fuzzing needs nightly).
+fn fuzz_briefly() -> Result<(), String> {
+    let nightly = std::process::Command::new("cargo")
+        .args(["+nightly", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nightly {
+        println!("fuzz: skipped (no nightly toolchain; scripts/fuzz.sh needs one)");
+        return Ok(());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/fuzz.sh");
+    let status = std::process::Command::new("bash")
+        .args([script, SUITE_FUZZ_SECONDS])
+        // cargo-fuzz and the nightly toolchain pick their own settings.
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    if status.success() {
+        println!("fuzz: every target ran {SUITE_FUZZ_SECONDS} s without a crash");
+        Ok(())
+    } else {
+        Err("a fuzz target crashed (see crates/*/fuzz/artifacts)".into())
+    }
 }
 
 fn autobahn(cases: &str, runner: &str) -> Result<(), String> {

@@ -188,14 +188,22 @@ fn a_fanout_larger_than_the_cq_on_one_shard_never_overflows_it() {
     assert_eq!(r["expected"], 20 * 19000);
     assert_eq!(r["delivered"], r["expected"]);
     let stats = http_get_json(&server.control, "/stats");
-    assert_eq!(stats["totals"]["cq_overflow_total"], 0, "{}", stats["totals"]);
+    assert_eq!(
+        stats["totals"]["cq_overflow_total"], 0,
+        "{}",
+        stats["totals"]
+    );
 }
 
 /// GET `path` on `addr` (HOST:PORT) and parse the body as JSON.
 fn http_get_json(addr: &str, path: &str) -> Value {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
     let body = response.split_once("\r\n\r\n").unwrap().1;

@@ -139,7 +139,8 @@ pub fn decode_header(buf: &[u8], role: Role, payload_max: u64) -> Result<Decoded
         _ => 0,
     };
     let header_len = 2 + len_bytes + if masked { 4 } else { 0 };
-    if buf.len() < header_len {
+    // The length is checked as soon as its bytes are in, before the mask.
+    if buf.len() < 2 + len_bytes {
         return Ok(Decoded::NeedHeader(header_len));
     }
     let payload_len = match len_bytes {
@@ -165,6 +166,9 @@ pub fn decode_header(buf: &[u8], role: Role, payload_max: u64) -> Result<Decoded
     };
     if payload_len > payload_max {
         return Err(ProtocolError::FrameTooLarge);
+    }
+    if buf.len() < header_len {
+        return Ok(Decoded::NeedHeader(header_len));
     }
     let mask = masked.then(|| {
         let at = 2 + len_bytes;
@@ -337,6 +341,30 @@ mod tests {
         let ok64 = [&[0x82, 0xff, 0, 0, 0, 0, 0, 1, 0, 0][..], &m].concat();
         assert!(decode_header(&ok16, Role::Server, MAX).is_ok());
         assert!(decode_header(&ok64, Role::Server, MAX).is_ok());
+    }
+
+    #[test]
+    fn a_bad_length_fails_before_the_mask_arrives() {
+        // Top bit set, too large, and not minimal: each proven by the length
+        // bytes alone, with the mask still to come.
+        let cases: &[(&[u8], ProtocolError)] = &[
+            (
+                &[0x82, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0],
+                ProtocolError::BadLength,
+            ),
+            (
+                &[0x82, 0xff, 0, 0, 0, 0, 0, 0x20, 0, 0],
+                ProtocolError::FrameTooLarge,
+            ),
+            (&[0x82, 0xfe, 0x00, 0x05], ProtocolError::NonMinimalLength),
+        ];
+        for (bytes, err) in cases {
+            assert_eq!(
+                decode_header(bytes, Role::Server, MAX),
+                Err(*err),
+                "{bytes:x?}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ringgate_codec::Limits;
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 use crate::limits::INBOX_CAPACITY;
 use crate::limits::{
     BUFFERS_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS, REQUEST_BYTES_CEILING,
@@ -203,7 +203,8 @@ pub(crate) fn ticks(d: Duration) -> u32 {
     u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 
-#[cfg(test)]
+/// Settings for tests and fuzzing: small, every check on.
+#[cfg(any(test, fuzzing))]
 pub(crate) fn test_config() -> ShardConfig {
     ShardConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

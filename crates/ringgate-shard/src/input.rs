@@ -313,7 +313,12 @@ fn complete_tail(
                 check_tail(p, limits)?;
                 return Ok(None);
             }
-            Decoded::NeedHeader(_) if take < need => return Ok(None),
+            Decoded::NeedHeader(_) if take < need => {
+                // Still short of a header, but the new bytes may prove a fault
+                // already (a bad length before its mask): fail as soon as they do.
+                decode_header(&p.tail, Role::Server, limits.frame_bytes_max)?;
+                return Ok(None);
+            }
             Decoded::NeedHeader(_) => {} // the header may be complete now: decode again
         }
     };

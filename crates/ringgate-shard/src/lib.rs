@@ -22,6 +22,8 @@
 mod bufring;
 mod config;
 mod conn;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 mod inbox;
 mod input;
 mod kernel;

@@ -259,6 +259,30 @@ impl SendQueue {
     }
 }
 
+/// The bytes a send would write, read through the very pointers the kernel
+/// gets (tests and fuzzing stand in for the kernel with this).
+#[cfg(any(test, fuzzing))]
+pub(crate) fn read_send(next: &NextSend) -> Vec<u8> {
+    match *next {
+        // SAFETY: `next_send` points into frames that stay in the queue until
+        // `complete`, which the caller calls only after this returns.
+        NextSend::One(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec(),
+        NextSend::Many(msg) => {
+            // SAFETY: the header lives in the queue's gather box, as above.
+            let msg = unsafe { &*msg };
+            // SAFETY: it points at `msg_iovlen` initialised iovecs in the box.
+            let iovs = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen) };
+            iovs.iter()
+                // SAFETY: each iovec names a live frame, as above.
+                .flat_map(|iov| unsafe {
+                    std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+                })
+                .copied()
+                .collect()
+        }
+    }
+}
+
 /// Emptied send queues kept for reuse, so a subscriber receiving one event at a
 /// time costs no allocation per event. Holds at most [`SEND_QUEUE_POOL_MAX`]
 /// queues, each with a frame array of at most [`POOLED_FRAMES_MAX`] slots and

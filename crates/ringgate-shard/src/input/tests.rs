@@ -522,3 +522,17 @@ fn absolute_form_and_many_headers_are_served() {
     assert_eq!(h.conn.state, State::Open);
     assert_eq!(h.upcalls, vec![Upcall::Subscribe(vec!["a".into()])]);
 }
+
+#[test]
+fn a_bad_length_fails_as_soon_as_it_arrives_whatever_the_split() {
+    // Found by the input fuzz target: a 64-bit length with its top bit set,
+    // arriving a few bytes at a time with the mask never sent.
+    let wire = [0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    for cut in 1..wire.len() {
+        let mut h = Harness::open();
+        h.feed(&wire[..cut]);
+        h.feed(&wire[cut..]);
+        assert_eq!(close_code_of(&h.sent()), 1002, "cut {cut}");
+        assert!(h.conn.partial.is_none());
+    }
+}

@@ -3,26 +3,8 @@
 
 use super::*;
 
-/// The bytes a send would write, read through the pointers the kernel gets.
-pub(crate) fn bytes_of(next: &NextSend) -> Vec<u8> {
-    match *next {
-        // SAFETY: `next_send` points into frames that stay in the queue
-        // until `complete`, which the caller has not called yet.
-        NextSend::One(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec(),
-        NextSend::Many(msg) => {
-            // SAFETY: the header lives in the queue, as above.
-            let msg = unsafe { &*msg };
-            // SAFETY: it points at `msg_iovlen` initialised iovecs in the queue.
-            let iovs = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen) };
-            iovs.iter()
-                // SAFETY: each iovec names a live frame, as above.
-                .flat_map(|iov| unsafe {
-                    std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
-                })
-                .copied()
-                .collect()
-        }
-    }
+fn bytes_of(next: &NextSend) -> Vec<u8> {
+    read_send(next)
 }
 
 fn drain_all(q: &mut SendQueue) -> Vec<u8> {
