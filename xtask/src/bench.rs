@@ -140,6 +140,12 @@ fn args_for(
         timeout: 120.0,
         quiet: true,
         spin: false,
+        churn: 0.0,
+        burst: 0,
+        burst_every: 300.0,
+        sample: 5.0,
+        settle: 30.0,
+        tolerance: 0.10,
     };
     match scenario {
         Scenario::Connect => a.conns = if quick { 5_000 } else { 15_000 },
@@ -148,7 +154,7 @@ fn args_for(
             a.events = if quick { 200 } else { 500 };
         }
         Scenario::Echo => a.conns = 100,
-        Scenario::Churn => {}
+        Scenario::Churn | Scenario::Soak => {}
     }
     if paced {
         let (conns, events, rate) = steady(quick);
@@ -280,7 +286,7 @@ fn rows(scenario: Scenario, paced: bool, r: &Report) -> Vec<Row> {
                 true,
             ),
         ],
-        Scenario::Churn => vec![],
+        Scenario::Churn | Scenario::Soak => vec![],
     }
 }
 

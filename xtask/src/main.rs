@@ -62,7 +62,7 @@ enum Task {
         seconds: f64,
     },
     /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
-    Loadgen(loadgen::Args),
+    Loadgen(Box<loadgen::Args>),
     /// (internal) One load generator worker process.
     #[command(hide = true)]
     LoadgenWorker { job: String },

@@ -195,6 +195,40 @@ fn a_fanout_larger_than_the_cq_on_one_shard_never_overflows_it() {
     );
 }
 
+/// Issue 10's soak at CI scale: a minute of churn, reconnect bursts and steady
+/// publishing, with no event lost and the server's RSS flat once settled.
+#[test]
+fn a_minute_of_soak_loses_nothing_and_does_not_grow() {
+    let server = Ringgate::start(&["--shards", "2"]);
+    let r = loadgen(
+        &server,
+        &[
+            "soak",
+            "--conns",
+            "2000",
+            "--topics",
+            "50",
+            "--duration",
+            "60",
+            "--rate",
+            "40",
+            "--churn",
+            "20",
+            "--burst",
+            "400",
+            "--burst-every",
+            "20",
+            "--settle",
+            "15",
+        ],
+    );
+    assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+    assert!(r["published"].as_u64().unwrap() >= 2000);
+    assert!(r["reconnects"].as_u64().unwrap() >= 1200 + 2 * 400);
+    assert_eq!(r["gaps"], 0);
+    assert!(r["samples"].as_array().unwrap().len() >= 10);
+}
+
 /// GET `path` on `addr` (HOST:PORT) and parse the body as JSON.
 fn http_get_json(addr: &str, path: &str) -> Value {
     use std::io::{Read, Write};

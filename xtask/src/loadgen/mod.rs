@@ -10,6 +10,7 @@
 //! bounded by `--timeout` and stops by itself.
 
 pub mod report;
+pub mod soak;
 pub mod wire;
 pub mod worker;
 
@@ -41,11 +42,19 @@ const SCENARIOS: &str = "Scenarios:
            --duration seconds: messages/s and round-trip percentiles.
   churn    open and close connections continuously at --rate per second for --duration seconds;
            checks the server's connection gauge returns to where it started (no leak).
+  soak     hold --conns subscribers over --topics topics for --duration seconds while publishing
+           --rate events per second, closing and reopening --churn connections a second and
+           dropping --burst at once every --burst-every seconds; every --sample seconds it records
+           the server's RSS and its connection, subscription, send-queue and unfinished-input
+           gauges. Fails on any lost, repeated or reordered event, and on RSS growth beyond
+           --tolerance once the population is stable (after --settle seconds).
 
 Examples:
   cargo xtask loadgen connect --conns 50000 --procs 4 --sources 127.0.0.2-127.0.0.20 --hold 10
   cargo xtask loadgen fanout --conns 10000 --events 2000 --size 64 --plot fanout.svg
-  cargo xtask loadgen echo --conns 100 --inflight 4 --duration 10 --json echo.json";
+  cargo xtask loadgen echo --conns 100 --inflight 4 --duration 10 --json echo.json
+  cargo xtask loadgen soak --conns 100000 --procs 6 --sources 127.0.0.2-127.0.0.30 --topics 1000 \
+      --duration 3600 --rate 50 --churn 100 --burst 10000 --burst-every 300 --json soak.json";
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -55,6 +64,7 @@ pub enum Scenario {
     Fanout,
     Echo,
     Churn,
+    Soak,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -86,9 +96,28 @@ pub struct Args {
     /// fanout: event body bytes (at least 40); echo: message bytes (at least 8).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// fanout: events per second; churn: connections per second [fanout default: as fast as accepted].
+    /// fanout and soak: events per second; churn: connections per second [fanout default: as
+    /// fast as accepted; soak: 50].
     #[arg(long)]
     pub rate: Option<f64>,
+    /// soak: connections closed and reopened per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn: f64,
+    /// soak: connections dropped at once (and reopened) every --burst-every seconds.
+    #[arg(long, default_value_t = 0)]
+    pub burst: usize,
+    /// soak: seconds between reconnect bursts.
+    #[arg(long, default_value_t = 300.0)]
+    pub burst_every: f64,
+    /// soak: seconds between samples of the server's figures.
+    #[arg(long, default_value_t = 5.0)]
+    pub sample: f64,
+    /// soak: seconds after the population is up before RSS is judged.
+    #[arg(long, default_value_t = 30.0)]
+    pub settle: f64,
+    /// soak: RSS may grow by this fraction (plus 8 MiB) over its level at --settle.
+    #[arg(long, default_value_t = 0.10)]
+    pub tolerance: f64,
     /// echo: messages outstanding per connection.
     #[arg(long, default_value_t = 1)]
     pub inflight: usize,
@@ -128,6 +157,9 @@ pub struct Args {
 }
 
 pub fn main(args: &Args) -> Result<(), String> {
+    if args.scenario == Scenario::Soak {
+        return soak::main(args);
+    }
     let report = run(args)?;
     report.print();
     if let Some(path) = &args.json {
@@ -224,6 +256,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 connected,
                 failed,
                 received,
+                ..
             } => {
                 progress_by_worker[i] = (connected, failed, received);
                 progress.update(&progress_by_worker);
@@ -293,7 +326,9 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 .and_then(|a| a.cpu)
                 .zip(work_end.cpu)
                 .map(|(a, b)| b - a),
-            Scenario::Connect | Scenario::Churn => before.cpu.zip(end.cpu).map(|(a, b)| b - a),
+            Scenario::Connect | Scenario::Churn | Scenario::Soak => {
+                before.cpu.zip(end.cpu).map(|(a, b)| b - a)
+            }
         },
         mem_available_drop: after
             .as_ref()
@@ -412,7 +447,7 @@ fn publish(http: &mut Http, args: &Args, control: SocketAddr) -> Result<Publishe
     Ok(out)
 }
 
-fn spawn_workers(
+pub(crate) fn spawn_workers(
     args: &Args,
     target: SocketAddr,
     sources: &[IpAddr],
@@ -444,7 +479,14 @@ fn spawn_workers(
             duration_s: args.duration,
             hold_s: args.hold,
             spin: args.spin,
-            deadline_s: args.timeout,
+            // A soak runs for its duration; --timeout bounds what comes after.
+            deadline_s: match args.scenario {
+                Scenario::Soak => args.duration + args.timeout,
+                _ => args.timeout,
+            },
+            churn: args.churn / procs as f64,
+            burst: args.burst / procs + usize::from(p < args.burst % procs),
+            burst_every_s: args.burst_every,
         };
         first += conns;
         let child = Command::new(&exe)
@@ -496,7 +538,7 @@ fn machine_cpu_seconds() -> Option<f64> {
     Some(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
-fn proc_kib(path: &str, key: &str) -> Option<u64> {
+pub(crate) fn proc_kib(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let line = text.lines().find(|l| l.starts_with(key))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
@@ -546,7 +588,7 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
     None
 }
 
-fn address(url: &str, scheme: &str) -> Result<SocketAddr, String> {
+pub(crate) fn address(url: &str, scheme: &str) -> Result<SocketAddr, String> {
     let rest = url
         .strip_prefix(scheme)
         .ok_or_else(|| format!("{url}: expected {scheme}HOST:PORT"))?;
@@ -587,7 +629,7 @@ pub fn parse_sources(text: Option<&str>) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
-fn pin_to(cpu: usize) {
+pub(crate) fn pin_to(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -628,7 +670,7 @@ impl Progress {
             .fold((0, 0, 0), |a, w| (a.0 + w.0, a.1 + w.1, a.2 + w.2));
         bar.set_position(c);
         let what = match self.scenario {
-            Scenario::Fanout => "events received",
+            Scenario::Fanout | Scenario::Soak => "events received",
             Scenario::Echo => "echoes",
             Scenario::Churn => "connections cycled",
             Scenario::Connect => "",

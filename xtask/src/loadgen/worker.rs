@@ -41,6 +41,14 @@ pub struct Job {
     pub deadline_s: f64,
     /// Poll without sleeping (see `--spin`).
     pub spin: bool,
+    /// soak: connections closed and reopened per second by this worker.
+    #[serde(default)]
+    pub churn: f64,
+    /// soak: connections this worker drops at once every `burst_every_s`.
+    #[serde(default)]
+    pub burst: usize,
+    #[serde(default)]
+    pub burst_every_s: f64,
 }
 
 /// What one worker measured.
@@ -58,6 +66,12 @@ pub struct WorkerResult {
     pub received: BTreeMap<String, u64>,
     pub duplicates: u64,
     pub out_of_order: u64,
+    /// soak: events missing between two a connection received (its seq jumped).
+    #[serde(default)]
+    pub gaps: u64,
+    /// soak: connections closed and reopened on purpose.
+    #[serde(default)]
+    pub reconnects: u64,
     /// Echoes completed (echo) or connections opened and closed (churn).
     pub messages: u64,
     /// Seconds of the measured phase.
@@ -72,6 +86,17 @@ pub enum Line {
         connected: u64,
         failed: u64,
         received: u64,
+        /// soak: open connections now, and the loss counters so far.
+        #[serde(default)]
+        open: u64,
+        #[serde(default)]
+        gaps: u64,
+        #[serde(default)]
+        duplicates: u64,
+        #[serde(default)]
+        out_of_order: u64,
+        #[serde(default)]
+        reconnects: u64,
     },
     /// Every connection is open or has failed (fanout: publishing may start).
     Ready,
@@ -142,6 +167,12 @@ struct Worker {
     started: Instant,
     measuring_since: Option<Instant>,
     chunk: Vec<u8>,
+    /// soak: connections reopened so far by churn, bursts done, the next to churn.
+    churned: u64,
+    bursts: u64,
+    next_churn: usize,
+    /// The parent closed stdin (soak: the run is over).
+    stdin_closed: bool,
 }
 
 fn now_ns() -> u64 {
@@ -185,6 +216,10 @@ impl Worker {
             started: Instant::now(),
             measuring_since: None,
             chunk: vec![0u8; 256 * 1024],
+            churned: 0,
+            bursts: 0,
+            next_churn: 0,
+            stdin_closed: false,
         })
     }
 
@@ -227,12 +262,22 @@ impl Worker {
                 emit(&Line::Ready);
                 ready_sent = true;
             }
+            if self.job.scenario == Scenario::Soak {
+                if let Some(since) = open_done_at {
+                    self.churn(since);
+                }
+            }
             if last_progress.elapsed() >= Duration::from_millis(250) {
                 last_progress = Instant::now();
                 emit(&Line::Progress {
                     connected: self.result.connected,
                     failed: self.result.failures.values().sum(),
                     received: self.received_total(),
+                    open: self.conns.iter().filter(|c| c.state == State::Open).count() as u64,
+                    gaps: self.result.gaps,
+                    duplicates: self.result.duplicates,
+                    out_of_order: self.result.out_of_order,
+                    reconnects: self.result.reconnects,
                 });
             }
             if Instant::now() >= deadline || self.finished(open_done_at) {
@@ -258,6 +303,7 @@ impl Worker {
     fn received_total(&self) -> u64 {
         match self.job.scenario {
             Scenario::Fanout => self.conns.iter().map(|c| c.received).sum(),
+            Scenario::Soak => self.result.messages,
             _ => self.result.messages,
         }
     }
@@ -291,6 +337,64 @@ impl Worker {
                     && self.opening == 0
                     && self.conns.iter().all(|c| c.state == State::Done)
             }
+            // The parent decides when a soak ends: it closes stdin.
+            Scenario::Soak => self.stdin_closed,
+        }
+    }
+
+    /// soak: closes and reopens `churn` connections a second, round robin, and
+    /// every `burst_every_s` drops `burst` of them at once, as a deploy or a
+    /// flapping network would; half close politely, half just vanish.
+    fn churn(&mut self, since: Instant) {
+        let elapsed = since.elapsed().as_secs_f64();
+        let due = (self.job.churn * elapsed) as u64;
+        while self.churned < due {
+            self.churned += 1;
+            self.reopen_next();
+        }
+        if self.job.burst_every_s > 0.0 {
+            let bursts = (elapsed / self.job.burst_every_s) as u64;
+            while self.bursts < bursts {
+                self.bursts += 1;
+                for _ in 0..self.job.burst {
+                    self.reopen_next();
+                }
+            }
+        }
+    }
+
+    /// Closes the next open connection (round robin) and starts a new one in
+    /// its place, subscribed to the same topic.
+    fn reopen_next(&mut self) {
+        if self.conns.is_empty() {
+            return;
+        }
+        for _ in 0..self.conns.len() {
+            let i = self.next_churn % self.conns.len();
+            self.next_churn += 1;
+            if self.conns[i].state != State::Open {
+                continue;
+            }
+            if self.next_churn.is_multiple_of(2) {
+                let close = client_frame(0x8, &1000u16.to_be_bytes());
+                if let Some(stream) = self.conns[i].stream.as_mut() {
+                    let _ = stream.write_all(&close);
+                }
+            }
+            self.close(i);
+            self.result.reconnects += 1;
+            let topic = self.conns[i].topic;
+            self.conns[i] = match self.connect(i) {
+                Ok(stream) => {
+                    self.opening += 1;
+                    Conn::new(Some(stream), topic)
+                }
+                Err(cause) => {
+                    *self.result.failures.entry(cause).or_default() += 1;
+                    Conn::new(None, topic)
+                }
+            };
+            return;
         }
     }
 
@@ -446,6 +550,27 @@ impl Worker {
         let result = &mut self.result;
         let latency = &mut self.latency;
         parse_frames(&mut buf, |opcode, payload| match opcode {
+            0x1 if scenario == Scenario::Soak => {
+                let (Some(seq), Some(t)) = (
+                    number_after(payload, b"\"seq\":"),
+                    number_after(payload, b"\"t\":"),
+                ) else {
+                    return;
+                };
+                // The first event after (re)connecting sets where this
+                // connection starts; from then on every seq must follow.
+                match conn.last_seq {
+                    0 => {}
+                    last if seq == last + 1 => {}
+                    last if seq > last => result.gaps += seq - last - 1,
+                    last if seq == last => result.duplicates += 1,
+                    _ => result.out_of_order += 1,
+                }
+                conn.last_seq = conn.last_seq.max(seq);
+                conn.received += 1;
+                result.messages += 1;
+                let _ = latency.record((now.saturating_sub(t) / 1000).max(1));
+            }
             0x1 if scenario == Scenario::Fanout => {
                 let (Some(seq), Some(t)) = (
                     number_after(payload, b"\"seq\":"),
@@ -557,7 +682,11 @@ impl Worker {
         let mut chunk = [0u8; 65536];
         loop {
             match std::io::stdin().lock().read(&mut chunk) {
-                Ok(0) => return Ok(()),
+                Ok(0) => {
+                    self.stdin_closed = true;
+                    let _ = epoll_del(self.epoll, 0);
+                    return Ok(());
+                }
                 Ok(n) => self.stdin_buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e.to_string()),
@@ -598,7 +727,9 @@ impl Worker {
             .iter()
             .filter(|c| matches!(c.state, State::Connecting | State::Upgrading))
             .count();
-        if pending > 0 {
+        // soak: connections being reopened when the parent ends the run are
+        // churn in progress, not failures.
+        if pending > 0 && self.job.scenario != Scenario::Soak {
             *self.result.failures.entry("timeout".into()).or_default() += pending as u64;
         }
         self.result.handshake_us = recorded(&self.handshake);
