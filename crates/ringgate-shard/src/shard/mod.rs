@@ -35,7 +35,9 @@ use crate::config::ShardConfig;
 use crate::conn::Conn;
 use crate::inbox::{Command, Inbox};
 use crate::input::{Env, Upcall};
-use crate::limits::{CQE_BATCH_MAX, CQ_ENTRIES, EXIT_GRACE, SCRATCH_KEEP, SQ_ENTRIES};
+use crate::limits::{
+    CQE_BATCH_MAX, CQ_ENTRIES, EXIT_GRACE, SCRATCH_KEEP, SENDS_INFLIGHT_MAX, SQ_ENTRIES,
+};
 use crate::sendq::SendPool;
 use crate::stats::{new_latency_histogram, ShardStats};
 use crate::sweep::{Due, Timeouts};
@@ -203,9 +205,10 @@ impl Shard {
     /// One loop turn (see the module doc).
     fn turn(&mut self, batch: &mut Vec<(u64, i32, u32)>) -> io::Result<()> {
         let all_pushed = self.flush_staged()?;
-        // Wait for a completion only when nothing else is waiting to be done.
-        let busy = self.inbox_pending || !self.ready.is_empty();
-        let all_submitted = self.enter(u32::from(!busy))? && all_pushed;
+        // Wait for a completion unless commands wait in the inbox. (Connections
+        // on the ready list wait for a completion too: a turn ends with free send
+        // slots given out, so a non-empty list means every slot is taken.)
+        let all_submitted = self.enter(u32::from(!self.inbox_pending))? && all_pushed;
         if all_submitted {
             self.epoch = self.epoch.wrapping_add(1);
         }
@@ -234,7 +237,12 @@ impl Shard {
         // then one the kernel refused, which is what judges a slow consumer.
         if self.inbox_pending && self.ring.completion().is_empty() && !self.is_congested() {
             self.handle_commands();
+            self.offer_send_slots();
         }
+        assert!(
+            self.ready.is_empty() || self.sends_inflight >= SENDS_INFLIGHT_MAX,
+            "connections wait for a send slot while slots are free"
+        );
         Ok(())
     }
 
