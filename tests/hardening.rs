@@ -391,6 +391,44 @@ fn ping_floods_from_clients_that_do_not_read_stay_within_the_send_queue_limit() 
     assert_eq!(read_frame(&mut c), Some((FIN | PONG, b"hi".to_vec())));
 }
 
+/// Found in review of item 14's send slots: a send to a client whose socket is
+/// full held its slot until the client read, so subscribers that never read
+/// and are kept (`--slow-consumer drop`: they miss events, their stalled send
+/// stays) could hold every slot and starve every other connection, its 101
+/// included. A refused send now gives its slot back. Four slots, eight such
+/// subscribers.
+#[test]
+fn clients_that_never_read_cannot_hold_every_send_slot() {
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--send-slots",
+        "4",
+        "--slow-consumer",
+        "drop",
+    ]);
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| subscriber_with_rcvbuf(&server, "big", 4096))
+        .collect();
+    wait_subscriptions(&server, 8);
+    // 3 MB of events each: more than the kernel buffers of a connection hold.
+    let body = format!("\"{}\"", "x".repeat(10_000));
+    for _ in 0..300 {
+        server.publish("big", &body);
+    }
+    server.wait_for(
+        "the stalled sends to give their slots back",
+        Duration::from_secs(20),
+        |s| s.total("sends_parked_total") >= 8,
+    );
+    // A new client still gets its 101 and its events.
+    let mut reader = raw_upgrade(&server, "/ws?topics=fresh");
+    wait_subscriptions(&server, 9);
+    server.publish("fresh", "\"hello\"");
+    assert_eq!(read_json(&mut reader)["data"], "hello");
+    drop(stalled);
+}
+
 /// Item 6: the tick is a multishot timeout, which kernels before 6.4 refuse; the
 /// refusal was ignored and re-armed at once, a 100% CPU spin. Forced here: the
 /// one-shot fallback ticks once a second and keeps the timers working.

@@ -12,7 +12,7 @@ use ringgate_codec::Limits;
 use crate::limits::INBOX_CAPACITY;
 use crate::limits::{
     BUFFERS_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS, REQUEST_BYTES_CEILING,
-    SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
+    SENDS_INFLIGHT_MAX, SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
 };
 
 /// What to do with a subscriber whose send queue is full when an event arrives.
@@ -71,6 +71,8 @@ pub struct ShardConfig {
     pub subscriptions_max: usize,
     /// Events the shard's inbox holds; a publish that finds it full is refused.
     pub inbox_capacity: usize,
+    /// Send slots (at most `SENDS_INFLIGHT_MAX`; fewer only to test the cap).
+    pub send_slots: usize,
     /// What happens to subscribers that do not keep up.
     pub slow_consumer: SlowConsumer,
     /// Topics clients may publish to (`*`, `prefix*` or one name); `None`: none.
@@ -110,6 +112,12 @@ impl ShardConfig {
             return Err(format!(
                 "--inbox-capacity must be from 1 to {INBOX_CAPACITY_MAX}, not {}",
                 self.inbox_capacity
+            ));
+        }
+        if !(1..=SENDS_INFLIGHT_MAX).contains(&self.send_slots) {
+            return Err(format!(
+                "--send-slots must be from 1 to {SENDS_INFLIGHT_MAX}, not {}",
+                self.send_slots
             ));
         }
         if self.connections_max == 0 {
@@ -228,6 +236,7 @@ pub(crate) fn test_config() -> ShardConfig {
         park_after: None,
         subscriptions_max: 64,
         inbox_capacity: INBOX_CAPACITY,
+        send_slots: SENDS_INFLIGHT_MAX,
         slow_consumer: SlowConsumer::Close,
         client_publish: None,
         cpu: None,

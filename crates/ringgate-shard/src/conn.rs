@@ -74,6 +74,9 @@ pub(crate) mod flag {
     /// On the shard's congested list: over its send-queue limit with bytes the
     /// kernel was not yet offered.
     pub const CONGESTED: u16 = 1 << 13;
+    /// The send in flight was refused (the peer's socket is full) and gave its
+    /// send slot back; it completes when the peer reads.
+    pub const SEND_PARKED: u16 = 1 << 14;
     /// Any operation the kernel may still complete.
     pub const INFLIGHT: u16 =
         RECV_ARMED | SEND_INFLIGHT | SHUT_INFLIGHT | CLOSE_INFLIGHT | POLL_ARMED;
@@ -202,6 +205,10 @@ impl Conn {
         assert!(
             !(self.has(flag::SEND_INFLIGHT) && self.has(flag::SEND_READY)),
             "a send in flight while waiting for a send slot: {self:?}"
+        );
+        assert!(
+            !self.has(flag::SEND_PARKED) || self.has(flag::SEND_INFLIGHT),
+            "a parked send that is not in flight: {self:?}"
         );
         assert!(
             !self.has(flag::CLOSED) || !self.has(flag::INFLIGHT),

@@ -274,9 +274,8 @@ fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &mut Env
             _ => {
                 // An unfinished frame: keep its bytes (bounded by the frame limit),
                 // in an allocation of exactly the frame's size once it is known.
-                if p.tail.is_empty() {
-                    p.started = env.now;
-                }
+                // `started` stays: it is when this connection's input became
+                // unfinished (a new Partial, or a message already in progress).
                 p.tail
                     .reserve_exact(frame_len.min(MAX_TAIL_RESERVE) as usize);
                 p.tail.extend_from_slice(&data[pos..]);

@@ -23,14 +23,20 @@ pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
 /// bounds the latency one busy turn adds to everything else on the shard.
 pub const CQE_BATCH_MAX: usize = 1024;
 
-/// Sends in flight at most per shard. A fanout to more subscribers than this
-/// queues the rest on a ready list and submits them as earlier sends complete,
-/// so a 100,000-subscriber fanout never posts 100,000 CQEs at once.
+/// Send slots per shard: sends offered to the kernel and not yet refused. A
+/// fanout to more subscribers than this queues the rest on a ready list and
+/// submits them as earlier sends complete, so a 100,000-subscriber fanout never
+/// posts 100,000 CQEs at once. A send the kernel did not complete when offered
+/// (the peer's socket is full) gives its slot back: it now waits on the peer,
+/// as an armed receive does, and stalled clients cannot hold every slot.
 pub const SENDS_INFLIGHT_MAX: usize = 8192;
 
-/// The CQ has room for every send in flight and as much again for everything
-/// else that completes in one turn: armed multishot receives (each posts at most
-/// one CQE per buffer, and the buffer ring is smaller), accepts, closes.
+/// The CQ has room for every send that holds a slot and as much again for what
+/// else completes in one turn: accepts, closes, cancels, and the operations
+/// that wait on peers (armed receives, sends given back their slot, polls),
+/// which complete as peers act. A flood of those at one instant is what
+/// `ringgate_cq_overflow_total` watches (overflow is not loss: the kernel keeps
+/// the completions, IORING_FEAT_NODROP).
 const _: () = assert!(CQ_ENTRIES as usize >= 2 * SENDS_INFLIGHT_MAX);
 const _: () = assert!(CQE_BATCH_MAX <= SENDS_INFLIGHT_MAX);
 const _: () = assert!(SQ_ENTRIES as usize >= CQE_BATCH_MAX);

@@ -151,6 +151,11 @@ impl SendQueue {
         self.in_flight > 0
     }
 
+    /// Whether the send in flight is the one staged at loop epoch `epoch`.
+    pub fn sending_since(&self, epoch: u32) -> bool {
+        self.in_flight > 0 && self.epoch == epoch
+    }
+
     /// The unsent part of the head frame.
     #[cfg(test)]
     pub fn head(&self) -> Option<&[u8]> {
@@ -238,23 +243,35 @@ impl SendQueue {
         self.frames.is_empty()
     }
 
-    /// Drops every frame not handed to the kernel. Frames covered by a send in
-    /// flight stay: the kernel still reads them, and a frame cut in the middle
-    /// would corrupt the stream.
+    /// Drops every frame not handed to the kernel, to end the stream with a
+    /// Close. Frames covered by a send in flight stay (the kernel still reads
+    /// them), and so does a head frame partly sent: cut in the middle, it would
+    /// make whatever follows garbage to the peer.
     pub fn discard_unsent(&mut self) {
-        let keep = usize::from(self.in_flight);
-        for (frame, stamp) in self.frames.drain(keep..) {
-            self.cost -= frame.len() + FRAME_OVERHEAD_BYTES;
+        let keep = usize::from(self.in_flight).max(usize::from(self.head_sent > 0));
+        self.drop_from(keep);
+    }
+
+    /// Drops every frame, for a connection that is gone. Nothing may be in flight.
+    pub fn clear(&mut self) {
+        assert_eq!(self.in_flight, 0, "clearing a queue with a send in flight");
+        self.drop_from(0);
+    }
+
+    fn drop_from(&mut self, keep: usize) {
+        let head_sent = self.head_sent as usize;
+        let from = keep.min(self.frames.len());
+        for (i, (frame, stamp)) in self.frames.drain(from..).enumerate() {
+            // Only the unsent part of the head frame is still counted.
+            let sent = if from == 0 && i == 0 { head_sent } else { 0 };
+            self.cost -= frame.len() - sent + FRAME_OVERHEAD_BYTES;
             if stamp == STAMP_PONG {
                 self.pongs -= 1;
             }
         }
-        if keep == 0 && self.head_sent > 0 {
-            self.head_sent = 0;
-        }
         if self.frames.is_empty() {
-            debug_assert_eq!(self.cost, 0);
-            self.cost = 0;
+            assert_eq!(self.cost, 0, "send-queue cost accounting drifted");
+            self.head_sent = 0;
         }
     }
 }

@@ -113,6 +113,9 @@ pub struct ShardStats {
     /// Loop turns that found completions in the kernel's overflow list (the CQ
     /// was full): a sizing bug, see limits.rs.
     pub cq_overflow: Counter,
+    /// Sends the kernel refused (the peer's socket was full) that gave their
+    /// send slot back to wait on the peer.
+    pub sends_parked: Counter,
     /// Loop turns that left the inbox waiting because a subscriber was over its
     /// limit with bytes the kernel had not yet been offered.
     pub congested_turns: Counter,

@@ -174,6 +174,10 @@ pub struct Cli {
     #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK")]
     pub oneshot_tick: bool,
 
+    /// (testing) Send slots per shard, fewer than the built-in 8192 to exercise the cap.
+    #[arg(long, hide = true, env = "RINGGATE_SEND_SLOTS", default_value_t = ringgate_shard::limits::SENDS_INFLIGHT_MAX)]
+    pub send_slots: usize,
+
     /// (benchmarks) Do not recycle emptied send queues, to measure what recycling saves.
     #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE")]
     pub no_recycle: bool,

@@ -329,6 +329,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         park_after: cli.park_after,
         subscriptions_max: cli.max_subscriptions,
         inbox_capacity: cli.inbox_capacity,
+        send_slots: cli.send_slots,
         slow_consumer: match cli.slow_consumer {
             SlowConsumerPolicy::Close => SlowConsumer::Close,
             SlowConsumerPolicy::Drop => SlowConsumer::Drop,

@@ -143,6 +143,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.cq_overflow,
     ),
     (
+        "ringgate_sends_parked_total",
+        "counter",
+        "Sends refused by a full peer socket that gave their send slot back to wait on the peer.",
+        |s| &s.sends_parked,
+    ),
+    (
         "ringgate_congested_turns_total",
         "counter",
         "Loop turns that left events in the inbox while a subscriber over its limit had bytes not yet offered to the kernel.",

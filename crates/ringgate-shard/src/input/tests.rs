@@ -536,3 +536,19 @@ fn a_bad_length_fails_as_soon_as_it_arrives_whatever_the_split() {
         assert!(h.conn.partial.is_none());
     }
 }
+
+#[test]
+fn split_continuations_do_not_move_the_message_deadline() {
+    // Found in review: a continuation whose first read is incomplete reset
+    // `started`, so a client could keep a message open forever.
+    let mut h = Harness::open();
+    h.now = 5;
+    h.feed(&client_frame(false, OpCode::Binary, b"one"));
+    for now in [20, 40, 60] {
+        h.now = now;
+        let next = client_frame(false, OpCode::Continuation, b"more");
+        h.feed(&next[..3]);
+        h.feed(&next[3..]);
+        assert_eq!(h.conn.partial.as_ref().unwrap().started, 5, "at {now}");
+    }
+}

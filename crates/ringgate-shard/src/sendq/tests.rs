@@ -167,3 +167,32 @@ fn recycling_a_queue_in_flight_is_a_bug() {
     let _ = q.next_send(0);
     SendPool::new(true).put(q);
 }
+
+#[test]
+fn a_partly_sent_head_is_never_cut_and_its_cost_is_what_is_left() {
+    let mut q = SendQueue::default();
+    q.push(Bytes::from_static(b"abcdef"), STAMP_PLAIN);
+    q.push(Bytes::from_static(b"gh"), STAMP_PLAIN);
+    let _ = q.next_send(0);
+    q.complete(4, |_| {}); // a short send: "ef" of the head is still to go
+    assert_eq!(q.cost(), 2 + 2 + 2 * FRAME_OVERHEAD_BYTES);
+    q.discard_unsent();
+    assert_eq!(q.cost(), 2 + FRAME_OVERHEAD_BYTES, "the head's rest stays");
+    assert_eq!(q.head(), Some(&b"ef"[..]));
+    q.push(Bytes::from_static(b"CLOSE"), STAMP_PLAIN);
+    let mut wire = Vec::new();
+    while let Some(next) = q.next_send(0) {
+        let bytes = read_send(&next);
+        q.complete(bytes.len(), |_| {});
+        wire.extend(bytes);
+    }
+    assert_eq!(wire, b"efCLOSE", "the close follows a whole frame");
+    // A queue that is gone is cleared whole, head included, without underflow.
+    let mut q = SendQueue::default();
+    q.push(Bytes::from_static(b"abcdef"), STAMP_PLAIN);
+    let _ = q.next_send(0);
+    q.complete(3, |_| {});
+    q.clear();
+    assert!(q.is_empty());
+    assert_eq!(q.cost(), 0);
+}

@@ -110,8 +110,10 @@ impl Shard {
             .user_data(Token::shard(Op::Cancel).encode());
             self.staged.push(cancel);
         }
-        // The cancel holds its own reference to the socket; closing ours now
-        // takes this shard out of the SO_REUSEPORT group.
+        // The armed accept holds its own reference to the socket until the
+        // cancel completes (a turn from now); then closing ours takes this shard
+        // out of the SO_REUSEPORT group. Whatever it accepts meanwhile is
+        // answered 503 (`admit`).
         self.listener = None;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

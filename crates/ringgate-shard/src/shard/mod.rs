@@ -35,9 +35,7 @@ use crate::config::ShardConfig;
 use crate::conn::Conn;
 use crate::inbox::{Command, Inbox};
 use crate::input::{Env, Upcall};
-use crate::limits::{
-    CQE_BATCH_MAX, CQ_ENTRIES, EXIT_GRACE, SCRATCH_KEEP, SENDS_INFLIGHT_MAX, SQ_ENTRIES,
-};
+use crate::limits::{CQE_BATCH_MAX, CQ_ENTRIES, EXIT_GRACE, SCRATCH_KEEP, SQ_ENTRIES};
 use crate::sendq::SendPool;
 use crate::stats::{new_latency_histogram, ShardStats};
 use crate::sweep::{Due, Timeouts};
@@ -89,10 +87,14 @@ pub(crate) struct Shard {
     staged: Vec<squeue::Entry>,
     /// Connections whose recv ran out of buffers, by key and generation.
     rearm: Vec<(usize, u32)>,
-    /// Connections waiting for a send slot (`SENDS_INFLIGHT_MAX` are in flight).
+    /// Connections waiting for a send slot (all `--send-slots` are taken).
     ready: VecDeque<(usize, u32)>,
-    /// Sends in flight now.
+    /// Send slots taken now: sends offered and not yet refused.
     sends_inflight: usize,
+    /// Sends staged, in order, with the epoch they were staged at: each turn
+    /// the refused ones (still in flight a full reap after their submit) give
+    /// their slot back.
+    offered: VecDeque<(usize, u32, u32)>,
     /// Subscribers over their send-queue limit with bytes the kernel was not yet
     /// offered: the inbox waits until each is under it or refused.
     congested: Vec<(usize, u32)>,
@@ -166,6 +168,7 @@ impl Shard {
             rearm: Vec::new(),
             ready: VecDeque::new(),
             sends_inflight: 0,
+            offered: VecDeque::new(),
             congested: Vec::new(),
             pool,
             fanout_keys: Vec::new(),
@@ -205,10 +208,12 @@ impl Shard {
     /// One loop turn (see the module doc).
     fn turn(&mut self, batch: &mut Vec<(u64, i32, u32)>) -> io::Result<()> {
         let all_pushed = self.flush_staged()?;
-        // Wait for a completion unless commands wait in the inbox. (Connections
-        // on the ready list wait for a completion too: a turn ends with free send
-        // slots given out, so a non-empty list means every slot is taken.)
-        let all_submitted = self.enter(u32::from(!self.inbox_pending))? && all_pushed;
+        // Wait for a completion only when nothing waits: no command in the
+        // inbox, no connection for a send slot. (Slots are taken only by sends
+        // staged since the last full reap; after the next one each has completed
+        // or, refused, given its slot back, so waiting connections always move.)
+        let busy = self.inbox_pending || !self.ready.is_empty();
+        let all_submitted = self.enter(u32::from(!busy))? && all_pushed;
         if all_submitted {
             self.epoch = self.epoch.wrapping_add(1);
         }
@@ -233,14 +238,19 @@ impl Shard {
         self.stats.buffer_ring_in_use.set(u64::from(bufs.in_use()));
         self.rearm_starved();
         self.offer_send_slots();
-        // New work only once every completion is in: a send still in flight is
-        // then one the kernel refused, which is what judges a slow consumer.
-        if self.inbox_pending && self.ring.completion().is_empty() && !self.is_congested() {
-            self.handle_commands();
+        // Once every completion is in, a send still in flight from an earlier
+        // epoch is one the kernel refused: it gives its slot back, and such
+        // sends are what judge a slow consumer. New work only then.
+        if self.ring.completion().is_empty() {
+            self.park_refused_sends();
             self.offer_send_slots();
+            if self.inbox_pending && !self.is_congested() {
+                self.handle_commands();
+                self.offer_send_slots();
+            }
         }
         assert!(
-            self.ready.is_empty() || self.sends_inflight >= SENDS_INFLIGHT_MAX,
+            self.ready.is_empty() || self.sends_inflight >= self.cfg.send_slots,
             "connections wait for a send slot while slots are free"
         );
         Ok(())

@@ -1,9 +1,12 @@
 //! A connection's operations: accept, receive, send, shutdown, close; and
 //! `drive`, which stages whatever a record's state calls for next.
 //!
-//! Sends take a slot of `SENDS_INFLIGHT_MAX`; a connection that finds none waits
-//! on the ready list and is offered one as earlier sends complete, so the CQ
-//! never has to hold a completion per subscriber of a large fanout.
+//! Sends take one of `--send-slots` (`SENDS_INFLIGHT_MAX`) slots; a connection
+//! that finds none waits on the ready list and is offered one as earlier sends
+//! complete, so the CQ never has to hold a completion per subscriber of a large
+//! fanout. A send the kernel refused (still in flight a full reap after its
+//! submit: the peer's socket is full) gives its slot back and waits on the
+//! peer, so stalled clients cannot hold every slot.
 
 use std::io;
 
@@ -13,7 +16,7 @@ use io_uring::{cqueue, opcode};
 use super::{Shard, BGID};
 use crate::conn::{flag, Conn, State};
 use crate::input;
-use crate::limits::{SCRATCH_KEEP, SENDS_INFLIGHT_MAX};
+use crate::limits::SCRATCH_KEEP;
 use crate::sendq::NextSend;
 use crate::stats::{clock_ns, LATENCY_MAX_US};
 use crate::sys;
@@ -68,17 +71,19 @@ impl Shard {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1) & crate::token::GENERATION_MASK;
         let full = self.conns.len() >= self.cfg.connections_max as usize;
+        let draining = self.shutdown_deadline.is_some();
         let key = self.conns.insert(Conn::new(slot, generation, self.now));
-        if full {
-            self.stats.rejected_limit.add(1);
+        if full || draining {
+            // Accepted before the listener's accept was cancelled: a draining
+            // shard serves no new client.
+            let reason = if draining {
+                "server shutting down, try another"
+            } else {
+                self.stats.rejected_limit.add(1);
+                "server at its connection limit, try again later"
+            };
             let (conns, mut env) = self.env_parts();
-            input::reject(
-                &mut conns[key],
-                503,
-                "server at its connection limit, try again later",
-                "Retry-After: 1\r\n",
-                &mut env,
-            );
+            input::reject(&mut conns[key], 503, reason, "Retry-After: 1\r\n", &mut env);
         }
         self.drive(key);
     }
@@ -158,12 +163,16 @@ impl Shard {
     // ---- send -----------------------------------------------------------------
 
     pub(super) fn on_send(&mut self, key: usize, result: i32) {
-        assert!(
-            self.sends_inflight > 0,
-            "a send completed with none counted"
-        );
-        self.sends_inflight -= 1;
         let conn = &mut self.conns[key];
+        if conn.has(flag::SEND_PARKED) {
+            conn.clear(flag::SEND_PARKED);
+        } else {
+            assert!(
+                self.sends_inflight > 0,
+                "a send completed with no slot taken"
+            );
+            self.sends_inflight -= 1;
+        }
         conn.clear(flag::SEND_INFLIGHT);
         let queue = conn.sendq.as_mut().expect("a send was in flight");
         if result <= 0 {
@@ -199,7 +208,7 @@ impl Shard {
         {
             return;
         }
-        if self.sends_inflight >= SENDS_INFLIGHT_MAX || !self.ready.is_empty() {
+        if self.sends_inflight >= self.cfg.send_slots || !self.ready.is_empty() {
             conn.set(flag::SEND_READY);
             self.ready.push_back((key, conn.generation));
             return;
@@ -209,7 +218,7 @@ impl Shard {
 
     /// Gives free send slots to the connections waiting for one, in order.
     pub(super) fn offer_send_slots(&mut self) {
-        while self.sends_inflight < SENDS_INFLIGHT_MAX {
+        while self.sends_inflight < self.cfg.send_slots {
             let Some((key, generation)) = self.ready.pop_front() else {
                 break;
             };
@@ -222,6 +231,35 @@ impl Shard {
         }
         if self.ready.is_empty() && self.ready.capacity() > SCRATCH_KEEP {
             self.ready.shrink_to(SCRATCH_KEEP);
+        }
+    }
+
+    /// Gives back the slots of sends the kernel refused: staged before this
+    /// epoch and still in flight after every completion was reaped. They wait
+    /// on their peers now and complete when those read. Called only with the
+    /// CQ empty.
+    pub(super) fn park_refused_sends(&mut self) {
+        while let Some(&(key, generation, epoch)) = self.offered.front() {
+            if epoch == self.epoch {
+                break;
+            }
+            self.offered.pop_front();
+            let Some(conn) = self
+                .conns
+                .get_mut(key)
+                .filter(|c| c.generation == generation)
+            else {
+                continue;
+            };
+            let same_send = conn.sendq.as_ref().is_some_and(|q| q.sending_since(epoch));
+            if conn.has(flag::SEND_INFLIGHT) && !conn.has(flag::SEND_PARKED) && same_send {
+                conn.set(flag::SEND_PARKED);
+                self.sends_inflight -= 1;
+                self.stats.sends_parked.add(1);
+            }
+        }
+        if self.offered.is_empty() && self.offered.capacity() > SCRATCH_KEEP {
+            self.offered.shrink_to(SCRATCH_KEEP);
         }
     }
 
@@ -250,6 +288,7 @@ impl Shard {
             .push(sqe.user_data(Token::new(Op::Send, conn.generation, key).encode()));
         conn.set(flag::SEND_INFLIGHT);
         self.sends_inflight += 1;
+        self.offered.push_back((key, conn.generation, self.epoch));
     }
 
     // ---- shutdown / close -------------------------------------------------------
@@ -375,7 +414,7 @@ impl Shard {
             );
             let mut conn = self.conns.remove(key);
             if let Some(queue) = conn.sendq.as_mut() {
-                queue.discard_unsent();
+                queue.clear();
             }
             conn.release_queue(&mut self.pool);
             self.stats.connections.sub(1);
