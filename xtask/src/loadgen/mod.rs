@@ -207,21 +207,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let before = Sample::take(server_pid);
     let started = Instant::now();
     let mut workers = spawn_workers(args, target, &sources)?;
-    let (tx, rx) = mpsc::channel();
-    for (i, w) in workers.iter_mut().enumerate() {
-        let stdout = w.stdout.take().expect("piped");
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(line) = serde_json::from_str::<Line>(&line) {
-                    if tx.send((i, line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-    }
-    drop(tx);
+    let rx = worker_lines(&mut workers);
     let progress = Progress::new(args);
     let deadline = started + Duration::from_secs_f64(args.timeout + 10.0);
     let mut ready = 0;
@@ -363,6 +349,26 @@ pub fn run(args: &Args) -> Result<Report, String> {
     ))
 }
 
+/// The workers' lines, each with its worker's index, on one channel (a reader
+/// thread per worker's stdout).
+pub(crate) fn worker_lines(workers: &mut [Child]) -> mpsc::Receiver<(usize, Line)> {
+    let (tx, rx) = mpsc::channel();
+    for (i, w) in workers.iter_mut().enumerate() {
+        let stdout = w.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(line) = serde_json::from_str::<Line>(&line) {
+                    if tx.send((i, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    rx
+}
+
 /// Connections back to the count before the run (churn: no leak), or what it is after waiting.
 fn settle_connections(http: Option<&mut Http>, before: Option<u64>) -> Option<u64> {
     let http = http?;
@@ -379,7 +385,7 @@ fn settle_connections(http: Option<&mut Http>, before: Option<u64>) -> Option<u6
     }
 }
 
-fn wait_for_subscriptions(http: &mut Http, subscribers: u64) -> Result<(), String> {
+pub(crate) fn wait_for_subscriptions(http: &mut Http, subscribers: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stats = http.stats()?;

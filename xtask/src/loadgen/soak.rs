@@ -13,8 +13,7 @@
 //! than `--tolerance` (plus 8 MiB, page-granularity noise).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::sync::mpsc;
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -115,21 +114,7 @@ fn run(args: &Args) -> Result<SoakReport, String> {
     let pid = pid_listening_on(target.port());
     let mut http = Http::connect(control)?;
     let mut workers = super::spawn_workers(args, target, &sources)?;
-    let (tx, rx) = mpsc::channel();
-    for (i, w) in workers.iter_mut().enumerate() {
-        let stdout = w.stdout.take().expect("piped");
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(line) = serde_json::from_str::<Line>(&line) {
-                    if tx.send((i, line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-    }
-    drop(tx);
+    let rx = super::worker_lines(&mut workers);
     let mut watch = Watch::new(workers.len());
     // Phase 1: the population comes up.
     let up_by = Instant::now() + Duration::from_secs_f64(args.timeout);
@@ -140,7 +125,7 @@ fn run(args: &Args) -> Result<SoakReport, String> {
             Err(_) => return Err("the connections did not all open in --timeout".into()),
         }
     }
-    wait_for_subscriptions(&mut http, args.conns as u64)?;
+    super::wait_for_subscriptions(&mut http, args.conns as u64)?;
     eprintln!(
         "soak: {} connections up; publishing {}/s for {} s",
         args.conns,
@@ -231,20 +216,6 @@ impl Watch {
             Line::Progress { open, received, .. } => self.latest[i] = (open, received),
             Line::Expect { .. } | Line::Result(_) => {}
         }
-    }
-}
-
-fn wait_for_subscriptions(http: &mut Http, n: u64) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stats = http.stats()?;
-        if stats["totals"]["subscriptions"].as_u64().unwrap_or(0) >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the server never counted {n} subscriptions"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

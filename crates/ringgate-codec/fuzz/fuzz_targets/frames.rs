@@ -11,7 +11,7 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use ringgate_codec::{apply_mask, decode_header, Decoded, Event as Ev, Limits, MessageState, Role};
-use ringgate_codec_fuzz::{decode, End, Event, Limits as RefLimits};
+use ringgate_codec_fuzz::{cuts, decode, End, Event, Limits as RefLimits};
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -41,13 +41,7 @@ fuzz_target!(|input: Input| {
             message_max: limits.message_bytes_max,
         },
     );
-    let mut cuts: Vec<usize> = input
-        .cuts
-        .iter()
-        .map(|&c| usize::from(c) % (input.stream.len() + 1))
-        .collect();
-    cuts.push(input.stream.len());
-    cuts.sort_unstable();
+    let cuts = cuts(&input.cuts, input.stream.len());
     let mut asm = Assembler::new(limits);
     let mut from = 0;
     for cut in cuts {

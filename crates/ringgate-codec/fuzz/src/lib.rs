@@ -181,6 +181,15 @@ fn close(payload: &[u8]) -> Result<Option<u16>, u16> {
     }
 }
 
+/// Read boundaries for a stream of `len` bytes from a fuzzer's cut points:
+/// sorted offsets, ending with `len`.
+pub fn cuts(points: &[u16], len: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = points.iter().map(|&c| usize::from(c) % (len + 1)).collect();
+    cuts.push(len);
+    cuts.sort_unstable();
+    cuts
+}
+
 /// A frame as a server sends it (unmasked): (first byte, payload).
 pub type ServerFrame = (u8, Vec<u8>);
 

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use ringgate_codec_fuzz::{decode, server_frames, End, Event, Limits};
+use ringgate_codec_fuzz::{cuts, decode, server_frames, End, Event, Limits};
 use ringgate_shard::fuzzing::{Endpoint, Handed, InputHarness};
 
 #[derive(Debug, Arbitrary)]
@@ -38,13 +38,7 @@ fuzz_target!(|input: Input| {
     h.feed(request.as_bytes());
     assert!(h.is_open());
     let head_len = h.sent().len();
-    let mut cuts: Vec<usize> = input
-        .cuts
-        .iter()
-        .map(|&c| usize::from(c) % (input.stream.len() + 1))
-        .collect();
-    cuts.push(input.stream.len());
-    cuts.sort_unstable();
+    let cuts = cuts(&input.cuts, input.stream.len());
     let mut from = 0;
     for cut in cuts {
         h.feed(&input.stream[from..cut]);
