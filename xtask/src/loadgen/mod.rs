@@ -162,17 +162,20 @@ pub fn main(args: &Args) -> Result<(), String> {
     }
     let report = run(args)?;
     report.print();
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).expect("serialisable"),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    write_json(args, &report)?;
     if let Some(path) = &args.plot {
         report::plot(&report, path)?;
     }
     report.verdict()
+}
+
+/// Writes `report` to `--json`, if given.
+pub(crate) fn write_json(args: &Args, report: &impl Serialize) -> Result<(), String> {
+    let Some(path) = &args.json else {
+        return Ok(());
+    };
+    let text = serde_json::to_string_pretty(report).expect("serialisable");
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Runs a scenario and returns its report.

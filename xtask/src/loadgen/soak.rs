@@ -74,13 +74,7 @@ pub struct SoakReport {
 pub fn main(args: &Args) -> Result<(), String> {
     let report = run(args)?;
     report.print();
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).expect("serialisable"),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    super::write_json(args, &report)?;
     if report.problems.is_empty() {
         Ok(())
     } else {
