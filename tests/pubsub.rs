@@ -38,9 +38,16 @@ fn every_subscriber_gets_every_event_once_in_order_across_two_shards() {
         subs.iter().all(|&n| n > 0),
         "subscribers on one shard only: {subs:?}"
     );
+    let mut epoch = None;
     for i in 1..=100 {
         let answer = server.publish("news", &format!("{{\"n\":{i}}}"));
-        assert_eq!(answer, json!({"topic": "news", "seq": i, "shards": 2}));
+        let e = answer["epoch"].as_str().expect("an epoch").to_string();
+        // One numbering: the epoch stays while the topic lives.
+        assert_eq!(*epoch.get_or_insert_with(|| e.clone()), e);
+        assert_eq!(
+            answer,
+            json!({"topic": "news", "seq": i, "epoch": e, "shards": 2})
+        );
     }
     for s in &mut news {
         for i in 1..=100 {
@@ -78,12 +85,14 @@ fn unsubscribe_and_disconnect_stop_delivery() {
     let mut a = raw_upgrade(&server, "/ws");
     let b = subscriber(&server, "t");
     send_text(&mut a, r#"{"op":"sub","topic":"t"}"#);
-    assert_eq!(read_json(&mut a), json!({"op": "subscribed", "topic": "t"}));
-    send_text(&mut a, r#"{"op":"sub","topic":"sentinel"}"#);
+    let reply = read_json(&mut a);
+    let epoch = reply["epoch"].as_str().expect("an epoch");
     assert_eq!(
-        read_json(&mut a),
-        json!({"op": "subscribed", "topic": "sentinel"})
+        reply,
+        json!({"op": "subscribed", "topic": "t", "seq": 0, "epoch": epoch})
     );
+    send_text(&mut a, r#"{"op":"sub","topic":"sentinel"}"#);
+    assert_eq!(read_json(&mut a)["topic"], "sentinel");
     server.wait_for("three subscriptions", Duration::from_secs(10), |s| {
         s.total("subscriptions") == 3
     });

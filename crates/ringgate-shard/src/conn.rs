@@ -77,6 +77,8 @@ pub(crate) mod flag {
     /// The send in flight was refused (the peer's socket is full) and gave its
     /// send slot back; it completes when the peer reads.
     pub const SEND_PARKED: u16 = 1 << 14;
+    /// Replaying missed events: frames wait in the shard's backlog for it.
+    pub const REPLAYING: u16 = 1 << 15;
     /// Any operation the kernel may still complete.
     pub const INFLIGHT: u16 =
         RECV_ARMED | SEND_INFLIGHT | SHUT_INFLIGHT | CLOSE_INFLIGHT | POLL_ARMED;

@@ -28,6 +28,8 @@ pub enum Handed {
     Text(Vec<u8>),
     Binary,
     Subscribe(Vec<String>),
+    /// `?recover=`: (topic, last seq, epoch).
+    Recover(Vec<(String, u64, String)>),
 }
 
 /// One connection's input state machine, with a pretend socket that takes
@@ -107,6 +109,7 @@ impl InputHarness {
                 Upcall::Text(t) => Handed::Text(t.into_vec()),
                 Upcall::Binary => Handed::Binary,
                 Upcall::Subscribe(topics) => Handed::Subscribe(topics),
+                Upcall::Recover(r) => Handed::Recover(r),
             });
         }
         if let Some(mut q) = self.conn.sendq.take() {
@@ -135,11 +138,16 @@ impl InputHarness {
     }
 }
 
-/// The `/ws` op parser: `Ok((op, topic, data))` or the reason sent back.
+/// The `/ws` op parser: `Ok((op, topic, extra))` or the reason sent back;
+/// `extra` is a publish's data, or a recovering subscribe's `seq@epoch`.
 pub fn parse_op(text: &[u8]) -> Result<(&'static str, String, Option<String>), String> {
     use crate::pubsub::Request;
     match crate::pubsub::parse_request(text) {
-        Ok(Request::Sub(t)) => Ok(("sub", t.into_owned(), None)),
+        Ok(Request::Sub { topic, since }) => Ok((
+            "sub",
+            topic.into_owned(),
+            since.map(|(seq, epoch)| format!("{seq}@{epoch}")),
+        )),
         Ok(Request::Unsub(t)) => Ok(("unsub", t.into_owned(), None)),
         Ok(Request::Pub { topic, data }) => Ok(("pub", topic.into_owned(), Some(data.into()))),
         Err(reason) => Err(reason.into_owned()),
@@ -151,4 +159,12 @@ pub fn query_topics(query: Option<&str>, max: usize) -> Result<Vec<String>, &'st
     crate::pubsub::query_topics(query, max)
 }
 
-pub use crate::pubsub::{valid_topic, EventData};
+/// The `?recover=` parser.
+pub fn query_recoveries(
+    query: Option<&str>,
+    max: usize,
+) -> Result<Vec<(String, u64, String)>, &'static str> {
+    crate::pubsub::query_recoveries(query, max)
+}
+
+pub use crate::pubsub::{valid_epoch, valid_topic, EventData};

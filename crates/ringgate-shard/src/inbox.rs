@@ -21,6 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::sys;
+use crate::upstream::SubscribeAnswer;
 
 /// Messages other threads send to a shard through its queue.
 #[derive(Debug)]
@@ -29,11 +30,15 @@ pub enum Command {
     Deliver {
         /// The topic.
         topic: Arc<str>,
+        /// The event's number in its topic.
+        seq: u64,
         /// The frame, shared by every shard and every subscriber.
         frame: Bytes,
         /// When it was published ([`crate::clock_ns`]), for the latency histogram.
         published_ns: u64,
     },
+    /// The broker's answer to a subscribe this shard forwarded.
+    Subscribed(Box<SubscribeAnswer>),
 }
 
 impl Command {
@@ -41,6 +46,7 @@ impl Command {
     fn bytes(&self) -> usize {
         match self {
             Command::Deliver { frame, .. } => frame.len(),
+            Command::Subscribed(answer) => answer.replay.iter().map(Bytes::len).sum(),
         }
     }
 }
@@ -134,6 +140,15 @@ impl Inbox {
         Ok(())
     }
 
+    /// Queues the broker's answer to a subscribe whatever the queue holds: the
+    /// shard bounds how many answers can be outstanding
+    /// (`SUBSCRIBES_PENDING_MAX`), so answers add at most that to the queue, and
+    /// a subscribe is never lost to a queue full of events.
+    pub fn push_answer(&self, answer: Box<SubscribeAnswer>) {
+        self.lock().commands.push_back(Command::Subscribed(answer));
+        self.ring();
+    }
+
     /// Promises a place for one command, or `None` if the inbox is full.
     pub fn reserve(&self) -> Option<Reservation<'_>> {
         let mut queue = self.lock();
@@ -193,6 +208,7 @@ mod tests {
     fn deliver(n: u8) -> Command {
         Command::Deliver {
             topic: Arc::from("t"),
+            seq: u64::from(n),
             frame: Bytes::from(vec![n; usize::from(n)]),
             published_ns: 0,
         }

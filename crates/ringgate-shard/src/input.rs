@@ -50,6 +50,8 @@ pub(crate) struct Env<'a> {
 pub(crate) enum Upcall {
     /// Subscribe to these topics (from `?topics=` at the upgrade).
     Subscribe(Vec<String>),
+    /// Recover these topics: (topic, last seq received, epoch), from `?recover=`.
+    Recover(Vec<(String, u64, String)>),
     /// A complete text message on `/ws`.
     Text(Box<[u8]>),
     /// A complete binary message on `/ws` (not part of the protocol).
@@ -163,10 +165,24 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     };
     let protocol = match route {
         Route::PubSub => {
-            match crate::pubsub::query_topics(request.query, env.cfg.subscriptions_max) {
-                Ok(topics) if !topics.is_empty() => env.upcalls.push(Upcall::Subscribe(topics)),
-                Ok(_) => {}
-                Err(reason) => return reject(conn, 400, reason, "", env),
+            let max = env.cfg.subscriptions_max;
+            let topics = crate::pubsub::query_topics(request.query, max);
+            let recoveries = crate::pubsub::query_recoveries(request.query, max);
+            match (topics, recoveries) {
+                (Ok(topics), Ok(recoveries)) if topics.len() + recoveries.len() <= max => {
+                    if !topics.is_empty() {
+                        env.upcalls.push(Upcall::Subscribe(topics));
+                    }
+                    if !recoveries.is_empty() {
+                        env.upcalls.push(Upcall::Recover(recoveries));
+                    }
+                }
+                (Ok(_), Ok(_)) => {
+                    let reason =
+                        "more topics in ?topics= and ?recover= than --max-subscriptions allows";
+                    return reject(conn, 400, reason, "", env);
+                }
+                (Err(reason), _) | (_, Err(reason)) => return reject(conn, 400, reason, "", env),
             }
             request.protocol
         }

@@ -36,6 +36,7 @@ mod sweep;
 mod sys;
 mod token;
 mod topics;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,25 +51,17 @@ pub use inbox::{Command, Reservation};
 pub use kernel::Features;
 pub use limits::{BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX};
 pub use pubsub::{event_frame, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX};
-pub use stats::{clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US};
+pub use stats::{
+    clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US, RECOVERY_ORDER,
+};
 pub use sys::{cpu_count, nofile_soft_limit};
+pub use upstream::{
+    ClientPublish, Recovery, Since, SubscribeAnswer, SubscribeRequest, Upstream, UpstreamSender,
+};
 
 use inbox::Inbox;
 use shard::{Shard, ShardInit};
 
-/// A publish request from a client on `/ws` (`{"op":"pub",...}`), already
-/// checked against `--client-publish`. `data` is raw JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientPublish {
-    /// The topic.
-    pub topic: String,
-    /// The event data, valid JSON.
-    pub data: String,
-}
-
-/// Where shards hand client publishes: the embedded broker, which owns `seq`.
-/// `Err` means it is overloaded; the client is told so.
-pub type Publisher = Arc<dyn Fn(ClientPublish) -> Result<(), ()> + Send + Sync>;
 /// Why the runtime could not start.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -175,12 +168,25 @@ impl ShardSender {
 
     /// Queues an encoded event frame for the shard's subscribers of `topic`.
     /// A full inbox hands the command back.
-    pub fn deliver(&self, topic: Arc<str>, frame: Bytes, published_ns: u64) -> Result<(), Command> {
+    pub fn deliver(
+        &self,
+        topic: Arc<str>,
+        seq: u64,
+        frame: Bytes,
+        published_ns: u64,
+    ) -> Result<(), Command> {
         self.inbox.push(Command::Deliver {
             topic,
+            seq,
             frame,
             published_ns,
         })
+    }
+
+    /// Queues the answer to a subscribe this shard forwarded (never refused:
+    /// the shard bounds how many it has outstanding).
+    pub fn answer(&self, answer: Box<SubscribeAnswer>) {
+        self.inbox.push_answer(answer);
     }
 
     /// Takes every queued command, as the shard would (tests of senders).
@@ -207,11 +213,11 @@ pub struct Runtime {
 }
 
 /// Starts `count` shards on `cfg.listen`; returns once every shard is ready.
-/// `publisher` receives client publishes (needed when `cfg.client_publish` is set).
+/// `upstream` carries client publishes, subscribes and presence to the broker.
 pub fn start(
     cfg: &ShardConfig,
     count: usize,
-    publisher: Option<Publisher>,
+    upstream: Option<UpstreamSender>,
 ) -> Result<Runtime, StartError> {
     cfg.validate().map_err(StartError::Config)?;
     assert!(count > 0, "at least one shard");
@@ -240,7 +246,7 @@ pub fn start(
             listener,
             inbox: inbox.clone(),
             stats: stats.clone(),
-            publisher: publisher.clone(),
+            upstream: upstream.clone(),
             multishot_timeout: features.multishot_timeout,
         };
         let ready = ready_tx.clone();

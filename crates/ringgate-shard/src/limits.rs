@@ -78,6 +78,28 @@ pub const INBOX_TURN_BYTES_MAX: usize = 32 * 1024;
 
 const _: () = assert!(INBOX_CAPACITY <= INBOX_CAPACITY_MAX);
 
+/// Subscribes a shard has forwarded to the broker and not yet had answered.
+/// Answers bypass the inbox's capacity (a subscribe must not be lost to a queue
+/// of events), so this is what they can add to it; past it a `sub` is answered
+/// `busy`.
+pub const SUBSCRIBES_PENDING_MAX: usize = 1024;
+
+/// Requests one connection may send while its subscribes are outstanding at
+/// the broker (they are handled, in order, once the answers are in); past it
+/// the client is told `busy`.
+pub const REQUESTS_DEFERRED_MAX: usize = 32;
+
+/// A recovering client whose replay has not moved for this long (its socket
+/// full throughout) is closed as a slow consumer: the replay pins frames the
+/// history may already have let go.
+pub const REPLAY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages shards may have queued for the broker (client publishes,
+/// subscribes, presence) before a shard sees the channel as full.
+pub const UPSTREAM_CAPACITY: usize = 16 * 1024;
+
+const _: () = assert!(SUBSCRIBES_PENDING_MAX <= UPSTREAM_CAPACITY);
+
 // ---- send queues ------------------------------------------------------------------
 
 /// What one queued frame costs beyond its bytes: its queue slot (a `Bytes` and a

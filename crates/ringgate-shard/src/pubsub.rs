@@ -1,9 +1,12 @@
 //! The pub/sub protocol on `/ws` (design.md section 6), as pure functions.
 //!
 //! Client to gateway, text frames of JSON:
-//! `{"op":"sub","topic":T}`, `{"op":"unsub","topic":T}` and, where allowed,
-//! `{"op":"pub","topic":T,"data":<JSON>}`. Replies: `{"op":"subscribed","topic":T}`,
-//! `{"op":"unsubscribed","topic":T}`, `{"op":"error","code":C,"msg":M}`.
+//! `{"op":"sub","topic":T}` (recovering: `{"op":"sub","topic":T,"since":N,"epoch":E}`),
+//! `{"op":"unsub","topic":T}` and, where allowed, `{"op":"pub","topic":T,"data":<JSON>}`.
+//! Replies: `{"op":"subscribed","topic":T,"seq":S,"epoch":E}` (with
+//! `"recovered":true|false` when recovering), `{"op":"unsubscribed","topic":T}`,
+//! `{"op":"error","code":C,"msg":M}`. At connect, `?topics=a,b` subscribes
+//! without replies and `?recover=T@N@E,...` recovers as the op does.
 //! Gateway to client, one text frame per event: `{"topic":T,"seq":N,"data":D}`,
 //! built once per publish ([`event_frame`]) and shared by every subscriber.
 //!
@@ -29,10 +32,22 @@ pub fn valid_topic(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-'))
 }
 
+/// The longest epoch a client may send back (ours are shorter).
+pub const EPOCH_BYTES_MAX: usize = 32;
+
+/// Epochs are 1-32 ASCII letters and digits.
+pub fn valid_epoch(epoch: &str) -> bool {
+    (1..=EPOCH_BYTES_MAX).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// A request from a client.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Request<'a> {
-    Sub(Cow<'a, str>),
+    Sub {
+        topic: Cow<'a, str>,
+        /// Recovering: the last `seq` received, and its epoch.
+        since: Option<(u64, Cow<'a, str>)>,
+    },
     Unsub(Cow<'a, str>),
     /// `data` is raw JSON, checked by the parser.
     Pub {
@@ -47,6 +62,8 @@ struct Wire<'a> {
     op: Option<Cow<'a, str>>,
     topic: Option<Cow<'a, str>>,
     data: Option<&'a RawValue>,
+    since: Option<u64>,
+    epoch: Option<Cow<'a, str>>,
 }
 
 impl<'de> Deserialize<'de> for Wire<'de> {
@@ -77,9 +94,18 @@ impl<'de> Visitor<'de> for WireVisitor {
                 "topic" => wire.topic = Some(map.next_value()?),
                 "data" if wire.data.is_some() => return Err(duplicate()),
                 "data" => wire.data = Some(map.next_value()?),
+                "since" if wire.since.is_some() => return Err(duplicate()),
+                "since" => {
+                    let since = map.next_value::<u64>().map_err(|_| {
+                        de::Error::custom("\"since\" must be a whole number from 0")
+                    })?;
+                    wire.since = Some(since);
+                }
+                "epoch" if wire.epoch.is_some() => return Err(duplicate()),
+                "epoch" => wire.epoch = Some(map.next_value()?),
                 _ => {
                     return Err(de::Error::custom(format_args!(
-                        "unknown key \"{key}\" (expected op, topic, data)"
+                        "unknown key \"{key}\" (expected op, topic, data, since, epoch)"
                     )))
                 }
             }
@@ -163,11 +189,25 @@ pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, Reason> {
     if !valid_topic(&topic) {
         return Err("invalid topic name: 1-128 bytes of A-Z a-z 0-9 _ . : / -".into());
     }
+    let recovering = wire.since.is_some() || wire.epoch.is_some();
     match &*op {
         "sub" | "unsub" if wire.data.is_some() => {
             Err(format!("\"data\" is not part of \"{op}\"").into())
         }
-        "sub" => Ok(Request::Sub(topic)),
+        "unsub" | "pub" if recovering => {
+            Err(format!("\"since\" and \"epoch\" are not part of \"{op}\"").into())
+        }
+        "sub" => {
+            let since = match (wire.since, wire.epoch) {
+                (None, None) => None,
+                (Some(seq), Some(epoch)) if valid_epoch(&epoch) => Some((seq, epoch)),
+                (Some(_), Some(_)) => {
+                    return Err("invalid \"epoch\": 1-32 letters and digits".into())
+                }
+                _ => return Err("\"since\" and \"epoch\" go together".into()),
+            };
+            Ok(Request::Sub { topic, since })
+        }
         "unsub" => Ok(Request::Unsub(topic)),
         "pub" => {
             let data = wire.data.ok_or("missing \"data\"")?.get();
@@ -214,6 +254,47 @@ pub(crate) fn query_topics(query: Option<&str>, max: usize) -> Result<Vec<String
     topics.sort_unstable();
     topics.dedup();
     Ok(topics)
+}
+
+/// The recoveries named by `recover=T@N@E,...` in a request's query string
+/// (topic, last `seq` received, epoch; `@` is in neither a topic nor an epoch),
+/// percent-decoded and checked. At most `max`, else the reason for a 400.
+pub(crate) fn query_recoveries(
+    query: Option<&str>,
+    max: usize,
+) -> Result<Vec<(String, u64, String)>, &'static str> {
+    let Some(query) = query else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<(String, u64, String)> = Vec::new();
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name != "recover" {
+            continue;
+        }
+        let value = percent_decode(value).ok_or("malformed percent-encoding in ?recover=")?;
+        for item in value.split(',').filter(|t| !t.is_empty()) {
+            const FORM: &str = "?recover= takes topic@seq@epoch, comma-separated";
+            let mut parts = item.split('@');
+            let (Some(topic), Some(seq), Some(epoch), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(FORM);
+            };
+            let seq: u64 = seq.parse().map_err(|_| FORM)?;
+            if !valid_topic(topic) || !valid_epoch(epoch) {
+                return Err(FORM);
+            }
+            if out.iter().any(|(t, _, _)| t == topic) {
+                return Err("a topic appears twice in ?recover=");
+            }
+            if out.len() == max {
+                return Err("more topics in ?recover= than --max-subscriptions allows");
+            }
+            out.push((topic.to_string(), seq, epoch.to_string()));
+        }
+    }
+    Ok(out)
 }
 
 fn percent_decode(text: &str) -> Option<String> {
@@ -301,7 +382,26 @@ fn data_len(data: &EventData<'_>) -> usize {
     }
 }
 
-/// `{"op":"subscribed","topic":T}` and the like, as a text frame.
+/// `{"op":"subscribed","topic":T,"seq":S,"epoch":E}` (with `"recovered":B`
+/// when the client asked to recover), as a text frame.
+pub(crate) fn subscribed_reply(
+    topic: &str,
+    seq: u64,
+    epoch: &str,
+    recovered: Option<bool>,
+) -> Bytes {
+    debug_assert!(valid_topic(topic) && valid_epoch(epoch), "need no escaping");
+    let mut body = format!(
+        "{{\"op\":\"subscribed\",\"topic\":\"{topic}\",\"seq\":{seq},\"epoch\":\"{epoch}\""
+    );
+    if let Some(recovered) = recovered {
+        body.push_str(&format!(",\"recovered\":{recovered}"));
+    }
+    body.push('}');
+    crate::input::frame(OpCode::Text, body.as_bytes())
+}
+
+/// `{"op":"unsubscribed","topic":T}` and the like, as a text frame.
 pub(crate) fn reply(op: &str, topic: &str) -> Bytes {
     debug_assert!(valid_topic(topic), "topic names need no escaping");
     let body = format!("{{\"op\":\"{op}\",\"topic\":\"{topic}\"}}");
@@ -336,7 +436,10 @@ mod tests {
     fn requests_parse_and_errors_say_why() {
         assert_eq!(
             parse_request(br#"{"op":"sub","topic":"a"}"#),
-            Ok(Request::Sub("a".into()))
+            Ok(Request::Sub {
+                topic: "a".into(),
+                since: None
+            })
         );
         assert_eq!(
             parse_request(br#"{"topic":"a","op":"unsub"}"#),
@@ -345,7 +448,10 @@ mod tests {
         // Escapes in strings are decoded.
         assert_eq!(
             parse_request(br#"{"op":"sub","topic":"a\u002eb"}"#),
-            Ok(Request::Sub("a.b".into()))
+            Ok(Request::Sub {
+                topic: "a.b".into(),
+                since: None
+            })
         );
         match parse_request(br#"{"op":"pub","topic":"a","data":{"x":[1,2]}}"#) {
             Ok(Request::Pub { topic, data }) => {
@@ -443,6 +549,67 @@ mod tests {
         // And with a limit as large as the query it still sorts once, not n^2.
         let all = query_topics(Some(&query), u16::MAX as usize).unwrap();
         assert_eq!(all.len(), 2649);
+    }
+
+    #[test]
+    fn recovery_requests_carry_since_and_epoch_together() {
+        assert_eq!(
+            parse_request(br#"{"op":"sub","topic":"a","since":41,"epoch":"k3x9"}"#),
+            Ok(Request::Sub {
+                topic: "a".into(),
+                since: Some((41, "k3x9".into()))
+            })
+        );
+        for (bad, why) in [
+            (
+                &br#"{"op":"sub","topic":"a","since":41}"#[..],
+                "go together",
+            ),
+            (br#"{"op":"sub","topic":"a","epoch":"x"}"#, "go together"),
+            (
+                br#"{"op":"sub","topic":"a","since":-1,"epoch":"x"}"#,
+                "since",
+            ),
+            (
+                br#"{"op":"sub","topic":"a","since":1,"epoch":"a b"}"#,
+                "epoch",
+            ),
+            (
+                br#"{"op":"unsub","topic":"a","since":1,"epoch":"x"}"#,
+                "not part of",
+            ),
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn recoveries_at_connect_are_parsed_and_bounded() {
+        assert_eq!(
+            query_recoveries(Some("topics=x&recover=user.42%4017%40ab12,b@0@Z"), 8),
+            Ok(vec![
+                ("user.42".to_string(), 17, "ab12".to_string()),
+                ("b".to_string(), 0, "Z".to_string())
+            ])
+        );
+        assert!(query_recoveries(Some("recover=a@1"), 8).is_err());
+        assert!(query_recoveries(Some("recover=a@x@e"), 8).is_err());
+        assert!(query_recoveries(Some("recover=a@1@e,a@2@e"), 8).is_err());
+        assert!(query_recoveries(Some("recover=a@1@e,b@2@e"), 1).is_err());
+        assert_eq!(query_recoveries(None, 8), Ok(vec![]));
+    }
+
+    #[test]
+    fn subscribed_replies_say_where_the_topic_stands() {
+        let plain = subscribed_reply("a.b", 7, "e1", None);
+        assert_eq!(
+            &plain[2..],
+            br#"{"op":"subscribed","topic":"a.b","seq":7,"epoch":"e1"}"#
+        );
+        let recovered = subscribed_reply("a", 0, "e1", Some(false));
+        let v: serde_json::Value = serde_json::from_slice(&recovered[2..]).unwrap();
+        assert_eq!(v["recovered"], false);
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
+use crate::upstream::Recovery;
+
 /// Latencies are recorded in microseconds, from 1 us to 10 minutes, to 2
 /// significant digits (about 10 KiB per histogram).
 pub const LATENCY_MAX_US: u64 = 600_000_000;
@@ -119,6 +121,12 @@ pub struct ShardStats {
     /// Loop turns that left the inbox waiting because a subscriber was over its
     /// limit with bytes the kernel had not yet been offered.
     pub congested_turns: Counter,
+    /// Events replayed to recovering clients.
+    pub events_replayed: Counter,
+    /// Recoveries (`sub` with `since`), by outcome: see [`Recovery`].
+    pub recoveries: [Counter; RECOVERY_OUTCOMES],
+    /// Recovering clients closed because their replay did not move.
+    pub replays_stalled: Counter,
     /// Bytes held now for unfinished frames, messages and request heads.
     pub unfinished_bytes: Counter,
     /// Connections closed (1013) or refused (503) because the shard's budget
@@ -131,7 +139,29 @@ pub struct ShardStats {
     pub delivery_latency: Mutex<Option<Histogram<u64>>>,
 }
 
+/// The recovery outcomes counted (every [`Recovery`] but `NotAsked`).
+pub const RECOVERY_OUTCOMES: usize = 6;
+
+/// The outcomes in the order of [`ShardStats::recoveries`].
+pub const RECOVERY_ORDER: [Recovery; RECOVERY_OUTCOMES] = [
+    Recovery::Recovered,
+    Recovery::TooOld,
+    Recovery::EpochChanged,
+    Recovery::Future,
+    Recovery::HistoryOff,
+    Recovery::AlreadySubscribed,
+];
+
 impl ShardStats {
+    /// Counts a recovery's outcome.
+    pub(crate) fn count_recovery(&self, outcome: Recovery) {
+        let at = RECOVERY_ORDER
+            .iter()
+            .position(|&o| o == outcome)
+            .expect("a counted outcome");
+        self.recoveries[at].add(1);
+    }
+
     /// Counts an upgrade refused with HTTP `status` (503s are counted apart).
     pub fn count_rejection(&self, status: u16) {
         match status {

@@ -18,6 +18,9 @@ pub(crate) enum Due {
     HandshakeTimeout,
     /// Input unfinished for longer than `--message-timeout`.
     MessageTimeout,
+    /// A replay that has not moved for `REPLAY_STALL_TIMEOUT` (decided by the
+    /// shard, which holds the replays).
+    ReplayStalled,
     CloseTimeout,
     /// Silent long enough to trade the armed recv for a cheaper poll.
     Park,

@@ -139,6 +139,9 @@ pub(crate) struct TopicIndex {
     ids: HashMap<Arc<str>, u32>,
     topics: Slab<Topic>,
     subscriptions: usize,
+    /// Topics that gained their first subscriber (true) or lost their last
+    /// (false) since `take_changes`, in order.
+    changes: Vec<(Arc<str>, bool)>,
 }
 
 impl TopicIndex {
@@ -177,7 +180,8 @@ impl TopicIndex {
                     subscribers: Vec::new(),
                 });
                 let id = u32::try_from(id).expect("fewer than 2^32 topics");
-                self.ids.insert(name, id);
+                self.ids.insert(name.clone(), id);
+                self.changes.push((name, true));
                 id
             }
         };
@@ -242,7 +246,14 @@ impl TopicIndex {
         if self.topics[id as usize].subscribers.is_empty() {
             let topic = self.topics.remove(id as usize);
             self.ids.remove(&topic.name);
+            self.changes.push((topic.name, false));
         }
+    }
+
+    /// The topics that gained their first subscriber (true) or lost their last
+    /// (false) since the last call, in order.
+    pub fn take_changes(&mut self) -> std::vec::Drain<'_, (Arc<str>, bool)> {
+        self.changes.drain(..)
     }
 
     /// Checks every cross-reference (tests only).
@@ -279,6 +290,34 @@ mod tests {
             slab.insert(Conn::new(i as u32, 0, 0));
         }
         slab
+    }
+
+    #[test]
+    fn first_in_and_last_out_are_reported_in_order() {
+        let mut conns = conns(2);
+        let mut index = TopicIndex::default();
+        index.subscribe(&mut conns, 0, "a", 64);
+        index.subscribe(&mut conns, 1, "a", 64);
+        index.unsubscribe(&mut conns, 0, "a");
+        let changes: Vec<_> = index
+            .take_changes()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect();
+        assert_eq!(changes, vec![("a".to_string(), true)], "one first-in");
+        index.unsubscribe_all(&mut conns, 1);
+        let changes: Vec<_> = index
+            .take_changes()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect();
+        assert_eq!(changes, vec![("a".to_string(), false)], "then the last out");
+        // A subscribe refused at the limit leaves no change behind.
+        index.subscribe(&mut conns, 0, "x", 1);
+        assert_eq!(index.subscribe(&mut conns, 0, "y", 1), Subscribed::Full);
+        let changes: Vec<_> = index
+            .take_changes()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect();
+        assert_eq!(changes, vec![("x".to_string(), true)]);
     }
 
     #[test]

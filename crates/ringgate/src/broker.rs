@@ -1,31 +1,37 @@
-//! The embedded broker: the one place that numbers events and builds their frame.
+//! The embedded broker: the one place that numbers events, keeps their history
+//! and answers subscribes.
 //!
 //! A publish (from the HTTP API or from a client allowed to publish) is
 //! all-or-nothing: a place is reserved in every shard's inbox first, and only
 //! if every shard has one does the event get its topic's next `seq`, its frame
-//! (encoded once), and the pushes. A full inbox anywhere refuses the event with
-//! no `seq` used, so a retry cannot duplicate it for anyone. The topic table's
-//! lock is held from the `seq` to the last push, so events of one topic reach
-//! every inbox in `seq` order whichever thread publishes.
+//! (encoded once, held in the history as is), and the pushes. A full inbox
+//! anywhere refuses the event with no `seq` used, so a retry cannot duplicate
+//! it for anyone. The topic table's lock is held from the `seq` to the last
+//! push, so events of one topic reach every inbox in `seq` order whichever
+//! thread publishes.
 //!
-//! Topic state is bounded: past `TOPICS_MAX` topics, the eighth least recently
-//! published are forgotten (their numbering restarts at 1 when they return).
+//! A subscribe is answered under the same lock, into the asking shard's inbox:
+//! every event numbered before the answer is in it (its `seq`, and the replay
+//! when recovering), every later event reaches the shard after it. That is what
+//! makes a recovery exact (no gap, no duplicate) while publishing goes on.
 //! During a drain every publish is refused: nobody is left to receive it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use ringgate_shard::{clock_ns, event_frame, valid_topic, Command, EventData, ShardSender};
+use ringgate_shard::{
+    clock_ns, event_frame, valid_topic, Command, EventData, ShardSender, SubscribeAnswer,
+    SubscribeRequest,
+};
 
-/// Topics the broker keeps a `seq` for; past it the least recently published
-/// eighth are forgotten. About 100 bytes per topic: 100 MB at most.
-pub const TOPICS_MAX: usize = 1_000_000;
+use crate::topic_table::{HistoryLimits, TooManyTopics, TopicTable};
 
 /// A publish that reached every shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub seq: u64,
+    pub epoch: Arc<str>,
     pub shards: usize,
 }
 
@@ -40,6 +46,8 @@ pub enum PublishError {
     },
     /// The server is shutting down: every subscriber is being closed.
     Draining,
+    /// Every known topic has subscribers and the table is full.
+    TooManyTopics,
 }
 
 impl PublishError {
@@ -52,62 +60,48 @@ impl PublishError {
             Self::Draining => {
                 "the server is shutting down: the event was not delivered to anyone".into()
             }
+            Self::TooManyTopics => format!(
+                "too many topics in use (at most {}); the event was not delivered to anyone",
+                crate::topic_table::TOPICS_MAX
+            ),
         }
     }
 }
 
-struct TopicState {
-    seq: u64,
-    /// The broker's publish count when this topic was last published to.
-    last: u64,
-}
-
-#[derive(Default)]
-struct Topics {
-    map: HashMap<Arc<str>, TopicState>,
-    /// Counts publishes: the clock of `TopicState::last`.
-    clock: u64,
-}
-
-impl Topics {
-    /// Forgets the least recently published eighth of the topics.
-    fn evict(&mut self) -> usize {
-        let mut lasts: Vec<u64> = self.map.values().map(|t| t.last).collect();
-        // Every `last` is distinct (one clock tick per publish), so exactly the
-        // `cut` oldest are at or below the threshold.
-        let cut = (lasts.len() / 8).max(1);
-        let (_, &mut threshold, _) = lasts.select_nth_unstable(cut - 1);
-        let before = self.map.len();
-        self.map.retain(|_, t| t.last > threshold);
-        before - self.map.len()
-    }
+/// What the broker holds, for `/metrics` and `/stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerFigures {
+    /// Topics with a `seq` and epoch.
+    pub topics: usize,
+    /// Topics forgotten (idle for `--topic-idle-ttl`, or to make room).
+    pub topics_forgotten: u64,
+    /// Events held in histories, and their bytes (frames and bookkeeping).
+    pub history_events: usize,
+    pub history_bytes: usize,
+    /// Events dropped to stay within `--history-memory`.
+    pub history_evicted: u64,
 }
 
 pub struct Broker {
     shards: Vec<ShardSender>,
-    topics: Mutex<Topics>,
-    topics_max: usize,
+    topics: Mutex<TopicTable>,
     draining: AtomicBool,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
-    pub topics_forgotten: AtomicU64,
 }
 
 impl Broker {
-    pub fn new(shards: Vec<ShardSender>) -> Self {
-        Self::with_topics_max(shards, TOPICS_MAX)
+    pub fn new(shards: Vec<ShardSender>, limits: HistoryLimits) -> Self {
+        Self::with_table(shards, TopicTable::new(limits))
     }
 
-    fn with_topics_max(shards: Vec<ShardSender>, topics_max: usize) -> Self {
-        assert!(topics_max >= 8, "eviction forgets an eighth at a time");
+    fn with_table(shards: Vec<ShardSender>, table: TopicTable) -> Self {
         Broker {
             shards,
-            topics: Mutex::new(Topics::default()),
-            topics_max,
+            topics: Mutex::new(table),
             draining: AtomicBool::new(false),
             published: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
-            topics_forgotten: AtomicU64::new(0),
         }
     }
 
@@ -116,14 +110,21 @@ impl Broker {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Topics with a `seq` now.
-    pub fn topics(&self) -> usize {
-        self.lock().map.len()
+    fn lock(&self) -> std::sync::MutexGuard<'_, TopicTable> {
+        // Every update of the table leaves it consistent before it can panic.
+        self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Topics> {
-        // Every update below leaves the table consistent before it can panic.
-        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    /// The topic table's figures now.
+    pub fn figures(&self) -> BrokerFigures {
+        let t = self.lock();
+        BrokerFigures {
+            topics: t.len(),
+            topics_forgotten: t.forgotten,
+            history_events: t.history_events(),
+            history_bytes: t.history_bytes(),
+            history_evicted: t.evicted,
+        }
     }
 
     /// Numbers, encodes once, and hands the event to every shard, or to none.
@@ -154,65 +155,101 @@ impl Broker {
                 shards: self.shards.len(),
             });
         }
-        if !topics.map.contains_key(topic) && topics.map.len() >= self.topics_max {
-            let forgotten = topics.evict();
-            self.topics_forgotten
-                .fetch_add(forgotten as u64, Ordering::Relaxed);
-            tracing::info!(
-                forgotten,
-                "topic table full: forgot the least recently published topics"
-            );
-        }
-        topics.clock += 1;
-        let clock = topics.clock;
-        // Allocate the shared name only for a topic seen for the first time.
-        let name = match topics.map.get_key_value(topic) {
-            Some((name, _)) => name.clone(),
-            None => {
-                let name: Arc<str> = Arc::from(topic);
-                topics
-                    .map
-                    .insert(name.clone(), TopicState { seq: 0, last: 0 });
-                name
-            }
-        };
-        let state = topics.map.get_mut(topic).expect("found or inserted above");
-        state.seq += 1;
-        state.last = clock;
-        let seq = state.seq;
-        let frame = event_frame(topic, seq, data);
+        let numbered = topics
+            .publish(topic, Instant::now(), |seq| event_frame(topic, seq, data))
+            .map_err(|TooManyTopics| PublishError::TooManyTopics)?;
         let published_ns = clock_ns();
         for reservation in reservations {
             reservation.push(Command::Deliver {
-                topic: name.clone(),
-                frame: frame.clone(),
+                topic: numbered.name.clone(),
+                seq: numbered.seq,
+                frame: numbered.frame.clone(),
                 published_ns,
             });
         }
         Ok(Published {
-            seq,
+            seq: numbered.seq,
+            epoch: numbered.epoch,
             shards: self.shards.len(),
         })
+    }
+
+    /// Answers a subscribe into the asking shard's inbox: where the topic
+    /// stands, and, recovering, the events missed (see the module doc).
+    pub fn subscribe(&self, request: SubscribeRequest) {
+        let mut topics = self.lock();
+        let standing = topics.subscribe(&request.topic, request.since.as_ref(), Instant::now());
+        let answer = match standing {
+            Ok(s) => SubscribeAnswer {
+                key: request.key,
+                generation: request.generation,
+                topic: s.name,
+                seq: s.seq,
+                epoch: s.epoch,
+                recovery: s.recovery,
+                replay: s.replay,
+                refused: None,
+            },
+            Err(TooManyTopics) => SubscribeAnswer {
+                key: request.key,
+                generation: request.generation,
+                topic: request.topic,
+                seq: 0,
+                epoch: Arc::from(""),
+                recovery: ringgate_shard::Recovery::NotAsked,
+                replay: Vec::new(),
+                refused: Some("too many topics in use, try again later"),
+            },
+        };
+        self.shards[request.shard].answer(Box::new(answer));
+    }
+
+    /// A shard's first subscriber of `topic` arrived, or its last left.
+    pub fn presence(&self, topic: &str, present: bool) {
+        self.lock().presence(topic, present, Instant::now());
+    }
+
+    /// Expires history and forgets idle topics; about once a second.
+    pub fn maintain(&self) {
+        self.lock().maintain(Instant::now());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        size: 100,
+        ttl: Duration::from_secs(300),
+        memory: 1 << 20,
+        topic_idle_ttl: Duration::from_secs(600),
+    };
+
+    fn broker(shards: Vec<ShardSender>) -> Broker {
+        Broker::new(shards, LIMITS)
+    }
 
     #[test]
     fn seq_rises_by_one_per_topic_and_bad_topics_are_refused() {
-        let broker = Broker::new(Vec::new());
+        let broker = broker(Vec::new());
         let data = EventData::Json("1");
         assert_eq!(broker.publish("a", data).unwrap().seq, 1);
         assert_eq!(broker.publish("a", data).unwrap().seq, 2);
         assert_eq!(broker.publish("b", data).unwrap().seq, 1);
-        assert_eq!(broker.publish("a", data).unwrap().seq, 3);
+        let a = broker.publish("a", data).unwrap();
+        assert_eq!(a.seq, 3);
+        assert_eq!(
+            a.epoch,
+            broker.publish("a", data).unwrap().epoch,
+            "one epoch per topic"
+        );
         assert_eq!(
             broker.publish("bad topic", data),
             Err(PublishError::BadTopic)
         );
-        assert_eq!(broker.published.load(Ordering::Relaxed), 4);
+        assert_eq!(broker.published.load(Ordering::Relaxed), 5);
         assert_eq!(broker.rejected.load(Ordering::Relaxed), 1);
     }
 
@@ -220,16 +257,10 @@ mod tests {
     fn a_full_inbox_anywhere_delivers_to_nobody_and_uses_no_seq() {
         let roomy = ShardSender::detached(0, 100).unwrap();
         let tight = ShardSender::detached(1, 2).unwrap();
-        let broker = Broker::new(vec![roomy, tight]);
+        let broker = broker(vec![roomy, tight]);
         let data = EventData::Text("x");
-        assert_eq!(
-            broker.publish("t", data),
-            Ok(Published { seq: 1, shards: 2 })
-        );
-        assert_eq!(
-            broker.publish("t", data),
-            Ok(Published { seq: 2, shards: 2 })
-        );
+        assert_eq!(broker.publish("t", data).unwrap().seq, 1);
+        assert_eq!(broker.publish("t", data).unwrap().seq, 2);
         // The second shard's inbox is full: nobody gets the event, and the
         // roomy shard's inbox did not take it either.
         let busy = broker.publish("t", data).unwrap_err();
@@ -245,22 +276,16 @@ mod tests {
             held += 1;
         }
         assert_eq!(held, 100 - 2, "the refused event holds no place");
-    }
-
-    #[test]
-    fn a_refused_publish_leaves_no_gap_in_seq() {
-        let tight = ShardSender::detached(0, 1).unwrap();
-        let broker = Broker::new(vec![tight]);
-        let data = EventData::Text("x");
-        assert_eq!(broker.publish("t", data).unwrap().seq, 1);
-        assert!(broker.publish("t", data).is_err());
-        let topics = broker.lock();
-        assert_eq!(topics.map["t"].seq, 1, "the refused event took no seq");
+        assert_eq!(
+            broker.figures().history_events,
+            2,
+            "nor a place in the history"
+        );
     }
 
     #[test]
     fn draining_refuses_every_publish() {
-        let broker = Broker::new(vec![ShardSender::detached(0, 10).unwrap()]);
+        let broker = broker(vec![ShardSender::detached(0, 10).unwrap()]);
         broker.start_draining();
         assert_eq!(
             broker.publish("t", EventData::Text("x")),
@@ -268,33 +293,49 @@ mod tests {
         );
     }
 
+    fn take_all(shard: &ShardSender) -> Vec<Command> {
+        shard.take_all_for_tests()
+    }
+
     #[test]
-    fn a_full_topic_table_forgets_the_least_recently_published() {
-        let broker = Broker::with_topics_max(Vec::new(), 80);
+    fn a_subscribe_is_answered_in_order_with_the_events() {
+        let shard = ShardSender::detached(0, 1000).unwrap();
+        let broker = broker(vec![shard.clone()]);
         let data = EventData::Text("x");
-        for i in 0..80 {
-            broker.publish(&format!("t{i}"), data).unwrap();
-        }
-        // t0 is published again: it is now among the most recent.
-        assert_eq!(broker.publish("t0", data).unwrap().seq, 2);
-        // A new topic: the ten least recently published go (t1..t10), not t0.
-        assert_eq!(broker.publish("new", data).unwrap().seq, 1);
-        assert_eq!(broker.topics_forgotten.load(Ordering::Relaxed), 10);
-        assert_eq!(broker.topics(), 71);
-        assert_eq!(broker.publish("t0", data).unwrap().seq, 3, "kept");
-        assert_eq!(broker.publish("t1", data).unwrap().seq, 1, "forgotten");
-        // Never a permanent refusal: a million new topics all get a seq.
-        for i in 0..1000 {
-            assert!(broker.publish(&format!("flood{i}"), data).is_ok());
-        }
-        assert!(broker.topics() <= 80);
+        let epoch = broker.publish("t", data).unwrap().epoch;
+        broker.publish("t", data).unwrap();
+        broker.subscribe(SubscribeRequest {
+            shard: 0,
+            key: 7,
+            generation: 3,
+            topic: Arc::from("t"),
+            since: Some(ringgate_shard::Since {
+                seq: 0,
+                epoch: epoch.to_string(),
+            }),
+        });
+        broker.publish("t", data).unwrap();
+        let commands = take_all(&shard);
+        let kinds: Vec<String> = commands
+            .iter()
+            .map(|c| match c {
+                Command::Deliver { seq, .. } => format!("event {seq}"),
+                Command::Subscribed(a) => {
+                    format!("answer at {}: {} replayed", a.seq, a.replay.len())
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["event 1", "event 2", "answer at 2: 2 replayed", "event 3"],
+            "the answer sits between the events it covers and the ones after"
+        );
     }
 
     #[test]
     fn concurrent_publishers_keep_each_topics_order_in_every_inbox() {
-        use ringgate_shard::Command;
         let inbox = ShardSender::detached(0, 100_000).unwrap();
-        let broker = Arc::new(Broker::new(vec![inbox.clone()]));
+        let broker = Arc::new(broker(vec![inbox.clone()]));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let broker = broker.clone();
@@ -308,12 +349,17 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let mut seqs = Vec::new();
-        for command in inbox.take_all_for_tests() {
-            let Command::Deliver { frame, .. } = command;
-            let v: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
-            seqs.push(v["seq"].as_u64().unwrap());
-        }
+        let seqs: Vec<u64> = take_all(&inbox)
+            .into_iter()
+            .map(|c| match c {
+                Command::Deliver { seq, frame, .. } => {
+                    let v: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
+                    assert_eq!(v["seq"], seq, "the frame carries the seq it is sent with");
+                    seq
+                }
+                Command::Subscribed(_) => unreachable!("nobody subscribed"),
+            })
+            .collect();
         assert_eq!(seqs, (1..=8000).collect::<Vec<u64>>());
     }
 }

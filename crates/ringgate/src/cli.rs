@@ -170,6 +170,30 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_CLIENT_PUBLISH", value_name = "PATTERN")]
     pub client_publish: Option<String>,
 
+    /// Events each topic's history holds for recovery (`{"op":"sub",...,"since":N}`); 0 turns
+    /// history and recovery off.
+    #[arg(
+        long,
+        env = "RINGGATE_HISTORY_SIZE",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub history_size: usize,
+
+    /// Events older than this leave the history.
+    #[arg(long, env = "RINGGATE_HISTORY_TTL", default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub history_ttl: Duration,
+
+    /// Bytes all histories hold together; past it the oldest events of the least recently
+    /// published topics go first.
+    #[arg(long, env = "RINGGATE_HISTORY_MEMORY", default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub history_memory: u64,
+
+    /// A topic with no publish and no subscriber for this long is forgotten (its `seq` and
+    /// history); when it comes back it has a new epoch. At least --history-ttl.
+    #[arg(long, env = "RINGGATE_TOPIC_IDLE_TTL", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub topic_idle_ttl: Duration,
+
     /// (testing) Tick with a re-armed one-shot timeout, as on kernels before 6.4.
     #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK")]
     pub oneshot_tick: bool,
@@ -228,6 +252,10 @@ mod tests {
             "TCP keepalive is off by default"
         );
         assert!(!cli.echo);
+        assert_eq!(cli.history_size, 100);
+        assert_eq!(cli.history_ttl, Duration::from_secs(300));
+        assert_eq!(cli.history_memory, 64 << 20);
+        assert_eq!(cli.topic_idle_ttl, Duration::from_secs(600));
     }
 
     #[test]

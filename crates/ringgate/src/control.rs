@@ -5,8 +5,10 @@
 //! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
 //! other UTF-8 text is sent as a JSON string), `GET /healthz` (200 while every
 //! shard runs), `GET /metrics` and `GET /stats` (JSON: every counter per shard
-//! and summed, with uptime and version). Client publishes from the shards
-//! arrive on a bounded channel and go through the same broker.
+//! and summed, with uptime and version). What shards tell the broker (client
+//! publishes, subscribes, presence) arrives on a bounded channel and is handed
+//! to the broker here, in order; once a second the broker expires history and
+//! forgets idle topics.
 //!
 //! Bounds, so no client can take the process's descriptors or memory: at most
 //! [`connections_max`] connections (more are answered 503 at once and closed),
@@ -29,7 +31,7 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use ringgate_shard::{ClientPublish, EventData, ShardStats};
+use ringgate_shard::{EventData, ShardStats, Upstream};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -85,7 +87,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub fn spawn(
     listener: std::net::TcpListener,
     control: Arc<Control>,
-    client_publishes: mpsc::Receiver<ClientPublish>,
+    upstream: mpsc::Receiver<Upstream>,
 ) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     std::thread::Builder::new()
@@ -99,10 +101,8 @@ pub fn spawn(
                 Err(e) => return tracing::error!("control plane: cannot start its runtime: {e}"),
             };
             runtime.block_on(async move {
-                tokio::spawn(forward_client_publishes(
-                    client_publishes,
-                    control.broker.clone(),
-                ));
+                tokio::spawn(serve_upstream(upstream, control.broker.clone()));
+                tokio::spawn(maintain(control.broker.clone()));
                 let app = Router::new()
                     .route("/publish/{*topic}", post(publish))
                     .route("/metrics", get(metrics))
@@ -197,9 +197,11 @@ async fn publish(
     match control.broker.publish(&topic, data) {
         Ok(p) => answer(
             StatusCode::OK,
-            json!({ "topic": topic, "seq": p.seq, "shards": p.shards }),
+            json!({ "topic": topic, "seq": p.seq, "epoch": &*p.epoch, "shards": p.shards }),
         ),
-        Err(e @ (PublishError::Busy { .. } | PublishError::Draining)) => answer(
+        Err(
+            e @ (PublishError::Busy { .. } | PublishError::Draining | PublishError::TooManyTopics),
+        ) => answer(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "error": e.message(), "topic": topic }),
         ),
@@ -209,16 +211,34 @@ async fn publish(
     }
 }
 
-/// Publishes what clients sent with `{"op":"pub"}` (already allowed by the shard).
-async fn forward_client_publishes(mut rx: mpsc::Receiver<ClientPublish>, broker: Arc<Broker>) {
-    while let Some(p) = rx.recv().await {
-        if let Err(e) = broker.publish(&p.topic, EventData::Json(&p.data)) {
-            tracing::debug!(
-                topic = p.topic,
-                "client publish not fully delivered: {}",
-                e.message()
-            );
+/// Hands the broker what the shards sent, in order: client publishes (already
+/// allowed by the shard), subscribes (answered into the shard's inbox) and
+/// presence changes. Each is a short critical section, never an await.
+async fn serve_upstream(mut rx: mpsc::Receiver<Upstream>, broker: Arc<Broker>) {
+    while let Some(message) = rx.recv().await {
+        match message {
+            Upstream::Publish(p) => {
+                if let Err(e) = broker.publish(&p.topic, EventData::Json(&p.data)) {
+                    tracing::debug!(
+                        topic = p.topic,
+                        "client publish delivered to nobody: {}",
+                        e.message()
+                    );
+                }
+            }
+            Upstream::Subscribe(request) => broker.subscribe(request),
+            Upstream::Presence { topic, present, .. } => broker.presence(&topic, present),
         }
+    }
+}
+
+/// Expires history and forgets idle topics, once a second.
+async fn maintain(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        broker.maintain();
     }
 }
 
@@ -273,26 +293,10 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
         "memory_bytes_per_connection_kernel_estimate".into(),
         json!(kernel),
     );
-    totals.insert(
-        "publish_total".into(),
-        json!(control
-            .broker
-            .published
-            .load(std::sync::atomic::Ordering::Relaxed)),
-    );
-    totals.insert(
-        "publish_rejected_total".into(),
-        json!(control
-            .broker
-            .rejected
-            .load(std::sync::atomic::Ordering::Relaxed)),
-    );
+    for (name, _, _, value) in crate::metrics::broker_figures(&control) {
+        totals.insert(name.trim_start_matches("ringgate_").into(), json!(value));
+    }
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    totals.insert("broker_topics".into(), json!(control.broker.topics()));
-    totals.insert(
-        "broker_topics_forgotten_total".into(),
-        json!(control.broker.topics_forgotten.load(relaxed)),
-    );
     totals.insert(
         "control_connections".into(),
         json!(control.connections.load(relaxed)),
@@ -328,9 +332,15 @@ mod tests {
             shards: vec![Arc::new(ShardStats::default())],
             alive: vec![],
             started: Instant::now(),
-            broker: Arc::new(Broker::new(vec![
-                ShardSender::detached(0, capacity).unwrap()
-            ])),
+            broker: Arc::new(Broker::new(
+                vec![ShardSender::detached(0, capacity).unwrap()],
+                crate::topic_table::HistoryLimits {
+                    size: 100,
+                    ttl: Duration::from_secs(300),
+                    memory: 1 << 20,
+                    topic_idle_ttl: Duration::from_secs(600),
+                },
+            )),
             rss_at_start: 0,
             settings: Value::Null,
             message_bytes_max: 1024,
@@ -380,7 +390,12 @@ mod tests {
     fn publish_answers_topic_seq_and_shards() {
         let (status, body) = call(control_with_inbox(10), "news", br#"{"x":1}"#);
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(body, json!({"topic": "news", "seq": 1, "shards": 1}));
+        let epoch = body["epoch"].as_str().unwrap().to_string();
+        assert_eq!(epoch.len(), 10, "{body}");
+        assert_eq!(
+            body,
+            json!({"topic": "news", "seq": 1, "epoch": epoch, "shards": 1})
+        );
         let (status, _) = call(control_with_inbox(10), "bad topic", b"1");
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let (status, _) = call(control_with_inbox(10), "t", b"\xff");

@@ -5,9 +5,11 @@ mod broker;
 mod cli;
 mod config;
 mod control;
+mod history;
 mod metrics;
 mod notify;
 mod signals;
+mod topic_table;
 mod units;
 
 use std::process::ExitCode;
@@ -16,13 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringgate_codec::Limits;
-use ringgate_shard::{ClientPublish, Publisher, ShardConfig, SlowConsumer, REJECT_SLOTS};
+use ringgate_shard::limits::UPSTREAM_CAPACITY;
+use ringgate_shard::{ShardConfig, SlowConsumer, Upstream, UpstreamSender, REJECT_SLOTS};
 
 use broker::Broker;
 use cli::{Cli, SlowConsumerPolicy, Subcommand};
-
-/// Client publishes waiting for the broker before clients are told it is busy.
-const CLIENT_PUBLISH_QUEUE: usize = 4096;
+use topic_table::HistoryLimits;
 
 fn main() -> ExitCode {
     let loaded = match config::load(std::env::args_os().collect()) {
@@ -66,7 +67,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 .shards
                 .unwrap_or_else(ringgate_shard::cpu_count)
                 .max(1);
-            shard_config(&loaded.cli, shards).and_then(|cfg| cfg.validate())
+            shard_config(&loaded.cli, shards)
+                .and_then(|cfg| cfg.validate())
+                .and_then(|()| history_limits(&loaded.cli).map(drop))
         }
         Err(config::LoadError::Clap(e)) => Err(first_line(&e.to_string())),
         Err(config::LoadError::File(msg)) => Err(msg),
@@ -111,15 +114,18 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     signals::block_shutdown_signals();
     let shard_count = cli.shards.unwrap_or_else(ringgate_shard::cpu_count).max(1);
     let cfg = shard_config(&cli, shard_count)?;
+    let history = history_limits(&cli)?;
     let control_listener = control::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
     let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
-    let (client_tx, client_rx) = tokio::sync::mpsc::channel::<ClientPublish>(CLIENT_PUBLISH_QUEUE);
-    let publisher: Publisher = Arc::new(move |p| client_tx.try_send(p).map_err(|_| ()));
+    let (upstream_tx, upstream_rx) = tokio::sync::mpsc::channel::<Upstream>(UPSTREAM_CAPACITY);
+    let upstream: UpstreamSender =
+        Arc::new(move |message| upstream_tx.try_send(message).map_err(|e| e.into_inner()));
     let runtime =
-        ringgate_shard::start(&cfg, shard_count, Some(publisher)).map_err(|e| e.to_string())?;
+        ringgate_shard::start(&cfg, shard_count, Some(upstream)).map_err(|e| e.to_string())?;
     let broker = Arc::new(Broker::new(
         runtime.shards.iter().map(|s| s.sender()).collect(),
+        history,
     ));
     let drain_broker = broker.clone();
     let alive: Vec<Arc<AtomicBool>> = runtime
@@ -139,7 +145,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         connections: AtomicU64::new(0),
         refused: AtomicU64::new(0),
     });
-    control::spawn(control_listener, control, client_rx)
+    control::spawn(control_listener, control, upstream_rx)
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     tracing::info!(
         ws = %runtime.local_addr, control = %control_addr, shards = shard_count,
@@ -284,6 +290,27 @@ fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) -> Result<
             "shards {stuck:?} did not stop within the drain timeout and {EXIT_WAIT:?}; exiting anyway"
         ))
     }
+}
+
+fn history_limits(cli: &Cli) -> Result<HistoryLimits, String> {
+    if cli.topic_idle_ttl < cli.history_ttl {
+        return Err(format!(
+            "--topic-idle-ttl ({:?}) must be at least --history-ttl ({:?}): a forgotten topic loses its history",
+            cli.topic_idle_ttl, cli.history_ttl
+        ));
+    }
+    if cli.history_size > 0 && cli.history_ttl.is_zero() {
+        return Err(
+            "--history-ttl must be more than 0 (use --history-size 0 to turn history off)".into(),
+        );
+    }
+    Ok(HistoryLimits {
+        size: cli.history_size,
+        ttl: cli.history_ttl,
+        memory: usize::try_from(cli.history_memory)
+            .map_err(|_| format!("--history-memory is too large: {}", cli.history_memory))?,
+        topic_idle_ttl: cli.topic_idle_ttl,
+    })
 }
 
 fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {

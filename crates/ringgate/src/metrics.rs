@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use ringgate_shard::{new_latency_histogram, Counter, ShardStats};
+use ringgate_shard::{new_latency_histogram, Counter, ShardStats, RECOVERY_ORDER};
 
 use crate::control::Control;
 
@@ -173,6 +173,18 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.message_timeouts,
     ),
     (
+        "ringgate_events_replayed_total",
+        "counter",
+        "Events replayed from history to recovering clients.",
+        |s| &s.events_replayed,
+    ),
+    (
+        "ringgate_replays_stalled_total",
+        "counter",
+        "Recovering clients closed (1008) because their replay did not move for 30 s.",
+        |s| &s.replays_stalled,
+    ),
+    (
         "ringgate_topics",
         "gauge",
         "Topics with at least one local subscriber.",
@@ -223,7 +235,64 @@ pub fn shard_counters(s: &ShardStats) -> Vec<(String, u64)> {
         ));
     }
     out.push(("handshake_failed_total".into(), s.handshake_failed()));
+    for (outcome, counter) in RECOVERY_ORDER.iter().zip(&s.recoveries) {
+        out.push((
+            format!("recoveries_{}_total", outcome.label()),
+            counter.get(),
+        ));
+    }
     out
+}
+
+/// The broker's figures: (name, type, help, value).
+pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    let broker = &control.broker;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let f = broker.figures();
+    vec![
+        (
+            "ringgate_publish_total",
+            "counter",
+            "Events published and handed to every shard.",
+            broker.published.load(relaxed),
+        ),
+        (
+            "ringgate_publish_rejected_total",
+            "counter",
+            "Publishes refused and delivered to nobody (full inbox, bad topic, draining, too many topics).",
+            broker.rejected.load(relaxed),
+        ),
+        (
+            "ringgate_broker_topics",
+            "gauge",
+            "Topics known: each has a seq, an epoch and maybe history.",
+            f.topics as u64,
+        ),
+        (
+            "ringgate_broker_topics_forgotten_total",
+            "counter",
+            "Topics forgotten after --topic-idle-ttl without publish or subscriber (or to make room); one that comes back has a new epoch.",
+            f.topics_forgotten,
+        ),
+        (
+            "ringgate_history_events",
+            "gauge",
+            "Events held in topic histories for recovery.",
+            f.history_events as u64,
+        ),
+        (
+            "ringgate_history_bytes",
+            "gauge",
+            "Bytes held in topic histories (frames and bookkeeping), bounded by --history-memory.",
+            f.history_bytes as u64,
+        ),
+        (
+            "ringgate_history_evicted_total",
+            "counter",
+            "Events dropped from histories to stay within --history-memory.",
+            f.history_evicted,
+        ),
+    ]
 }
 
 /// The whole exposition.
@@ -248,36 +317,24 @@ pub fn render(control: &Control) -> String {
             "ringgate_connections_rejected_total{{reason=\"{reason}\"}} {total}"
         );
     }
-    let broker = &control.broker;
+    header(
+        &mut out,
+        "ringgate_recoveries_total",
+        "counter",
+        "Subscribes that asked to recover (since/epoch), by outcome.",
+    );
+    for (at, outcome) in RECOVERY_ORDER.iter().enumerate() {
+        let total: u64 = control.shards.iter().map(|s| s.recoveries[at].get()).sum();
+        let label = outcome.label();
+        let _ = writeln!(
+            out,
+            "ringgate_recoveries_total{{outcome=\"{label}\"}} {total}"
+        );
+    }
+    for (name, kind, help, value) in broker_figures(control) {
+        single(&mut out, name, kind, help, value);
+    }
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    single(
-        &mut out,
-        "ringgate_publish_total",
-        "counter",
-        "Events published and handed to every shard.",
-        broker.published.load(relaxed),
-    );
-    single(
-        &mut out,
-        "ringgate_publish_rejected_total",
-        "counter",
-        "Publishes refused and delivered to nobody (full inbox, bad topic, draining).",
-        broker.rejected.load(relaxed),
-    );
-    single(
-        &mut out,
-        "ringgate_broker_topics",
-        "gauge",
-        "Topics the broker keeps a seq for.",
-        broker.topics(),
-    );
-    single(
-        &mut out,
-        "ringgate_broker_topics_forgotten_total",
-        "counter",
-        "Topics forgotten because the topic table was full (their seq restarts at 1).",
-        broker.topics_forgotten.load(relaxed),
-    );
     single(
         &mut out,
         "ringgate_control_connections",

@@ -1,10 +1,11 @@
 //! The `/ws` op parser on arbitrary bytes: never panics; what it accepts is the
 //! documented object form with a valid topic, and a publish's data is JSON
-//! whose numbers all fit a double.
+//! whose numbers all fit a double; a recovering subscribe names a `since`
+//! that is a whole number and a valid epoch.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringgate_shard::fuzzing::{parse_op, valid_topic};
+use ringgate_shard::fuzzing::{parse_op, valid_epoch, valid_topic};
 
 fuzz_target!(|data: &[u8]| {
     let Ok((op, topic, payload)) = parse_op(data) else {
@@ -19,7 +20,16 @@ fuzz_target!(|data: &[u8]| {
             let v: serde_json::Value = serde_json::from_str(&payload).expect("data is JSON");
             assert!(finite(&v), "{payload}");
         }
-        ("sub" | "unsub", None) => assert!(!object.contains_key("data")),
+        ("sub" | "unsub", None) => {
+            assert!(!object.contains_key("data"));
+            assert!(!object.contains_key("since") && !object.contains_key("epoch"));
+        }
+        ("sub", Some(since)) => {
+            let (seq, epoch) = since.split_once('@').expect("seq@epoch");
+            assert_eq!(object["since"].as_u64(), seq.parse().ok(), "{since}");
+            assert_eq!(object["epoch"].as_str(), Some(epoch));
+            assert!(valid_epoch(epoch), "{epoch:?}");
+        }
         other => panic!("an op the parser should not accept: {other:?}"),
     }
 });

@@ -54,9 +54,11 @@ impl Shard {
             match command {
                 Command::Deliver {
                     topic,
+                    seq: _,
                     frame,
                     published_ns,
                 } => self.deliver(&topic, &frame, published_ns),
+                Command::Subscribed(answer) => self.on_subscribed(*answer),
             }
         }
         self.commands = commands;

@@ -1,5 +1,5 @@
-//! The shard's pub/sub work: client requests on `/ws` (subscribe, unsubscribe,
-//! publish), and fanout of published frames to local subscribers.
+//! Fanout of published frames to local subscribers, and the rule that judges
+//! what a connection's send queue may take (events and replies alike).
 //!
 //! Fanout queues the very same `Bytes` on every subscriber (a refcount, never a
 //! copy or a re-encode) and asks for one send per subscriber; the loop submits
@@ -10,121 +10,22 @@
 //! it is not judged: the event is queued and the inbox waits (congestion). No
 //! queue ever passes the hard limit (`ShardConfig::send_queue_hard_max`).
 
-use std::borrow::Cow;
-
 use bytes::Bytes;
 use ringgate_codec::close_code;
 
 use super::Shard;
 use crate::config::SlowConsumer;
 use crate::conn::{flag, Conn, State};
-use crate::input::{self, Upcall};
-use crate::limits::{FRAME_OVERHEAD_BYTES, SCRATCH_KEEP, STRIKES_MAX};
-use crate::pubsub::{self, Request};
+use crate::input;
+use crate::limits::{FRAME_OVERHEAD_BYTES, SCRATCH_KEEP};
 use crate::sendq::{event_stamp, SendPool};
 use crate::stats::ShardStats;
-use crate::topics::Subscribed;
-use crate::ClientPublish;
 
 impl Shard {
-    /// Acts on the pub/sub work input handling left for connection `key`.
-    pub(super) fn handle_upcalls(&mut self, key: usize) {
-        let mut upcalls = std::mem::take(&mut self.upcalls);
-        for upcall in upcalls.drain(..) {
-            if self.conns[key].state != State::Open {
-                break;
-            }
-            match upcall {
-                Upcall::Subscribe(topics) => {
-                    for topic in &topics {
-                        // The count was checked against the limit at the upgrade.
-                        self.topics.subscribe(
-                            &mut self.conns,
-                            key,
-                            topic,
-                            self.cfg.subscriptions_max,
-                        );
-                    }
-                }
-                Upcall::Text(text) => self.handle_request(key, &text),
-                Upcall::Binary => {
-                    self.bad_request(key, "binary messages are not part of the /ws protocol")
-                }
-            }
-        }
-        self.upcalls = upcalls;
-        self.update_topic_gauges();
-        self.drive(key);
-    }
-
-    fn handle_request(&mut self, key: usize, text: &[u8]) {
-        let request = match pubsub::parse_request(text) {
-            Ok(request) => request,
-            Err(reason) => return self.bad_request(key, &reason),
-        };
-        match request {
-            Request::Sub(topic) => {
-                let max = self.cfg.subscriptions_max;
-                match self.topics.subscribe(&mut self.conns, key, &topic, max) {
-                    Subscribed::New | Subscribed::Already => {
-                        self.reply(key, pubsub::reply("subscribed", &topic))
-                    }
-                    Subscribed::Full => {
-                        self.error(key, "limit", "too many subscriptions on this connection")
-                    }
-                }
-            }
-            Request::Unsub(topic) => {
-                self.topics.unsubscribe(&mut self.conns, key, &topic);
-                self.reply(key, pubsub::reply("unsubscribed", &topic));
-            }
-            Request::Pub { topic, data } => self.client_publish(key, topic, data),
-        }
-    }
-
-    fn client_publish(&mut self, key: usize, topic: Cow<'_, str>, data: &str) {
-        let allowed = self
-            .cfg
-            .client_publish
-            .as_deref()
-            .is_some_and(|p| pubsub::publish_allowed(p, &topic));
-        let Some(publisher) = self.publisher.as_ref().filter(|_| allowed) else {
-            return self.error(key, "forbidden", "clients may not publish to this topic");
-        };
-        let request = ClientPublish {
-            topic: topic.into_owned(),
-            data: data.to_string(),
-        };
-        if publisher(request).is_err() {
-            self.error(key, "busy", "the publisher is overloaded, try again");
-        }
-    }
-
-    /// Answers a bad request; too many in a short time close the connection with 1008.
-    fn bad_request(&mut self, key: usize, reason: &str) {
-        self.error(key, "bad_request", reason);
-        let conn = &mut self.conns[key];
-        conn.strikes = conn.strikes.saturating_add(1);
-        if conn.strikes > STRIKES_MAX {
-            input::start_close(
-                conn,
-                close_code::POLICY_VIOLATION,
-                "too many bad requests",
-                self.now,
-                &mut self.pool,
-            );
-            self.stats.protocol_errors.add(1);
-        }
-    }
-
-    fn error(&mut self, key: usize, code: &str, msg: &str) {
-        self.reply(key, pubsub::error_reply(code, msg));
-    }
-
-    /// Queues an answer to a client's request. A client whose socket is full
-    /// and whose queue is over its limit is not reading its answers: it is
-    /// closed as a slow consumer whatever the policy, instead of growing.
-    fn reply(&mut self, key: usize, frame: Bytes) {
+    /// Queues an answer to a client's request (see `requests.rs`). A client
+    /// whose socket is full and whose queue is over its limit is not reading its
+    /// answers: it is closed as a slow consumer whatever the policy.
+    pub(super) fn queue_reply(&mut self, key: usize, frame: Bytes) {
         let limits = QueueLimits::of(self);
         let conn = &mut self.conns[key];
         if conn.state != State::Open {
@@ -145,6 +46,14 @@ impl Shard {
         keys.extend_from_slice(self.topics.subscribers(topic));
         for &key in &keys {
             let key = key as usize;
+            if self.conns[key].has(flag::REPLAYING) {
+                // Behind the replay, in order; the backlog is moved into the
+                // queue as it drains (drive pumps it).
+                if self.conns[key].state == State::Open {
+                    self.queue_behind_replay(key, frame, published_ns, &limits);
+                }
+                continue;
+            }
             let conn = &mut self.conns[key];
             let queued = queue_event(
                 conn,
@@ -169,13 +78,6 @@ impl Shard {
         keys.shrink_to(SCRATCH_KEEP);
         self.fanout_keys = keys;
         self.stats.events_received.add(1);
-    }
-
-    pub(super) fn update_topic_gauges(&self) {
-        self.stats.topics.set(self.topics.topics() as u64);
-        self.stats
-            .subscriptions
-            .set(self.topics.subscriptions() as u64);
     }
 }
 
@@ -216,7 +118,7 @@ pub(crate) enum Verdict {
 }
 
 impl QueueLimits {
-    fn of(shard: &Shard) -> Self {
+    pub(super) fn of(shard: &Shard) -> Self {
         QueueLimits {
             soft: shard.cfg.send_queue_bytes_max,
             hard: shard.cfg.send_queue_hard_max(),
@@ -229,10 +131,16 @@ impl QueueLimits {
         let Some(queue) = conn.sendq.as_ref().filter(|q| !q.is_empty()) else {
             return Verdict::Fits;
         };
-        let after = queue.cost() + frame_len + FRAME_OVERHEAD_BYTES;
-        if after <= self.soft {
+        self.judge_cost(queue.cost(), queue.refused(self.epoch), frame_len)
+    }
+
+    /// The verdict for a frame of `frame_len` on top of `cost` (0: one frame
+    /// always fits), with the kernel having `refused` the connection's bytes.
+    pub fn judge_cost(&self, cost: usize, refused: bool, frame_len: usize) -> Verdict {
+        let after = cost + frame_len + FRAME_OVERHEAD_BYTES;
+        if cost == 0 || after <= self.soft {
             Verdict::Fits
-        } else if queue.refused(self.epoch) || after > self.hard {
+        } else if refused || after > self.hard {
             Verdict::Slow
         } else {
             Verdict::Congested
@@ -277,7 +185,7 @@ pub(crate) fn queue_event(
 
 /// Closes a subscriber that does not keep up: its unsent frames go, a Close
 /// 1008 follows whatever is in flight, and it drains.
-fn close_slow(conn: &mut Conn, now: u32, stats: &ShardStats, pool: &mut SendPool) {
+pub(super) fn close_slow(conn: &mut Conn, now: u32, stats: &ShardStats, pool: &mut SendPool) {
     stats.slow_consumers.add(1);
     if let Some(q) = conn.sendq.as_mut() {
         q.discard_unsent();

@@ -18,9 +18,11 @@
 mod commands;
 mod fanout;
 mod ops;
+mod replay;
+mod requests;
 mod timers;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -42,8 +44,10 @@ use crate::sweep::{Due, Timeouts};
 use crate::sys;
 use crate::token::{Op, Token};
 use crate::topics::TopicIndex;
-use crate::Publisher;
+use crate::upstream::UpstreamSender;
 use hdrhistogram::Histogram;
+use replay::Replay;
+use requests::Outstanding;
 
 /// The buffer group id of the shard's one buffer ring.
 const BGID: u16 = 0;
@@ -55,7 +59,7 @@ pub(crate) struct ShardInit {
     pub listener: OwnedFd,
     pub inbox: Arc<Inbox>,
     pub stats: Arc<ShardStats>,
-    pub publisher: Option<Publisher>,
+    pub upstream: Option<UpstreamSender>,
     /// The kernel has multishot timeouts (Linux 6.4).
     pub multishot_timeout: bool,
 }
@@ -72,7 +76,16 @@ pub(crate) struct Shard {
     inbox: Arc<Inbox>,
     stats: Arc<ShardStats>,
     topics: TopicIndex,
-    publisher: Option<Publisher>,
+    upstream: Option<UpstreamSender>,
+    /// Connections with subscribes outstanding at the broker, and the requests
+    /// waiting for the answers.
+    outstanding: HashMap<usize, Outstanding>,
+    /// Subscribes forwarded and not yet answered, over all connections.
+    subscribes_pending: usize,
+    /// Backlogs of connections replaying missed events (`REPLAYING`).
+    replays: HashMap<usize, Replay>,
+    /// First-in/last-out changes the broker has not been told yet.
+    presence: HashMap<Arc<str>, bool>,
     /// Pub/sub work left by input handling, for the connection being handled.
     upcalls: Vec<Upcall>,
     /// Commands taken from the inbox this turn.
@@ -129,7 +142,7 @@ impl Shard {
             listener,
             inbox,
             stats,
-            publisher,
+            upstream,
             multishot_timeout,
         } = init;
         let ring = build_ring()?;
@@ -159,7 +172,11 @@ impl Shard {
             inbox,
             stats,
             topics: TopicIndex::default(),
-            publisher,
+            upstream,
+            outstanding: HashMap::new(),
+            subscribes_pending: 0,
+            replays: HashMap::new(),
+            presence: HashMap::new(),
             upcalls: Vec::new(),
             commands: Vec::new(),
             inbox_pending: false,

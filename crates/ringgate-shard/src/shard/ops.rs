@@ -326,9 +326,12 @@ impl Shard {
         }
         conn.state = State::Finished;
         self.unfinished -= input::drop_partial(conn);
-        if conn.subs.len() > 0 {
+        self.end_replay(key);
+        // Answers still on their way find the generation gone.
+        self.outstanding.remove(&key);
+        if self.conns[key].subs.len() > 0 {
             self.topics.unsubscribe_all(&mut self.conns, key);
-            self.update_topic_gauges();
+            self.after_topic_changes();
         }
         // Cancel what is in flight by its own user_data, never by file: a fixed
         // slot is reused as soon as it is closed, and a cancel (or a shutdown the
@@ -353,6 +356,9 @@ impl Shard {
         self.conns[key].check();
         if self.conns[key].state == State::Finished {
             return self.drive_finished(key);
+        }
+        if self.conns[key].has(flag::REPLAYING) {
+            self.pump_replay(key);
         }
         self.want_send(key);
         let conn = &mut self.conns[key];

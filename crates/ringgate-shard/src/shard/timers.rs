@@ -15,7 +15,7 @@ use io_uring::types::TimeoutFlags;
 use ringgate_codec::close_code;
 
 use super::Shard;
-use crate::conn::flag;
+use crate::conn::{flag, State};
 use crate::input;
 use crate::limits::SCRATCH_KEEP;
 use crate::sweep::{self, Due};
@@ -68,8 +68,12 @@ impl Shard {
         let mut due = std::mem::take(&mut self.due);
         let mut queued = 0;
         let mut unfinished = 0;
+        let mut replaying = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             queued += conn.queued_bytes() as u64;
+            if conn.has(flag::REPLAYING) && conn.state == State::Open {
+                replaying.push(key);
+            }
             unfinished += conn.partial.as_ref().map_or(0, |p| p.held_bytes());
             if conn.strikes > 0 {
                 conn.strikes -= 1;
@@ -84,6 +88,11 @@ impl Shard {
             unfinished, self.unfinished,
             "unfinished-input accounting drifted"
         );
+        for key in replaying {
+            if self.replay_stalled(key) {
+                due.push((key, Due::ReplayStalled));
+            }
+        }
         self.stats.send_queue_bytes.set(queued);
         self.stats.unfinished_bytes.set(unfinished as u64);
         self.stats.merge_latency(&mut self.latency);
@@ -139,6 +148,12 @@ impl Shard {
                 self.finish(key);
             }
             Due::CloseTimeout => self.finish(key),
+            Due::ReplayStalled => {
+                self.stats.replays_stalled.add(1);
+                self.end_replay(key);
+                let conn = &mut self.conns[key];
+                super::fanout::close_slow(conn, self.now, &self.stats, &mut self.pool);
+            }
             Due::Park => {
                 conn.set(flag::PARKED);
                 self.stats.parked.add(1);

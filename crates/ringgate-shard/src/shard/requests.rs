@@ -1,0 +1,276 @@
+//! Client requests on `/ws` (subscribe, unsubscribe, publish) and what the
+//! shard tells the broker about them.
+//!
+//! A `sub` goes to the broker, which answers with where the topic stands (and,
+//! recovering, the events the client missed) through this shard's inbox; the
+//! subscription takes effect when the answer is handled (`replay.rs`). While a
+//! connection has a subscribe outstanding, its later requests wait, in order, so
+//! replies come back in the order of the requests (a `sub` then `unsub` is
+//! answered `subscribed` then `unsubscribed`, and leaves no subscription).
+//! `unsub` and `pub` need no answer from the broker.
+//!
+//! Presence: when the shard's first subscriber of a topic arrives or its last
+//! leaves, the broker is told (it never forgets a topic a shard has subscribers
+//! for). A full channel keeps the change pending; opposite changes cancel out,
+//! so at most one change per topic waits.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ringgate_codec::close_code;
+
+use super::Shard;
+use crate::conn::State;
+use crate::input::{self, Upcall};
+use crate::limits::{REQUESTS_DEFERRED_MAX, STRIKES_MAX, SUBSCRIBES_PENDING_MAX};
+use crate::pubsub::{self, Request};
+use crate::topics::Subscribed;
+use crate::upstream::{ClientPublish, Since, SubscribeRequest, Upstream};
+
+/// A connection with subscribes outstanding at the broker, and the requests
+/// that wait for their answers.
+pub(super) struct Outstanding {
+    pub generation: u32,
+    /// Subscribes sent and not yet answered.
+    pub pending: u16,
+    /// Requests received since, in order.
+    pub deferred: VecDeque<Box<[u8]>>,
+}
+
+impl Shard {
+    /// Acts on the pub/sub work input handling left for connection `key`.
+    pub(super) fn handle_upcalls(&mut self, key: usize) {
+        let mut upcalls = std::mem::take(&mut self.upcalls);
+        for upcall in upcalls.drain(..) {
+            if self.conns[key].state != State::Open {
+                break;
+            }
+            match upcall {
+                Upcall::Subscribe(topics) => {
+                    for topic in &topics {
+                        // The count was checked against the limit at the upgrade.
+                        self.topics.subscribe(
+                            &mut self.conns,
+                            key,
+                            topic,
+                            self.cfg.subscriptions_max,
+                        );
+                    }
+                }
+                Upcall::Recover(recoveries) => {
+                    for (topic, seq, epoch) in recoveries {
+                        let since = Some(Since { seq, epoch });
+                        self.forward_subscribe(key, Arc::from(topic), since);
+                    }
+                }
+                Upcall::Text(text) => self.handle_or_defer(key, text),
+                Upcall::Binary => {
+                    self.bad_request(key, "binary messages are not part of the /ws protocol")
+                }
+            }
+        }
+        self.upcalls = upcalls;
+        self.after_topic_changes();
+        self.drive(key);
+    }
+
+    /// Handles a request now, or after the connection's outstanding subscribes.
+    fn handle_or_defer(&mut self, key: usize, text: Box<[u8]>) {
+        let generation = self.conns[key].generation;
+        if let Some(waiting) = self
+            .outstanding
+            .get_mut(&key)
+            .filter(|o| o.generation == generation && o.pending > 0)
+        {
+            if waiting.deferred.len() >= REQUESTS_DEFERRED_MAX {
+                return self.error(key, "busy", "too many requests in flight, slow down");
+            }
+            waiting.deferred.push_back(text);
+            return;
+        }
+        self.handle_request(key, &text);
+    }
+
+    /// Handles the requests that waited for `key`'s subscribes, until one of
+    /// them is a subscribe again (then the rest keep waiting).
+    pub(super) fn run_deferred(&mut self, key: usize) {
+        loop {
+            let generation = self.conns[key].generation;
+            let Some(waiting) = self.outstanding.get_mut(&key) else {
+                return;
+            };
+            assert_eq!(waiting.generation, generation, "a stale outstanding entry");
+            if waiting.pending > 0 {
+                return;
+            }
+            let Some(text) = waiting.deferred.pop_front() else {
+                self.outstanding.remove(&key);
+                return;
+            };
+            if self.conns[key].state != State::Open {
+                self.outstanding.remove(&key);
+                return;
+            }
+            self.handle_request(key, &text);
+        }
+    }
+
+    fn handle_request(&mut self, key: usize, text: &[u8]) {
+        let request = match pubsub::parse_request(text) {
+            Ok(request) => request,
+            Err(reason) => return self.bad_request(key, &reason),
+        };
+        match request {
+            Request::Sub { topic, since } => {
+                let since = since.map(|(seq, epoch)| Since {
+                    seq,
+                    epoch: epoch.into_owned(),
+                });
+                self.forward_subscribe(key, Arc::from(&*topic), since);
+            }
+            Request::Unsub(topic) => {
+                self.topics.unsubscribe(&mut self.conns, key, &topic);
+                self.reply(key, pubsub::reply("unsubscribed", &topic));
+            }
+            Request::Pub { topic, data } => self.client_publish(key, topic, data),
+        }
+    }
+
+    /// Asks the broker where `topic` stands (and, recovering, for what the
+    /// client missed); the answer subscribes the connection (`on_subscribed`).
+    fn forward_subscribe(&mut self, key: usize, topic: Arc<str>, since: Option<Since>) {
+        let conn = &self.conns[key];
+        let generation = conn.generation;
+        let held = conn.subs.len()
+            + self
+                .outstanding
+                .get(&key)
+                .map_or(0, |o| usize::from(o.pending));
+        if held >= self.cfg.subscriptions_max {
+            return self.error(key, "limit", "too many subscriptions on this connection");
+        }
+        if self.subscribes_pending >= SUBSCRIBES_PENDING_MAX {
+            return self.error(key, "busy", "too many subscribes in flight, try again");
+        }
+        let request = Upstream::Subscribe(SubscribeRequest {
+            shard: self.id,
+            key: u32::try_from(key).expect("keys fit in 32 bits"),
+            generation,
+            topic,
+            since,
+        });
+        let sent = self.upstream.as_ref().is_some_and(|up| up(request).is_ok());
+        if !sent {
+            return self.error(key, "busy", "the broker is overloaded, try again");
+        }
+        self.subscribes_pending += 1;
+        let waiting = self.outstanding.entry(key).or_insert_with(|| Outstanding {
+            generation,
+            pending: 0,
+            deferred: VecDeque::new(),
+        });
+        assert_eq!(waiting.generation, generation, "a stale outstanding entry");
+        waiting.pending += 1;
+    }
+
+    fn client_publish(&mut self, key: usize, topic: Cow<'_, str>, data: &str) {
+        let allowed = self
+            .cfg
+            .client_publish
+            .as_deref()
+            .is_some_and(|p| pubsub::publish_allowed(p, &topic));
+        let Some(upstream) = self.upstream.as_ref().filter(|_| allowed) else {
+            return self.error(key, "forbidden", "clients may not publish to this topic");
+        };
+        let request = Upstream::Publish(ClientPublish {
+            topic: topic.into_owned(),
+            data: data.to_string(),
+        });
+        if upstream(request).is_err() {
+            self.error(key, "busy", "the publisher is overloaded, try again");
+        }
+    }
+
+    /// Answers a bad request; too many in a short time close the connection with 1008.
+    fn bad_request(&mut self, key: usize, reason: &str) {
+        self.error(key, "bad_request", reason);
+        let conn = &mut self.conns[key];
+        conn.strikes = conn.strikes.saturating_add(1);
+        if conn.strikes > STRIKES_MAX {
+            input::start_close(
+                conn,
+                close_code::POLICY_VIOLATION,
+                "too many bad requests",
+                self.now,
+                &mut self.pool,
+            );
+            self.stats.protocol_errors.add(1);
+        }
+    }
+
+    pub(super) fn error(&mut self, key: usize, code: &str, msg: &str) {
+        self.reply(key, pubsub::error_reply(code, msg));
+    }
+
+    /// Subscribes `key` to `topic` now (an answer from the broker arrived).
+    pub(super) fn subscribe_now(&mut self, key: usize, topic: &str) -> Subscribed {
+        let max = self.cfg.subscriptions_max;
+        self.topics.subscribe(&mut self.conns, key, topic, max)
+    }
+
+    /// Sends the topic index's first-in/last-out changes to the broker and
+    /// updates the gauges.
+    pub(super) fn after_topic_changes(&mut self) {
+        for (topic, present) in self.topics.take_changes() {
+            // A change undoing a pending one cancels it: the broker never saw it.
+            match self.presence.remove(&topic) {
+                Some(pending) => assert_ne!(pending, present, "presence changes alternate"),
+                None => {
+                    self.presence.insert(topic, present);
+                }
+            }
+        }
+        self.flush_presence();
+        self.update_topic_gauges();
+    }
+
+    /// Tells the broker the pending presence changes, as many as the channel takes.
+    pub(super) fn flush_presence(&mut self) {
+        let Some(upstream) = self.upstream.as_ref() else {
+            self.presence.clear();
+            return;
+        };
+        let shard = self.id;
+        let mut sent = Vec::new();
+        for (topic, &present) in &self.presence {
+            let message = Upstream::Presence {
+                shard,
+                topic: topic.clone(),
+                present,
+            };
+            if upstream(message).is_err() {
+                break;
+            }
+            sent.push(topic.clone());
+        }
+        for topic in sent {
+            self.presence.remove(&topic);
+        }
+    }
+
+    pub(super) fn update_topic_gauges(&self) {
+        self.stats.topics.set(self.topics.topics() as u64);
+        self.stats
+            .subscriptions
+            .set(self.topics.subscriptions() as u64);
+    }
+
+    /// Queues an answer to a client's request. A client whose socket is full
+    /// and whose queue is over its limit is not reading its answers: it is
+    /// closed as a slow consumer whatever the policy, instead of growing.
+    pub(super) fn reply(&mut self, key: usize, frame: Bytes) {
+        self.queue_reply(key, frame);
+    }
+}
