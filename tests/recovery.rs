@@ -492,3 +492,29 @@ fn requests_behind_a_subscribe_are_answered_in_order() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// More recovering clients at once than a shard forwards to the broker at a
+/// time (`SUBSCRIBES_PENDING_MAX`, 1,024): the rest wait their turn; none is
+/// told to go away.
+#[test]
+fn a_reconnect_storm_past_the_pending_limit_waits_instead_of_refusing() {
+    let server = Server::start(&["--shards", "1"]);
+    let epoch = publish_n(&server, "storm", 1..=5);
+    let request = upgrade_request(&format!("/ws?recover=storm@2@{epoch}"), "");
+    let mut clients: Vec<TcpStream> = (0..2000)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.ws).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    for c in &mut clients {
+        let head = read_head(c);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let reply = read_json(c);
+        assert_eq!(reply["recovered"], true, "{reply}");
+        read_events(c, "storm", 3, 5);
+    }
+    assert_eq!(server.total("recoveries_recovered_total"), 2000);
+}

@@ -80,8 +80,9 @@ const _: () = assert!(INBOX_CAPACITY <= INBOX_CAPACITY_MAX);
 
 /// Subscribes a shard has forwarded to the broker and not yet had answered.
 /// Answers bypass the inbox's capacity (a subscribe must not be lost to a queue
-/// of events), so this is what they can add to it; past it a `sub` is answered
-/// `busy`.
+/// of events), so this is what they can add to it; past it subscribes wait in
+/// the shard, in order (each connection at most `--max-subscriptions`, counted
+/// with the subscriptions it holds), and go as answers come back.
 pub const SUBSCRIBES_PENDING_MAX: usize = 1024;
 
 /// Requests one connection may send while its subscribes are outstanding at

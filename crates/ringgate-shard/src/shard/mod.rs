@@ -44,7 +44,7 @@ use crate::sweep::{Due, Timeouts};
 use crate::sys;
 use crate::token::{Op, Token};
 use crate::topics::TopicIndex;
-use crate::upstream::UpstreamSender;
+use crate::upstream::{SubscribeRequest, UpstreamSender};
 use hdrhistogram::Histogram;
 use replay::Replay;
 use requests::Outstanding;
@@ -82,6 +82,8 @@ pub(crate) struct Shard {
     outstanding: HashMap<usize, Outstanding>,
     /// Subscribes forwarded and not yet answered, over all connections.
     subscribes_pending: usize,
+    /// Subscribes waiting to be forwarded (`flush_subscribes`).
+    subscribes_waiting: VecDeque<SubscribeRequest>,
     /// Backlogs of connections replaying missed events (`REPLAYING`).
     replays: HashMap<usize, Replay>,
     /// First-in/last-out changes the broker has not been told yet.
@@ -175,6 +177,7 @@ impl Shard {
             upstream,
             outstanding: HashMap::new(),
             subscribes_pending: 0,
+            subscribes_waiting: VecDeque::new(),
             replays: HashMap::new(),
             presence: HashMap::new(),
             upcalls: Vec::new(),

@@ -48,6 +48,7 @@ impl Shard {
     pub(super) fn on_subscribed(&mut self, answer: SubscribeAnswer) {
         assert!(self.subscribes_pending > 0, "an answer nobody asked for");
         self.subscribes_pending -= 1;
+        self.flush_subscribes();
         let key = answer.key as usize;
         let alive = self
             .conns

@@ -151,21 +151,16 @@ impl Shard {
         if held >= self.cfg.subscriptions_max {
             return self.error(key, "limit", "too many subscriptions on this connection");
         }
-        if self.subscribes_pending >= SUBSCRIBES_PENDING_MAX {
-            return self.error(key, "busy", "too many subscribes in flight, try again");
+        if self.upstream.is_none() {
+            return self.error(key, "unavailable", "this server has no broker");
         }
-        let request = Upstream::Subscribe(SubscribeRequest {
+        self.subscribes_waiting.push_back(SubscribeRequest {
             shard: self.id,
             key: u32::try_from(key).expect("keys fit in 32 bits"),
             generation,
             topic,
             since,
         });
-        let sent = self.upstream.as_ref().is_some_and(|up| up(request).is_ok());
-        if !sent {
-            return self.error(key, "busy", "the broker is overloaded, try again");
-        }
-        self.subscribes_pending += 1;
         let waiting = self.outstanding.entry(key).or_insert_with(|| Outstanding {
             generation,
             pending: 0,
@@ -173,6 +168,41 @@ impl Shard {
         });
         assert_eq!(waiting.generation, generation, "a stale outstanding entry");
         waiting.pending += 1;
+        self.flush_subscribes();
+    }
+
+    /// Sends waiting subscribes to the broker while fewer than
+    /// `SUBSCRIBES_PENDING_MAX` are unanswered and the channel takes them. The
+    /// rest wait, in order (a reconnect storm is back-pressure, not refusals):
+    /// at most `--max-subscriptions` per connection, counted with its
+    /// subscriptions. Called when a subscribe arrives, when an answer frees a
+    /// place, and every tick (the channel may have been full).
+    pub(super) fn flush_subscribes(&mut self) {
+        let Some(upstream) = self.upstream.clone() else {
+            return;
+        };
+        while self.subscribes_pending < SUBSCRIBES_PENDING_MAX {
+            let Some(request) = self.subscribes_waiting.pop_front() else {
+                return;
+            };
+            let key = request.key as usize;
+            let alive = self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.generation == request.generation && c.state == State::Open);
+            if !alive {
+                // Its connection is going: nobody waits for the answer.
+                continue;
+            }
+            match upstream(Upstream::Subscribe(request)) {
+                Ok(()) => self.subscribes_pending += 1,
+                Err(Upstream::Subscribe(request)) => {
+                    self.subscribes_waiting.push_front(request);
+                    return;
+                }
+                Err(_) => unreachable!("the channel hands back what it was given"),
+            }
+        }
     }
 
     fn client_publish(&mut self, key: usize, topic: Cow<'_, str>, data: &str) {

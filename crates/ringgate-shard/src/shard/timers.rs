@@ -59,6 +59,9 @@ impl Shard {
             self.arm_accept();
         }
         self.sweep();
+        // Whatever the broker's channel had no room for last time.
+        self.flush_subscribes();
+        self.flush_presence();
     }
 
     /// Visits every connection once per tick: pings, idle closes, handshake,
