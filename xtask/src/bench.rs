@@ -125,6 +125,8 @@ fn args_for(
         conns: 0,
         ramp: None,
         hold: 2.0,
+        down: 1.0,
+        window: 0.0,
         topics: 1,
         events: 0,
         size: 64,
@@ -154,7 +156,7 @@ fn args_for(
             a.events = if quick { 200 } else { 500 };
         }
         Scenario::Echo => a.conns = 100,
-        Scenario::Churn | Scenario::Soak => {}
+        Scenario::Churn | Scenario::Soak | Scenario::Reconnect => {}
     }
     if paced {
         let (conns, events, rate) = steady(quick);
@@ -286,7 +288,7 @@ fn rows(scenario: Scenario, paced: bool, r: &Report) -> Vec<Row> {
                 true,
             ),
         ],
-        Scenario::Churn | Scenario::Soak => vec![],
+        Scenario::Churn | Scenario::Soak | Scenario::Reconnect => vec![],
     }
 }
 

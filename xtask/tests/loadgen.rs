@@ -229,6 +229,60 @@ fn a_minute_of_soak_loses_nothing_and_does_not_grow() {
     assert!(r["samples"].as_array().unwrap().len() >= 10);
 }
 
+/// Issue 11's reconnect storm at CI scale: every subscriber drops at once and
+/// comes back with `?recover=`; all recover, exactly.
+#[test]
+fn a_reconnect_storm_recovers_every_subscriber_exactly() {
+    let server = Ringgate::start(&["--shards", "2"]);
+    let r = loadgen(
+        &server,
+        &[
+            "reconnect",
+            "--conns",
+            "2000",
+            "--topics",
+            "10",
+            "--rate",
+            "50",
+            "--down",
+            "1",
+        ],
+    );
+    assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+    assert_eq!(r["reconnects"], 2000);
+    assert_eq!(r["recovered"], 2000, "{r}");
+    assert_eq!(r["server_outcomes"]["recovered"], 2000);
+    // About 5 events per topic missed in the second down: all replayed.
+    let replayed = r["replayed"].as_u64().unwrap();
+    assert!(replayed >= 2000 * 3, "{replayed}");
+    assert_eq!(r["server_replayed"], replayed);
+    assert_eq!(r["time_to_recover_ms"]["count"], 2000);
+    // Spread over a window, with history too short for the late ones.
+    let server = Ringgate::start(&["--history-size", "20"]);
+    let r = loadgen(
+        &server,
+        &[
+            "reconnect",
+            "--conns",
+            "200",
+            "--rate",
+            "50",
+            "--down",
+            "0.2",
+            "--window",
+            "1",
+        ],
+    );
+    assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+    let (recovered, not) = (
+        r["recovered"].as_u64().unwrap(),
+        r["not_recovered"].as_u64().unwrap(),
+    );
+    assert_eq!(recovered + not, 200);
+    assert!(recovered > 0 && not > 0, "{r}");
+    assert_eq!(r["server_outcomes"]["too_old"], not);
+}
+
 /// GET `path` on `addr` (HOST:PORT) and parse the body as JSON.
 fn http_get_json(addr: &str, path: &str) -> Value {
     use std::io::{Read, Write};

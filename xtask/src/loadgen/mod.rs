@@ -9,6 +9,8 @@
 //! workers' histograms and prints a table (and `--json`, `--plot`). Every run is
 //! bounded by `--timeout` and stops by itself.
 
+pub mod reconnect;
+pub mod recover;
 pub mod report;
 pub mod soak;
 pub mod wire;
@@ -48,13 +50,22 @@ const SCENARIOS: &str = "Scenarios:
            the server's RSS and its connection, subscription, send-queue and unfinished-input
            gauges. Fails on any lost, repeated or reordered event, and on RSS growth beyond
            --tolerance once the population is stable (after --settle seconds).
+  reconnect
+           --conns subscribers over --topics topics (each subscribes with an op and keeps the
+           seq and epoch) while --rate events per second (default 50) are published; after --hold
+           seconds every connection drops at once and comes back after --down seconds, spread over
+           --window seconds (0: all at once), with /ws?recover=TOPIC@SEQ@EPOCH. Reports recovered %,
+           events replayed, gaps, duplicates, reordering and time to recover p50/p99; fails on any
+           gap, duplicate or reordering, or any subscriber that did not come back.
 
 Examples:
   cargo xtask loadgen connect --conns 50000 --procs 4 --sources 127.0.0.2-127.0.0.20 --hold 10
   cargo xtask loadgen fanout --conns 10000 --events 2000 --size 64 --plot fanout.svg
   cargo xtask loadgen echo --conns 100 --inflight 4 --duration 10 --json echo.json
   cargo xtask loadgen soak --conns 100000 --procs 6 --sources 127.0.0.2-127.0.0.30 --topics 1000 \
-      --duration 3600 --rate 50 --churn 100 --burst 10000 --burst-every 300 --json soak.json";
+      --duration 3600 --rate 50 --churn 100 --burst 10000 --burst-every 300 --json soak.json
+  cargo xtask loadgen reconnect --conns 10000 --procs 2 --sources 127.0.0.2-127.0.0.9 --rate 50 \
+      --down 1 --window 0 --json storm.json";
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -65,6 +76,7 @@ pub enum Scenario {
     Echo,
     Churn,
     Soak,
+    Reconnect,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -84,7 +96,8 @@ pub struct Args {
     /// New connections per second over all workers [default: as fast as possible].
     #[arg(long)]
     pub ramp: Option<f64>,
-    /// connect: seconds to hold the connections once open.
+    /// connect: seconds to hold the connections once open; reconnect: seconds of live
+    /// publishing before the storm.
     #[arg(long, default_value_t = 2.0)]
     pub hold: f64,
     /// fanout: topics the subscribers are spread over.
@@ -106,6 +119,12 @@ pub struct Args {
     /// soak: connections dropped at once (and reopened) every --burst-every seconds.
     #[arg(long, default_value_t = 0)]
     pub burst: usize,
+    /// reconnect: seconds the dropped connections stay away.
+    #[arg(long, default_value_t = 1.0)]
+    pub down: f64,
+    /// reconnect: seconds their returns are spread over (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub window: f64,
     /// soak: seconds between reconnect bursts.
     #[arg(long, default_value_t = 300.0)]
     pub burst_every: f64,
@@ -159,6 +178,9 @@ pub struct Args {
 pub fn main(args: &Args) -> Result<(), String> {
     if args.scenario == Scenario::Soak {
         return soak::main(args);
+    }
+    if args.scenario == Scenario::Reconnect {
+        return reconnect::main(args);
     }
     let report = run(args)?;
     report.print();
@@ -280,7 +302,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 }
             }
             Line::Result(result) => results[i] = Some(*result),
-            Line::Expect { .. } => {}
+            Line::Expect { .. } | Line::Storm => {}
         }
     }
     progress.finish();
@@ -315,7 +337,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 .and_then(|a| a.cpu)
                 .zip(work_end.cpu)
                 .map(|(a, b)| b - a),
-            Scenario::Connect | Scenario::Churn | Scenario::Soak => {
+            Scenario::Connect | Scenario::Churn | Scenario::Soak | Scenario::Reconnect => {
                 before.cpu.zip(end.cpu).map(|(a, b)| b - a)
             }
         },
@@ -490,12 +512,14 @@ pub(crate) fn spawn_workers(
             spin: args.spin,
             // A soak runs for its duration; --timeout bounds what comes after.
             deadline_s: match args.scenario {
-                Scenario::Soak => args.duration + args.timeout,
+                Scenario::Soak | Scenario::Reconnect => args.duration + args.timeout,
                 _ => args.timeout,
             },
             churn: args.churn / procs as f64,
             burst: args.burst / procs + usize::from(p < args.burst % procs),
             burst_every_s: args.burst_every,
+            down_s: args.down,
+            window_s: args.window,
         };
         first += conns;
         let child = Command::new(&exe)
@@ -679,7 +703,7 @@ impl Progress {
             .fold((0, 0, 0), |a, w| (a.0 + w.0, a.1 + w.1, a.2 + w.2));
         bar.set_position(c);
         let what = match self.scenario {
-            Scenario::Fanout | Scenario::Soak => "events received",
+            Scenario::Fanout | Scenario::Soak | Scenario::Reconnect => "events received",
             Scenario::Echo => "echoes",
             Scenario::Churn => "connections cycled",
             Scenario::Connect => "",

@@ -208,7 +208,7 @@ impl Watch {
         match line {
             Line::Ready => self.ready += 1,
             Line::Progress { open, received, .. } => self.latest[i] = (open, received),
-            Line::Expect { .. } | Line::Result(_) => {}
+            Line::Expect { .. } | Line::Storm | Line::Result(_) => {}
         }
     }
 }

@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
+use super::recover::{Phase, Seen, Tally, Track};
 use super::wire::{client_frame, number_after, parse_frames, string_after, upgrade_request};
 use super::Scenario;
 
@@ -49,6 +50,12 @@ pub struct Job {
     pub burst: usize,
     #[serde(default)]
     pub burst_every_s: f64,
+    /// reconnect: seconds the storm keeps connections down, and the window
+    /// their returns are spread over (0: all at once).
+    #[serde(default)]
+    pub down_s: f64,
+    #[serde(default)]
+    pub window_s: f64,
 }
 
 /// What one worker measured.
@@ -76,6 +83,9 @@ pub struct WorkerResult {
     pub messages: u64,
     /// Seconds of the measured phase.
     pub elapsed_s: f64,
+    /// reconnect: how the recoveries went.
+    #[serde(default)]
+    pub recovery: Tally,
 }
 
 /// Lines between parent and workers.
@@ -97,6 +107,9 @@ pub enum Line {
         out_of_order: u64,
         #[serde(default)]
         reconnects: u64,
+        /// reconnect: subscribers live (before the storm, or back after it).
+        #[serde(default)]
+        settled: u64,
     },
     /// Every connection is open or has failed (fanout: publishing may start).
     Ready,
@@ -104,6 +117,8 @@ pub enum Line {
     Expect {
         per_topic: BTreeMap<String, u64>,
     },
+    /// reconnect: drop every connection now and bring them back with `recover`.
+    Storm,
     Result(Box<WorkerResult>),
 }
 
@@ -126,6 +141,8 @@ struct Conn {
     last_seq: u64,
     received: u64,
     inflight: usize,
+    /// reconnect: the subscriber's numbering and recovery.
+    track: Track,
 }
 
 impl Conn {
@@ -145,6 +162,7 @@ impl Conn {
             last_seq: 0,
             received: 0,
             inflight: 0,
+            track: Track::new(),
         }
     }
 }
@@ -173,6 +191,9 @@ struct Worker {
     next_churn: usize,
     /// The parent closed stdin (soak: the run is over).
     stdin_closed: bool,
+    /// reconnect: connections waiting to come back, in order, with when.
+    returns: std::collections::VecDeque<(usize, Instant)>,
+    recover_us: Histogram<u64>,
 }
 
 fn now_ns() -> u64 {
@@ -220,6 +241,8 @@ impl Worker {
             bursts: 0,
             next_churn: 0,
             stdin_closed: false,
+            returns: std::collections::VecDeque::new(),
+            recover_us: hist(),
         })
     }
 
@@ -231,6 +254,7 @@ impl Worker {
         let mut open_done_at: Option<Instant> = None;
         loop {
             self.open_more();
+            self.return_due();
             // SAFETY: `events` has room for its length.
             let n = unsafe {
                 libc::epoll_wait(
@@ -250,7 +274,12 @@ impl Worker {
             }
             let all_opened = self.conns.len() == self.job.conns
                 && self.opening == 0
-                && self.job.scenario != Scenario::Churn;
+                && self.job.scenario != Scenario::Churn
+                && (self.job.scenario != Scenario::Reconnect
+                    || self
+                        .conns
+                        .iter()
+                        .all(|c| c.track.settled() || c.state == State::Done));
             if all_opened && open_done_at.is_none() {
                 open_done_at = Some(Instant::now());
                 self.measuring_since = Some(Instant::now());
@@ -278,6 +307,11 @@ impl Worker {
                     duplicates: self.result.duplicates,
                     out_of_order: self.result.out_of_order,
                     reconnects: self.result.reconnects,
+                    settled: self
+                        .conns
+                        .iter()
+                        .filter(|c| c.track.settled() && c.state == State::Open)
+                        .count() as u64,
                 });
             }
             if Instant::now() >= deadline || self.finished(open_done_at) {
@@ -337,8 +371,8 @@ impl Worker {
                     && self.opening == 0
                     && self.conns.iter().all(|c| c.state == State::Done)
             }
-            // The parent decides when a soak ends: it closes stdin.
-            Scenario::Soak => self.stdin_closed,
+            // The parent decides when a soak or a storm ends: it closes stdin.
+            Scenario::Soak | Scenario::Reconnect => self.stdin_closed,
         }
     }
 
@@ -395,6 +429,53 @@ impl Worker {
                 }
             };
             return;
+        }
+    }
+
+    /// reconnect: drops every live connection at once (no close frame: the
+    /// network went away) and schedules its return, after `down_s`, spread
+    /// evenly over `window_s`.
+    fn storm(&mut self) {
+        let now = Instant::now();
+        let live: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].state == State::Open)
+            .collect();
+        let n = live.len().max(1) as f64;
+        for (k, &i) in live.iter().enumerate() {
+            self.close(i);
+            self.conns[i].track.phase = Phase::Down;
+            self.result.reconnects += 1;
+            let at =
+                now + Duration::from_secs_f64(self.job.down_s + self.job.window_s * k as f64 / n);
+            self.returns.push_back((i, at));
+        }
+    }
+
+    /// reconnect: starts the returns that are due (at most OPENING_MAX
+    /// opening). Time to recover counts from when a return was due.
+    fn return_due(&mut self) {
+        let now = Instant::now();
+        while self.opening < OPENING_MAX {
+            let Some(&(i, at)) = self.returns.front() else {
+                return;
+            };
+            if at > now {
+                return;
+            }
+            self.returns.pop_front();
+            let conn = &mut self.conns[i];
+            conn.track.phase = Phase::Asking { started: at };
+            conn.buf.clear();
+            match self.connect(i) {
+                Ok(stream) => {
+                    let conn = &mut self.conns[i];
+                    conn.stream = Some(stream);
+                    conn.state = State::Connecting;
+                    conn.started = Instant::now();
+                    self.opening += 1;
+                }
+                Err(cause) => *self.result.failures.entry(cause).or_default() += 1,
+            }
         }
     }
 
@@ -461,6 +542,8 @@ impl Worker {
                 }
                 let path = match self.job.scenario {
                     Scenario::Echo => "/echo".to_string(),
+                    Scenario::Reconnect if conn.track.phase == Phase::Subscribing => "/ws".into(),
+                    Scenario::Reconnect => conn.track.recover_path(&topic_name(conn.topic)),
                     _ => format!("/ws?topics={}", topic_name(conn.topic)),
                 };
                 if stream.write_all(upgrade_request(&path).as_bytes()).is_err() {
@@ -537,6 +620,18 @@ impl Worker {
         if self.job.scenario == Scenario::Echo && self.measuring_since.is_some() {
             self.send_echoes(i);
         }
+        let conn = &mut self.conns[i];
+        if self.job.scenario == Scenario::Reconnect && conn.track.phase == Phase::Subscribing {
+            let op = format!(r#"{{"op":"sub","topic":"{}"}}"#, topic_name(conn.topic));
+            let sent = conn
+                .stream
+                .as_mut()
+                .is_some_and(|s| s.write_all(&client_frame(0x1, op.as_bytes())).is_ok());
+            if !sent {
+                self.fail(i, "reset".into());
+                return false;
+            }
+        }
         true
     }
 
@@ -549,7 +644,28 @@ impl Worker {
         let conn = &mut self.conns[i];
         let result = &mut self.result;
         let latency = &mut self.latency;
+        let recover_us = &mut self.recover_us;
+        let mut refused = None;
         parse_frames(&mut buf, |opcode, payload| match opcode {
+            0x1 if scenario == Scenario::Reconnect => {
+                match conn
+                    .track
+                    .on_text(payload, Instant::now(), &mut result.recovery, recover_us)
+                {
+                    Seen::Next => {
+                        conn.received += 1;
+                        result.messages += 1;
+                        if let Some(t) = number_after(payload, b"\"t\":") {
+                            let _ = latency.record((now.saturating_sub(t) / 1000).max(1));
+                        }
+                    }
+                    Seen::Gap(missed) => result.gaps += missed,
+                    Seen::Duplicate => result.duplicates += 1,
+                    Seen::Reordered => result.out_of_order += 1,
+                    Seen::Other => {}
+                    Seen::Refused(reply) => refused = Some(reply),
+                }
+            }
             0x1 if scenario == Scenario::Soak => {
                 let (Some(seq), Some(t)) = (
                     number_after(payload, b"\"seq\":"),
@@ -603,6 +719,9 @@ impl Worker {
             _ => {}
         });
         self.conns[i].buf = buf;
+        if let Some(reply) = refused {
+            return self.fail(i, format!("refused: {reply}"));
+        }
         if let Some(stream) = self.conns[i].stream.as_mut() {
             for reply in replies {
                 let _ = stream.write_all(&reply);
@@ -694,8 +813,10 @@ impl Worker {
         }
         while let Some(end) = self.stdin_buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.stdin_buf.drain(..=end).collect();
-            if let Ok(Line::Expect { per_topic }) = serde_json::from_slice(&line) {
-                self.expect = Some(per_topic);
+            match serde_json::from_slice(&line) {
+                Ok(Line::Expect { per_topic }) => self.expect = Some(per_topic),
+                Ok(Line::Storm) => self.storm(),
+                _ => {}
             }
         }
         Ok(())
@@ -732,6 +853,7 @@ impl Worker {
         if pending > 0 && self.job.scenario != Scenario::Soak {
             *self.result.failures.entry("timeout".into()).or_default() += pending as u64;
         }
+        self.result.recovery.recover_us = recorded(&self.recover_us);
         self.result.handshake_us = recorded(&self.handshake);
         self.result.latency_us = recorded(&self.latency);
         emit(&Line::Result(Box::new(std::mem::take(&mut self.result))));
