@@ -518,3 +518,41 @@ fn a_reconnect_storm_past_the_pending_limit_waits_instead_of_refusing() {
     }
     assert_eq!(server.total("recoveries_recovered_total"), 2000);
 }
+
+/// A topic per user: subscribers that never got an event cost the broker
+/// nothing; once one has, its topic keeps its numbering while it stays.
+#[test]
+fn silent_subscribers_cost_the_broker_nothing_until_an_event_reaches_them() {
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--history-ttl",
+        "1s",
+        "--topic-idle-ttl",
+        "2s",
+    ]);
+    let mut users: Vec<TcpStream> = (0..50)
+        .map(|i| raw_upgrade(&server, &format!("/ws?topics=user.{i}")))
+        .collect();
+    server.wait_for("50 subscriptions", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == 50
+    });
+    assert_eq!(server.total("broker_topics"), 0);
+    let epoch = publish_n(&server, "user.7", 1..=1);
+    read_events(&mut users[7], "user.7", 1, 1);
+    assert_eq!(server.total("broker_topics"), 1);
+    // Well past --topic-idle-ttl: user.7's subscriber holds its numbering.
+    std::thread::sleep(Duration::from_millis(3500));
+    let answer = server.publish("user.7", "{\"n\":2}");
+    assert_eq!(
+        (answer["seq"].as_u64(), epoch_of(&answer)),
+        (Some(2), epoch)
+    );
+    read_events(&mut users[7], "user.7", 2, 2);
+    assert_eq!(server.total("broker_topics_forgotten_total"), 0);
+    // When it leaves, the topic idles out.
+    drop(users);
+    server.wait_for("user.7 forgotten", Duration::from_secs(20), |s| {
+        s.total("broker_topics_forgotten_total") == 1
+    });
+}

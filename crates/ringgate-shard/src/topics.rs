@@ -133,14 +133,28 @@ pub(crate) enum Subscribed {
     Full,
 }
 
+/// The bit of an `ids` value saying the broker was told the topic has
+/// subscribers here (the rest is the topic's slab index).
+const ANNOUNCED: u32 = 1 << 31;
+
 /// Topic name -> local subscribers, for one shard.
+///
+/// Presence: the broker must never forget (and renumber) a topic while a
+/// subscriber here holds events of its numbering, and should hold nothing for
+/// topics nobody publishes to (a topic per user, most of them silent). So a
+/// topic is *announced* to the broker only once it matters: when an event of it
+/// is delivered here, or a subscribe answered by the broker takes effect; and
+/// its last subscriber leaving is reported only if it was announced. A
+/// subscriber that has seen no event and asked nothing loses nothing if the
+/// broker renumbers: its first event is simply the new numbering's.
 #[derive(Default)]
 pub(crate) struct TopicIndex {
+    /// Name -> slab index, with the `ANNOUNCED` bit.
     ids: HashMap<Arc<str>, u32>,
     topics: Slab<Topic>,
     subscriptions: usize,
-    /// Topics that gained their first subscriber (true) or lost their last
-    /// (false) since `take_changes`, in order.
+    /// Topics announced (true), and announced topics that lost their last
+    /// subscriber (false), since `take_changes`, in order.
     changes: Vec<(Arc<str>, bool)>,
 }
 
@@ -156,8 +170,22 @@ impl TopicIndex {
     /// The local subscribers of `name` (connection keys).
     pub fn subscribers(&self, name: &str) -> &[u32] {
         match self.ids.get(name) {
-            Some(&id) => &self.topics[id as usize].subscribers,
+            Some(&id) => &self.topics[(id & !ANNOUNCED) as usize].subscribers,
             None => &[],
+        }
+    }
+
+    /// Marks `name` announced, if it has subscribers here and was not yet: the
+    /// broker will be told (`take_changes`).
+    pub fn announce(&mut self, name: &str) {
+        if let Some(id) = self.ids.get_mut(name) {
+            if *id & ANNOUNCED == 0 {
+                *id |= ANNOUNCED;
+                let name = self.topics[*id as usize & !(ANNOUNCED as usize)]
+                    .name
+                    .clone();
+                self.changes.push((name, true));
+            }
         }
     }
 
@@ -169,7 +197,7 @@ impl TopicIndex {
         max: usize,
     ) -> Subscribed {
         let id = match self.ids.get(name) {
-            Some(&id) => id,
+            Some(&id) => id & !ANNOUNCED,
             None => {
                 if conns[key].subs.len() >= max {
                     return Subscribed::Full;
@@ -179,9 +207,11 @@ impl TopicIndex {
                     name: name.clone(),
                     subscribers: Vec::new(),
                 });
-                let id = u32::try_from(id).expect("fewer than 2^32 topics");
-                self.ids.insert(name.clone(), id);
-                self.changes.push((name, true));
+                let id = u32::try_from(id)
+                    .ok()
+                    .filter(|&id| id < ANNOUNCED)
+                    .expect("fewer than 2^31 topics");
+                self.ids.insert(name, id);
                 id
             }
         };
@@ -206,7 +236,7 @@ impl TopicIndex {
         let Some(&id) = self.ids.get(name) else {
             return false;
         };
-        match conns[key].subs.remove(id) {
+        match conns[key].subs.remove(id & !ANNOUNCED) {
             Some(sub) => {
                 self.detach(conns, sub);
                 true
@@ -245,13 +275,18 @@ impl TopicIndex {
     fn drop_if_empty(&mut self, id: u32) {
         if self.topics[id as usize].subscribers.is_empty() {
             let topic = self.topics.remove(id as usize);
-            self.ids.remove(&topic.name);
-            self.changes.push((topic.name, false));
+            let was = self
+                .ids
+                .remove(&topic.name)
+                .expect("indexed topics have ids");
+            if was & ANNOUNCED != 0 {
+                self.changes.push((topic.name, false));
+            }
         }
     }
 
-    /// The topics that gained their first subscriber (true) or lost their last
-    /// (false) since the last call, in order.
+    /// The topics announced (true), and announced ones that lost their last
+    /// subscriber (false), since the last call, in order.
     pub fn take_changes(&mut self) -> std::vec::Drain<'_, (Arc<str>, bool)> {
         self.changes.drain(..)
     }
@@ -262,7 +297,7 @@ impl TopicIndex {
         let mut total = 0;
         for (id, topic) in self.topics.iter() {
             assert!(!topic.subscribers.is_empty(), "empty topic kept");
-            assert_eq!(self.ids[&topic.name], id as u32);
+            assert_eq!(self.ids[&topic.name] & !ANNOUNCED, id as u32);
             for (pos, &key) in topic.subscribers.iter().enumerate() {
                 let mut subs = Subs {
                     first: conns[key as usize].subs.first,
@@ -292,32 +327,48 @@ mod tests {
         slab
     }
 
+    fn changes(index: &mut TopicIndex) -> Vec<(String, bool)> {
+        index
+            .take_changes()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect()
+    }
+
     #[test]
-    fn first_in_and_last_out_are_reported_in_order() {
+    fn only_announced_topics_are_reported_once_in_and_once_out() {
         let mut conns = conns(2);
         let mut index = TopicIndex::default();
         index.subscribe(&mut conns, 0, "a", 64);
         index.subscribe(&mut conns, 1, "a", 64);
+        assert_eq!(changes(&mut index), vec![], "a subscribe alone is not news");
+        index.announce("a");
+        index.announce("a");
+        index.announce("never-subscribed");
+        assert_eq!(
+            changes(&mut index),
+            vec![("a".into(), true)],
+            "announced once"
+        );
         index.unsubscribe(&mut conns, 0, "a");
-        let changes: Vec<_> = index
-            .take_changes()
-            .map(|(t, p)| (t.to_string(), p))
-            .collect();
-        assert_eq!(changes, vec![("a".to_string(), true)], "one first-in");
         index.unsubscribe_all(&mut conns, 1);
-        let changes: Vec<_> = index
-            .take_changes()
-            .map(|(t, p)| (t.to_string(), p))
-            .collect();
-        assert_eq!(changes, vec![("a".to_string(), false)], "then the last out");
-        // A subscribe refused at the limit leaves no change behind.
+        assert_eq!(
+            changes(&mut index),
+            vec![("a".into(), false)],
+            "then the last out"
+        );
+        index.check(&conns);
+        // Unannounced topics come and go without a word.
         index.subscribe(&mut conns, 0, "x", 1);
         assert_eq!(index.subscribe(&mut conns, 0, "y", 1), Subscribed::Full);
-        let changes: Vec<_> = index
-            .take_changes()
-            .map(|(t, p)| (t.to_string(), p))
-            .collect();
-        assert_eq!(changes, vec![("x".to_string(), true)]);
+        index.unsubscribe_all(&mut conns, 0);
+        assert_eq!(changes(&mut index), vec![]);
+        // The bit does not disturb lookups.
+        index.subscribe(&mut conns, 0, "x", 1);
+        index.announce("x");
+        assert_eq!(index.subscribe(&mut conns, 0, "x", 1), Subscribed::Already);
+        assert_eq!(index.subscribers("x"), &[0]);
+        assert!(index.unsubscribe(&mut conns, 0, "x"));
+        index.check(&conns);
     }
 
     #[test]

@@ -54,8 +54,9 @@ pub enum Upstream {
     Publish(ClientPublish),
     /// A client subscribes (maybe recovering).
     Subscribe(SubscribeRequest),
-    /// The shard's first local subscriber of `topic` arrived (`present`), or its
-    /// last one left. A topic some shard has subscribers for is never forgotten.
+    /// The shard announced `topic` (its subscribers hold events of it:
+    /// `present`), or the last subscriber of a topic it announced left (see
+    /// `topics.rs`). A topic some shard has announced is never forgotten.
     Presence {
         shard: usize,
         topic: Arc<str>,

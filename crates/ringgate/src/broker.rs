@@ -204,7 +204,8 @@ impl Broker {
         self.shards[request.shard].answer(Box::new(answer));
     }
 
-    /// A shard's first subscriber of `topic` arrived, or its last left.
+    /// A shard announced `topic` (its subscribers hold its numbering), or the last
+    /// subscriber of a topic it announced left.
     pub fn presence(&self, topic: &str, present: bool) {
         self.lock().presence(topic, present, Instant::now());
     }

@@ -294,14 +294,25 @@ impl TopicTable {
         Ok(standing)
     }
 
-    /// A shard's first subscriber of `topic` arrived (`present`) or its last left.
+    /// A shard announced `topic` (its subscribers hold events of it: `present`), or
+    /// the last subscriber of a topic it announced left.
+    ///
+    /// A shard announces a topic just after the broker numbered an event of it
+    /// or answered a subscribe to it, so the topic is known (and not idle). Only
+    /// with the table full of topics in use can it be gone by then: the
+    /// announcement is then dropped, and so is the matching departure.
     pub fn presence(&mut self, topic: &str, present: bool, now: Instant) {
         let stamp = self.tick();
-        let Ok(state) = self.entry(topic, now) else {
-            // Every topic is in use and this one is unknown: it can only be a
-            // shard's first subscriber of a topic the broker could not make.
-            assert!(present, "the last subscriber of a topic never known left");
-            return;
+        let state = if present {
+            match self.entry(topic, now) {
+                Ok(state) => state,
+                Err(TooManyTopics) => return,
+            }
+        } else {
+            match self.map.get_mut(topic) {
+                Some(state) if state.present > 0 => state,
+                _ => return,
+            }
         };
         let name = state.name.clone();
         if present {
@@ -311,7 +322,6 @@ impl TopicTable {
                 self.quiet.remove(&old);
             }
         } else {
-            assert!(state.present > 0, "more shards left {name} than arrived");
             state.present -= 1;
             if state.present == 0 {
                 state.quiet_stamp = stamp;

@@ -62,6 +62,7 @@ impl Shard {
             }
         }
         self.commands = commands;
+        self.after_topic_changes();
     }
 
     /// Whether a subscriber is over its send-queue limit with bytes the kernel

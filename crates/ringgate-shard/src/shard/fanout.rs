@@ -40,6 +40,9 @@ impl Shard {
     /// Queues `frame` on every open local subscriber of `topic`.
     pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes, published_ns: u64) {
         let limits = QueueLimits::of(self);
+        // Subscribers here now hold this topic's numbering: the broker must
+        // keep it (see topics.rs).
+        self.topics.announce(topic);
         // The keys are copied out (a memcpy, 4 bytes per subscriber) so each
         // subscriber can be handled with the whole shard at hand.
         let mut keys = std::mem::take(&mut self.fanout_keys);

@@ -89,6 +89,8 @@ impl Shard {
                 return self.error(key, "limit", "too many subscriptions on this connection")
             }
         }
+        // The client now holds the topic's numbering: the broker must keep it.
+        self.topics.announce(&answer.topic);
         if recovery != Recovery::NotAsked {
             self.stats.count_recovery(recovery);
         }

@@ -9,10 +9,12 @@
 //! answered `subscribed` then `unsubscribed`, and leaves no subscription).
 //! `unsub` and `pub` need no answer from the broker.
 //!
-//! Presence: when the shard's first subscriber of a topic arrives or its last
-//! leaves, the broker is told (it never forgets a topic a shard has subscribers
-//! for). A full channel keeps the change pending; opposite changes cancel out,
-//! so at most one change per topic waits.
+//! Presence: when a topic is announced here (an event of it was delivered to
+//! local subscribers, or a subscribe answered by the broker took effect; see
+//! topics.rs) and when an announced topic's last subscriber leaves, the broker
+//! is told (it never forgets a topic a shard has announced). A full channel
+//! keeps the change pending; opposite changes cancel out, so at most one change
+//! per topic waits.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -250,7 +252,7 @@ impl Shard {
         self.topics.subscribe(&mut self.conns, key, topic, max)
     }
 
-    /// Sends the topic index's first-in/last-out changes to the broker and
+    /// Sends the topic index's presence changes (announced, last out) to the broker and
     /// updates the gauges.
     pub(super) fn after_topic_changes(&mut self) {
         for (topic, present) in self.topics.take_changes() {

@@ -196,3 +196,19 @@ fn epochs_are_short_distinct_and_alphanumeric() {
     let other = TopicTable::new(limits(1, 1 << 20)).new_epoch_for_test();
     assert!(!seen.contains(&other), "another process's epochs differ");
 }
+
+#[test]
+fn presence_never_makes_a_topic_for_a_departure() {
+    let now = Instant::now();
+    let mut t = TopicTable::with_topics_max(limits(10, 1 << 20), 1);
+    t.presence("a", false, now);
+    assert_eq!(t.len(), 0, "a departure from an unknown topic is dropped");
+    t.presence("a", true, now);
+    t.presence("b", true, now); // the table is full of topics in use: dropped
+    t.presence("b", false, now); // and so is its departure
+    assert_eq!(t.len(), 1);
+    t.presence("a", false, now);
+    t.maintain(now + Duration::from_secs(601));
+    assert_eq!(t.len(), 0, "a left and idled out");
+    t.check();
+}
