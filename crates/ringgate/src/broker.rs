@@ -25,13 +25,13 @@ use ringgate_shard::{
     SubscribeRequest,
 };
 
-use crate::topic_table::{HistoryLimits, TooManyTopics, TopicTable};
+use crate::topic_table::{Epoch, HistoryLimits, TooManyTopics, TopicTable};
 
 /// A publish that reached every shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub seq: u64,
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub shards: usize,
 }
 
@@ -185,7 +185,7 @@ impl Broker {
                 generation: request.generation,
                 topic: s.name,
                 seq: s.seq,
-                epoch: s.epoch,
+                epoch: Arc::from(&*s.epoch),
                 recovery: s.recovery,
                 replay: s.replay,
                 refused: None,

@@ -1,32 +1,40 @@
-//! The broker's per-topic state: `seq`, epoch, history, and which shards have
-//! subscribers; and every bound on it.
+//! The broker's per-topic state: `seq`, epoch, history, and how many shards
+//! announced subscribers; and every bound on it.
 //!
 //! Bounds: a topic's history holds at most `--history-size` events no older than
 //! `--history-ttl`; all histories together at most `--history-memory` bytes (the
 //! oldest events of the least recently published topics go first). A topic with
-//! no publish and no subscriber on any shard for `--topic-idle-ttl` is forgotten;
+//! no publish and no announced subscriber for `--topic-idle-ttl` is forgotten;
 //! if it comes back it gets a new epoch, so no client can take a restarted
 //! numbering for the old one. At most `TOPICS_MAX` topics are known; past it the
-//! longest-quiet topic without subscribers is forgotten early, and if every
-//! topic has subscribers a new one is refused.
+//! longest-quiet topic is forgotten early, and if every topic has subscribers a
+//! new one is refused.
 //!
-//! Two ordered indexes keep each of these O(log topics): topics with history by
-//! their last publish, topics without subscribers by when they went quiet. A
-//! logical clock (one tick per change) keys both, so keys never collide.
+//! Layout, for a million topics: states live in a slab, found by name through a
+//! map of indexes; two intrusive lists thread through them, kept in order by
+//! moving a topic to the back whenever it is touched: topics holding history,
+//! least recently published first, and topics no shard announced, longest quiet
+//! first. Every bound is then O(1) per topic dropped, at 16 bytes of links per
+//! topic. Times are whole seconds since the table was made (rounded up).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringgate_shard::{Recovery, Since};
+use slab::Slab;
 
 use crate::history::History;
 
 /// Topics known at most; a publish or subscribe that would need one more, when
-/// every topic has subscribers, is refused. About 150 bytes each without history.
+/// every topic has subscribers, is refused. About 200 bytes each without
+/// history (BENCHMARKS.md 2026-12-01).
 pub const TOPICS_MAX: usize = 1_000_000;
+
+/// Characters in an epoch.
+pub const EPOCH_LEN: usize = 10;
 
 /// The history settings.
 #[derive(Debug, Clone, Copy)]
@@ -40,26 +48,111 @@ pub struct HistoryLimits {
     pub topic_idle_ttl: Duration,
 }
 
+/// A topic's numbering: `EPOCH_LEN` characters of `0-9a-z`, stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch([u8; EPOCH_LEN]);
+
+impl std::ops::Deref for Epoch {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("epochs are ASCII")
+    }
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+/// No topic: the end of a list.
+const NIL: u32 = u32::MAX;
+
+/// A topic's place in one list.
+#[derive(Clone, Copy)]
+struct Link {
+    prev: u32,
+    next: u32,
+}
+
+const UNLINKED: Link = Link {
+    prev: NIL,
+    next: NIL,
+};
+
+/// One of the two lists: its ends, and which link of a state it uses.
+struct List {
+    head: u32,
+    tail: u32,
+    link: fn(&mut TopicState) -> &mut Link,
+}
+
+impl List {
+    fn new(link: fn(&mut TopicState) -> &mut Link) -> List {
+        List {
+            head: NIL,
+            tail: NIL,
+            link,
+        }
+    }
+
+    fn push_back(&mut self, topics: &mut Slab<TopicState>, id: u32) {
+        let tail = self.tail;
+        *(self.link)(&mut topics[id as usize]) = Link {
+            prev: tail,
+            next: NIL,
+        };
+        match tail {
+            NIL => self.head = id,
+            tail => (self.link)(&mut topics[tail as usize]).next = id,
+        }
+        self.tail = id;
+    }
+
+    fn unlink(&mut self, topics: &mut Slab<TopicState>, id: u32) {
+        let Link { prev, next } =
+            std::mem::replace((self.link)(&mut topics[id as usize]), UNLINKED);
+        match prev {
+            NIL => {
+                assert_eq!(self.head, id, "an unlinked topic taken off a list");
+                self.head = next;
+            }
+            prev => (self.link)(&mut topics[prev as usize]).next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            next => (self.link)(&mut topics[next as usize]).prev = prev,
+        }
+    }
+
+    fn move_to_back(&mut self, topics: &mut Slab<TopicState>, id: u32) {
+        self.unlink(topics, id);
+        self.push_back(topics, id);
+    }
+}
+
 struct TopicState {
     name: Arc<str>,
     seq: u64,
-    epoch: Arc<str>,
     history: History,
-    last_publish: Instant,
-    /// Key in `by_publish` while the history is not empty.
-    publish_stamp: u64,
-    /// Shards with local subscribers.
+    epoch: Epoch,
+    /// Shards that announced subscribers.
     present: u32,
-    /// Key in `quiet` while no shard has subscribers.
-    quiet_stamp: u64,
-    quiet_since: Instant,
+    last_publish: u32,
+    /// When the last shard's subscribers left (or the last publish or subscribe
+    /// while none were announced).
+    quiet_since: u32,
+    /// In `published` while the history is not empty.
+    published: Link,
+    /// In `quiet` while no shard announced subscribers.
+    quiet: Link,
 }
 
 /// What a publish took.
 pub struct Numbered {
     pub name: Arc<str>,
     pub seq: u64,
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub frame: Bytes,
 }
 
@@ -67,7 +160,7 @@ pub struct Numbered {
 pub struct Standing {
     pub name: Arc<str>,
     pub seq: u64,
-    pub epoch: Arc<str>,
+    pub epoch: Epoch,
     pub recovery: Recovery,
     pub replay: Vec<Bytes>,
 }
@@ -77,13 +170,19 @@ pub struct Standing {
 pub struct TooManyTopics;
 
 pub struct TopicTable {
-    map: HashMap<Arc<str>, TopicState>,
+    ids: HashMap<Arc<str>, u32>,
+    topics: Slab<TopicState>,
     limits: HistoryLimits,
     topics_max: usize,
-    clock: u64,
-    by_publish: BTreeMap<u64, Arc<str>>,
-    quiet: BTreeMap<u64, Arc<str>>,
+    /// The clock's zero.
+    start: Instant,
+    /// Epochs made so far, and this process's random salt.
+    serial: u64,
     salt: u64,
+    /// Topics holding history, least recently published first.
+    published: List,
+    /// Topics no shard announced, longest quiet first.
+    quiet: List,
     history_bytes: usize,
     history_events: usize,
     /// Topics forgotten (idle, or to make room).
@@ -98,6 +197,7 @@ impl TopicTable {
     }
 
     pub fn with_topics_max(limits: HistoryLimits, topics_max: usize) -> Self {
+        assert!(topics_max < NIL as usize, "topic indexes fit below NIL");
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u128(
             std::time::SystemTime::now()
@@ -105,13 +205,15 @@ impl TopicTable {
                 .map_or(0, |d| d.as_nanos()),
         );
         TopicTable {
-            map: HashMap::new(),
+            ids: HashMap::new(),
+            topics: Slab::new(),
             limits,
             topics_max,
-            clock: 0,
-            by_publish: BTreeMap::new(),
-            quiet: BTreeMap::new(),
+            start: Instant::now(),
+            serial: 0,
             salt: hasher.finish(),
+            published: List::new(|s| &mut s.published),
+            quiet: List::new(|s| &mut s.quiet),
             history_bytes: 0,
             history_events: 0,
             forgotten: 0,
@@ -120,7 +222,7 @@ impl TopicTable {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.topics.len()
     }
 
     pub fn history_bytes(&self) -> usize {
@@ -131,54 +233,76 @@ impl TopicTable {
         self.history_events
     }
 
-    fn tick(&mut self) -> u64 {
-        self.clock += 1;
-        self.clock
+    /// Whole seconds since the table was made, rounded up.
+    fn secs(&self, now: Instant) -> u32 {
+        let d = now.saturating_duration_since(self.start);
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        u32::try_from(secs).expect("a process runs less than 136 years")
     }
 
-    /// A fresh epoch: 10 base-36 characters, different for every topic state
-    /// this process makes and (by the random salt) from every other process.
-    fn new_epoch(&mut self) -> Arc<str> {
-        let serial = self.tick();
-        let mut x = self.salt ^ serial.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    /// A fresh epoch, different for every topic state this process makes and
+    /// (by the random salt) from every other process.
+    fn new_epoch(&mut self) -> Epoch {
+        self.serial += 1;
+        let mut x = self.salt ^ self.serial.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // splitmix64's finaliser: every bit of the serial moves every output bit.
         x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         x ^= x >> 31;
         const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-        let text: String = (0..10)
-            .map(|i| DIGITS[((x >> (i * 6)) % 36) as usize] as char)
-            .collect();
-        Arc::from(text)
+        let mut epoch = [0u8; EPOCH_LEN];
+        for (i, c) in epoch.iter_mut().enumerate() {
+            *c = DIGITS[((x >> (i * 6)) % 36) as usize];
+        }
+        Epoch(epoch)
     }
 
-    /// The topic's state, made (seq 0, a new epoch, no subscriber) if unknown.
-    fn entry(&mut self, topic: &str, now: Instant) -> Result<&mut TopicState, TooManyTopics> {
-        if !self.map.contains_key(topic) {
-            if self.map.len() >= self.topics_max && !self.forget_oldest_quiet() {
-                return Err(TooManyTopics);
-            }
-            let name: Arc<str> = Arc::from(topic);
-            let epoch = self.new_epoch();
-            let quiet_stamp = self.tick();
-            self.quiet.insert(quiet_stamp, name.clone());
-            let state = TopicState {
-                name: name.clone(),
-                seq: 0,
-                epoch,
-                history: History::default(),
-                last_publish: now,
-                publish_stamp: 0,
-                present: 0,
-                quiet_stamp,
-                quiet_since: now,
-            };
-            self.map.insert(name, state);
+    /// The topic's index, its state made (seq 0, a new epoch, quiet) if unknown.
+    fn entry(&mut self, topic: &str, now: u32) -> Result<u32, TooManyTopics> {
+        if let Some(&id) = self.ids.get(topic) {
+            return Ok(id);
         }
-        Ok(self
-            .map
-            .get_mut(topic)
-            .expect("present: found or inserted above"))
+        if self.topics.len() >= self.topics_max && !self.forget_oldest_quiet() {
+            return Err(TooManyTopics);
+        }
+        let name: Arc<str> = Arc::from(topic);
+        let epoch = self.new_epoch();
+        let id = self.topics.insert(TopicState {
+            name: name.clone(),
+            seq: 0,
+            history: History::default(),
+            epoch,
+            present: 0,
+            last_publish: now,
+            quiet_since: now,
+            published: UNLINKED,
+            quiet: UNLINKED,
+        });
+        let id = u32::try_from(id).expect("fewer topics than TOPICS_MAX");
+        self.ids.insert(name, id);
+        self.quiet.push_back(&mut self.topics, id);
+        Ok(id)
+    }
+
+    /// Marks a topic without announced subscribers as used now: it idles from here.
+    fn touch_quiet(&mut self, id: u32, now: u32) {
+        let state = &mut self.topics[id as usize];
+        if state.present == 0 {
+            state.quiet_since = now;
+            self.quiet.move_to_back(&mut self.topics, id);
+        }
+    }
+
+    /// Applies a change of a topic's history, (bytes, events) before, to the
+    /// totals and the `published` list.
+    fn account(&mut self, id: u32, before: (usize, usize)) {
+        let history = &self.topics[id as usize].history;
+        let after = (history.bytes(), history.len());
+        self.history_bytes = self.history_bytes + after.0 - before.0;
+        self.history_events = self.history_events + after.1 - before.1;
+        if before.1 > 0 && after.1 == 0 {
+            self.published.unlink(&mut self.topics, id);
+        }
     }
 
     /// Numbers the next event of `topic`, builds its frame with `frame(seq)`
@@ -190,42 +314,33 @@ impl TopicTable {
         frame: impl FnOnce(u64) -> Bytes,
     ) -> Result<Numbered, TooManyTopics> {
         let limits = self.limits;
-        let publish_stamp = self.tick();
-        let quiet_stamp = self.tick();
-        let state = self.entry(topic, now)?;
+        let now = self.secs(now);
+        let id = self.entry(topic, now)?;
+        let state = &mut self.topics[id as usize];
         let before = (state.history.bytes(), state.history.len());
         state.seq += 1;
+        state.last_publish = now;
         let seq = state.seq;
         let frame = frame(seq);
-        let old_publish = std::mem::replace(&mut state.publish_stamp, publish_stamp);
-        state.last_publish = now;
         if limits.size > 0 {
             state.history.push(seq, frame.clone(), now);
             while state.history.len() > limits.size {
                 state.history.pop_oldest();
             }
-            if let Some(cutoff) = now.checked_sub(limits.ttl) {
+            if let Some(cutoff) = now.checked_sub(ttl_secs(limits.ttl)) {
                 state.history.expire(cutoff);
             }
         }
-        let after = (state.history.bytes(), state.history.len());
-        let name = state.name.clone();
-        let epoch = state.epoch.clone();
-        let requiet = if state.present == 0 {
-            state.quiet_since = now;
-            Some(std::mem::replace(&mut state.quiet_stamp, quiet_stamp))
-        } else {
-            None
-        };
-        self.account(before, after);
-        self.by_publish.remove(&old_publish);
-        if after.1 > 0 {
-            self.by_publish.insert(publish_stamp, name.clone());
+        let held = !state.history.is_empty();
+        let (name, epoch) = (state.name.clone(), state.epoch);
+        if before.1 > 0 {
+            self.published.unlink(&mut self.topics, id);
         }
-        if let Some(old) = requiet {
-            self.quiet.remove(&old);
-            self.quiet.insert(quiet_stamp, name.clone());
+        if held {
+            self.published.push_back(&mut self.topics, id);
         }
+        self.account_totals(id, before);
+        self.touch_quiet(id, now);
         self.enforce_memory();
         Ok(Numbered {
             name,
@@ -235,10 +350,11 @@ impl TopicTable {
         })
     }
 
-    /// Adds a history's change, (bytes, events) before and after, to the totals.
-    fn account(&mut self, before: (usize, usize), after: (usize, usize)) {
-        self.history_bytes = self.history_bytes + after.0 - before.0;
-        self.history_events = self.history_events + after.1 - before.1;
+    /// Like `account` for a caller that already fixed the `published` list.
+    fn account_totals(&mut self, id: u32, before: (usize, usize)) {
+        let history = &self.topics[id as usize].history;
+        self.history_bytes = self.history_bytes + history.bytes() - before.0;
+        self.history_events = self.history_events + history.len() - before.1;
     }
 
     /// Where `topic` stands for a new subscriber, and, when it recovers from
@@ -250,23 +366,19 @@ impl TopicTable {
         now: Instant,
     ) -> Result<Standing, TooManyTopics> {
         let limits = self.limits;
-        let quiet_stamp = self.tick();
-        let state = self.entry(topic, now)?;
+        let now = self.secs(now);
+        let id = self.entry(topic, now)?;
         // A subscribe counts as use: the topic cannot be forgotten (and its
-        // epoch change) in the moment before the shard's presence arrives.
-        let requiet = if state.present == 0 {
-            state.quiet_since = now;
-            Some(std::mem::replace(&mut state.quiet_stamp, quiet_stamp))
-        } else {
-            None
-        };
+        // epoch change) in the moment before the shard announces it.
+        self.touch_quiet(id, now);
+        let state = &mut self.topics[id as usize];
         let before = (state.history.bytes(), state.history.len());
-        if let Some(cutoff) = now.checked_sub(limits.ttl) {
+        if let Some(cutoff) = now.checked_sub(ttl_secs(limits.ttl)) {
             state.history.expire(cutoff);
         }
         let (recovery, replay) = match since {
             None => (Recovery::NotAsked, Vec::new()),
-            Some(since) if *since.epoch != *state.epoch => (Recovery::EpochChanged, Vec::new()),
+            Some(since) if since.epoch != *state.epoch => (Recovery::EpochChanged, Vec::new()),
             Some(since) if since.seq > state.seq => (Recovery::Future, Vec::new()),
             Some(_) if limits.size == 0 => (Recovery::HistoryOff, Vec::new()),
             Some(since) => match state.history.since(since.seq, state.seq) {
@@ -277,20 +389,11 @@ impl TopicTable {
         let standing = Standing {
             name: state.name.clone(),
             seq: state.seq,
-            epoch: state.epoch.clone(),
+            epoch: state.epoch,
             recovery,
             replay,
         };
-        let after = (state.history.bytes(), state.history.len());
-        let publish_stamp = state.publish_stamp;
-        self.account(before, after);
-        if before.1 > 0 && after.1 == 0 {
-            self.by_publish.remove(&publish_stamp);
-        }
-        if let Some(old) = requiet {
-            self.quiet.remove(&old);
-            self.quiet.insert(quiet_stamp, standing.name.clone());
-        }
+        self.account(id, before);
         Ok(standing)
     }
 
@@ -302,31 +405,29 @@ impl TopicTable {
     /// with the table full of topics in use can it be gone by then: the
     /// announcement is then dropped, and so is the matching departure.
     pub fn presence(&mut self, topic: &str, present: bool, now: Instant) {
-        let stamp = self.tick();
-        let state = if present {
+        let now = self.secs(now);
+        let id = if present {
             match self.entry(topic, now) {
-                Ok(state) => state,
+                Ok(id) => id,
                 Err(TooManyTopics) => return,
             }
         } else {
-            match self.map.get_mut(topic) {
-                Some(state) if state.present > 0 => state,
+            match self.ids.get(topic) {
+                Some(&id) if self.topics[id as usize].present > 0 => id,
                 _ => return,
             }
         };
-        let name = state.name.clone();
+        let state = &mut self.topics[id as usize];
         if present {
             state.present += 1;
             if state.present == 1 {
-                let old = state.quiet_stamp;
-                self.quiet.remove(&old);
+                self.quiet.unlink(&mut self.topics, id);
             }
         } else {
             state.present -= 1;
             if state.present == 0 {
-                state.quiet_stamp = stamp;
                 state.quiet_since = now;
-                self.quiet.insert(stamp, name);
+                self.quiet.push_back(&mut self.topics, id);
             }
         }
     }
@@ -334,23 +435,28 @@ impl TopicTable {
     /// Drops history older than `--history-ttl` and forgets topics idle for
     /// `--topic-idle-ttl`. Called about once a second.
     pub fn maintain(&mut self, now: Instant) {
-        if let Some(cutoff) = now.checked_sub(self.limits.ttl) {
+        let now = self.secs(now);
+        if let Some(cutoff) = now.checked_sub(ttl_secs(self.limits.ttl)) {
             // Topics not published since the cutoff hold only expired events.
-            while let Some((&stamp, name)) = self.by_publish.first_key_value() {
-                let state = self.map.get_mut(name).expect("indexed topics exist");
+            while self.published.head != NIL {
+                let id = self.published.head;
+                let state = &mut self.topics[id as usize];
                 if state.last_publish >= cutoff {
                     break;
                 }
                 let before = (state.history.bytes(), state.history.len());
                 state.history.clear();
-                self.account(before, (0, 0));
-                self.by_publish.remove(&stamp);
+                self.account(id, before);
             }
         }
-        if let Some(cutoff) = now.checked_sub(self.limits.topic_idle_ttl) {
-            while let Some((_, name)) = self.quiet.first_key_value() {
-                let state = &self.map[name];
-                if state.quiet_since > cutoff || state.last_publish > cutoff {
+        if let Some(cutoff) = now.checked_sub(ttl_secs(self.limits.topic_idle_ttl)) {
+            while self.quiet.head != NIL {
+                let state = &self.topics[self.quiet.head as usize];
+                assert!(
+                    state.last_publish <= state.quiet_since,
+                    "quiet since a publish"
+                );
+                if state.quiet_since > cutoff {
                     break;
                 }
                 self.forget_oldest_quiet();
@@ -360,15 +466,18 @@ impl TopicTable {
 
     /// Forgets the topic that has been without subscribers the longest.
     fn forget_oldest_quiet(&mut self) -> bool {
-        let Some((_, name)) = self.quiet.pop_first() else {
+        let id = self.quiet.head;
+        if id == NIL {
             return false;
-        };
-        let state = self.map.remove(&name).expect("indexed topics exist");
-        assert_eq!(state.present, 0, "a topic with subscribers was quiet");
-        self.account((state.history.bytes(), state.history.len()), (0, 0));
-        if !state.history.is_empty() {
-            self.by_publish.remove(&state.publish_stamp);
         }
+        self.quiet.unlink(&mut self.topics, id);
+        let state = &mut self.topics[id as usize];
+        assert_eq!(state.present, 0, "a topic with subscribers was quiet");
+        let before = (state.history.bytes(), state.history.len());
+        state.history.clear();
+        self.account(id, before);
+        let state = self.topics.remove(id as usize);
+        self.ids.remove(&state.name);
         self.forgotten += 1;
         true
     }
@@ -377,41 +486,78 @@ impl TopicTable {
     /// the histories fit `--history-memory`.
     fn enforce_memory(&mut self) {
         while self.history_bytes > self.limits.memory {
-            let (&stamp, name) = self
-                .by_publish
-                .first_key_value()
-                .expect("held bytes belong to indexed topics");
-            let state = self.map.get_mut(name).expect("indexed topics exist");
-            let freed = state
+            let id = self.published.head;
+            assert_ne!(id, NIL, "held bytes belong to listed topics");
+            let state = &mut self.topics[id as usize];
+            let before = (state.history.bytes(), state.history.len());
+            state
                 .history
                 .pop_oldest()
-                .expect("indexed topics hold events");
-            self.history_bytes -= freed;
-            self.history_events -= 1;
+                .expect("listed topics hold events");
+            self.account(id, before);
             self.evicted += 1;
-            if state.history.is_empty() {
-                self.by_publish.remove(&stamp);
-            }
         }
     }
 
     #[cfg(test)]
-    fn new_epoch_for_test(mut self) -> Arc<str> {
+    fn new_epoch_for_test(mut self) -> Epoch {
         self.new_epoch()
     }
 
-    /// Checks every index against the map (tests).
+    /// Checks every index and list against the states (tests).
     #[cfg(test)]
     pub fn check(&self) {
-        let bytes: usize = self.map.values().map(|s| s.history.bytes()).sum();
+        let bytes: usize = self.topics.iter().map(|(_, s)| s.history.bytes()).sum();
         assert_eq!(bytes, self.history_bytes);
-        let events: usize = self.map.values().map(|s| s.history.len()).sum();
+        let events: usize = self.topics.iter().map(|(_, s)| s.history.len()).sum();
         assert_eq!(events, self.history_events);
-        let held = self.map.values().filter(|s| !s.history.is_empty()).count();
-        assert_eq!(held, self.by_publish.len());
-        let quiet = self.map.values().filter(|s| s.present == 0).count();
-        assert_eq!(quiet, self.quiet.len());
+        assert_eq!(self.ids.len(), self.topics.len());
+        for (id, s) in self.topics.iter() {
+            assert_eq!(self.ids[&s.name] as usize, id);
+        }
+        let walk = |list: &List, link: fn(&TopicState) -> Link| {
+            let (mut at, mut prev, mut seen) = (list.head, NIL, Vec::new());
+            while at != NIL {
+                let l = link(&self.topics[at as usize]);
+                assert_eq!(l.prev, prev, "a broken back link");
+                seen.push(at);
+                (prev, at) = (at, l.next);
+            }
+            assert_eq!(list.tail, prev);
+            seen
+        };
+        let published = walk(&self.published, |s| s.published);
+        let held = self
+            .topics
+            .iter()
+            .filter(|(_, s)| !s.history.is_empty())
+            .count();
+        assert_eq!(published.len(), held);
+        let last: Vec<u32> = published
+            .iter()
+            .map(|&id| self.topics[id as usize].last_publish)
+            .collect();
+        assert!(
+            last.windows(2).all(|w| w[0] <= w[1]),
+            "published out of order"
+        );
+        let quiet = walk(&self.quiet, |s| s.quiet);
+        let idle = self.topics.iter().filter(|(_, s)| s.present == 0).count();
+        assert_eq!(quiet.len(), idle);
+        assert!(quiet
+            .iter()
+            .all(|&id| self.topics[id as usize].present == 0));
+        let since: Vec<u32> = quiet
+            .iter()
+            .map(|&id| self.topics[id as usize].quiet_since)
+            .collect();
+        assert!(since.windows(2).all(|w| w[0] <= w[1]), "quiet out of order");
     }
+}
+
+/// A TTL in whole seconds (at least one).
+fn ttl_secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

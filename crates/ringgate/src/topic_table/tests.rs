@@ -212,3 +212,53 @@ fn presence_never_makes_a_topic_for_a_departure() {
     assert_eq!(t.len(), 0, "a left and idled out");
     t.check();
 }
+
+#[test]
+fn random_operations_keep_every_index_and_list_in_order() {
+    // A small xorshift: the same sequence every run.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let t0 = Instant::now();
+    let one = History::cost(&frame(1));
+    let mut t = TopicTable::with_topics_max(limits(5, 40 * one), 30);
+    let mut present = std::collections::HashMap::<String, u32>::new();
+    for step in 0..20_000u64 {
+        let now = t0 + Duration::from_secs(step / 20);
+        let topic = format!("t{}", next(40));
+        match next(10) {
+            0..=4 => {
+                let _ = t.publish(&topic, now, frame);
+            }
+            5 | 6 => {
+                let _ = t.subscribe(&topic, None, now);
+            }
+            7 => {
+                t.presence(&topic, true, now);
+                if t.ids.contains_key(topic.as_str()) {
+                    *present.entry(topic).or_default() += 1;
+                }
+            }
+            8 => {
+                if let Some(n) = present.get_mut(&topic).filter(|n| **n > 0) {
+                    *n -= 1;
+                    t.presence(&topic, false, now);
+                }
+            }
+            _ => t.maintain(now),
+        }
+        // Forgotten topics lose their announcements with them.
+        present.retain(|name, _| t.ids.contains_key(name.as_str()));
+        if step % 97 == 0 {
+            t.check();
+        }
+        assert!(t.history_bytes() <= 40 * one);
+        assert!(t.len() <= 30);
+    }
+    t.check();
+    assert!(t.forgotten > 0 && t.evicted > 0);
+}
