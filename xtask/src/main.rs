@@ -4,7 +4,9 @@
 //!   test, and each fuzz target briefly when a nightly toolchain is installed).
 //! - `autobahn`: the Autobahn TestSuite server cases against a release `--echo`.
 //! - `density`: server memory per idle WebSocket connection, user space and kernel.
-//! - `loadgen`: drive load at a running server (connect, fanout, echo, churn).
+//! - `history-memory`: server memory per known topic and per held history event.
+//! - `loadgen`: drive load at a running server (connect, fanout, echo, churn, soak,
+//!   reconnect).
 //! - `bench`: the standard scenarios against ringgate and the baseline server.
 //! - `floor`: the kernel's own cost per delivery (or, `--echo`, per echo) on this machine, with no gateway.
 
@@ -12,6 +14,7 @@ mod bench;
 mod density;
 mod floor;
 mod floor_echo;
+mod history_memory;
 mod loadgen;
 mod process;
 
@@ -41,6 +44,8 @@ enum Task {
     },
     /// Measure server RSS and kernel slab growth per idle connection.
     Density(density::Args),
+    /// RSS per known topic and per held history event, against what --history-memory charges.
+    HistoryMemory(history_memory::Args),
     /// Standard scenarios against ringgate and the baseline server, one table with ratios.
     Bench(bench::Args),
     /// The kernel's cost of one small write to a sleeping reader's socket, with no server.
@@ -61,7 +66,7 @@ enum Task {
         size: usize,
         seconds: f64,
     },
-    /// Drive load at a running ringgate: connect | fanout | echo | churn (see --help).
+    /// Drive load at a running ringgate: connect | fanout | echo | churn | soak | reconnect (see --help).
     Loadgen(Box<loadgen::Args>),
     /// (internal) One load generator worker process.
     #[command(hide = true)]
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
         Task::Density(a) => density::run(&a),
+        Task::HistoryMemory(a) => history_memory::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
         Task::Bench(a) => bench::run(&a),
         Task::Floor(a) => floor::run(&a),

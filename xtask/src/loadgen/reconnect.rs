@@ -210,7 +210,9 @@ fn run(args: &Args) -> Result<ReconnectReport, String> {
         let _ = w.kill();
         let _ = w.wait();
     }
-    let after = stats.stats()?;
+    // A fresh connection: the first sat idle through the storm, past the
+    // control plane's keep-alive timeout.
+    let after = Http::connect(control)?.stats()?;
     let results: Vec<WorkerResult> = results.into_iter().map(Option::unwrap_or_default).collect();
     let grew = |name: &str| {
         let get = |s: &serde_json::Value| s["totals"][name].as_u64();
