@@ -16,15 +16,6 @@ fn subscriber(server: &Server, topics: &str) -> TcpStream {
     raw_upgrade(server, &format!("/ws?topics={topics}"))
 }
 
-fn per_shard(server: &Server, name: &str) -> Vec<u64> {
-    server.stats()["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s[name].as_u64().unwrap())
-        .collect()
-}
-
 #[test]
 fn every_subscriber_gets_every_event_once_in_order_across_two_shards() {
     let server = Server::start(&["--shards", "2"]);
@@ -33,7 +24,7 @@ fn every_subscriber_gets_every_event_once_in_order_across_two_shards() {
     server.wait_for("60 subscriptions", Duration::from_secs(10), |s| {
         s.total("subscriptions") == 60
     });
-    let subs = per_shard(&server, "subscriptions");
+    let subs = server.per_shard("subscriptions");
     assert!(
         subs.iter().all(|&n| n > 0),
         "subscribers on one shard only: {subs:?}"

@@ -50,19 +50,10 @@ fn publish_n(server: &Server, topic: &str, seqs: std::ops::RangeInclusive<u64>) 
     epoch
 }
 
-fn per_shard(server: &Server, name: &str) -> Vec<u64> {
-    server.stats()["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s[name].as_u64().unwrap())
-        .collect()
-}
-
 /// Opens `/ws` connections until each shard holds at least `each` of them.
 fn clients_on_every_shard(server: &Server, each: u64) -> Vec<TcpStream> {
     let mut clients = Vec::new();
-    while per_shard(server, "connections").iter().any(|&n| n < each) {
+    while server.per_shard("connections").iter().any(|&n| n < each) {
         assert!(
             clients.len() < 400,
             "SO_REUSEPORT put 400 clients on one shard"
@@ -111,7 +102,7 @@ fn a_recovery_after_a_disconnect_returns_exactly_the_missed_events() {
     assert!(m >= n.min(6));
     assert_eq!(server.total("recoveries_recovered_total"), m);
     assert_eq!(server.total("events_replayed_total"), 7 * m);
-    let per = per_shard(&server, "recoveries_recovered_total");
+    let per = server.per_shard("recoveries_recovered_total");
     assert!(
         per.iter().all(|&r| r > 0),
         "recoveries on both shards: {per:?}"
@@ -231,7 +222,7 @@ fn recoveries_while_publishing_at_full_speed_are_contiguous() {
     );
     assert!(server.total("events_replayed_total") > 0);
     assert_eq!(server.total("slow_consumer_total"), 0);
-    let per = per_shard(&server, "recoveries_recovered_total");
+    let per = server.per_shard("recoveries_recovered_total");
     assert!(
         per.iter().all(|&r| r > 0),
         "recoveries on both shards: {per:?}"

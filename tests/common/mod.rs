@@ -100,6 +100,16 @@ impl Server {
     }
 
     /// A total from `/stats`.
+    /// A `/stats` figure of each shard, in shard order.
+    pub fn per_shard(&self, name: &str) -> Vec<u64> {
+        self.stats()["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s[name].as_u64().unwrap())
+            .collect()
+    }
+
     pub fn total(&self, name: &str) -> u64 {
         self.stats()["totals"][name]
             .as_u64()

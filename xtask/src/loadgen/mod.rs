@@ -191,6 +191,25 @@ pub fn main(args: &Args) -> Result<(), String> {
     report.verdict()
 }
 
+/// The WebSocket target, the control plane and the source addresses of a run;
+/// any of them off the loopback range is refused unless `--allow-remote`.
+pub(crate) fn endpoints(args: &Args) -> Result<(SocketAddr, SocketAddr, Vec<IpAddr>), String> {
+    let target = address(&args.target, "ws://")?;
+    let control = address(&args.control, "http://")?;
+    let sources = parse_sources(args.sources.as_deref())?;
+    for ip in [target.ip(), control.ip()]
+        .into_iter()
+        .chain(sources.iter().copied())
+    {
+        if !ip.is_loopback() && !args.allow_remote {
+            return Err(format!(
+                "{ip} is not a loopback address; pass --allow-remote to load another host"
+            ));
+        }
+    }
+    Ok((target, control, sources))
+}
+
 /// Writes `report` to `--json`, if given.
 pub(crate) fn write_json(args: &Args, report: &impl Serialize) -> Result<(), String> {
     let Some(path) = &args.json else {
@@ -202,21 +221,7 @@ pub(crate) fn write_json(args: &Args, report: &impl Serialize) -> Result<(), Str
 
 /// Runs a scenario and returns its report.
 pub fn run(args: &Args) -> Result<Report, String> {
-    let target = address(&args.target, "ws://")?;
-    let control = address(&args.control, "http://")?;
-    let sources = parse_sources(args.sources.as_deref())?;
-    if !args.allow_remote {
-        for ip in std::iter::once(target.ip())
-            .chain(std::iter::once(control.ip()))
-            .chain(sources.iter().copied())
-        {
-            if !ip.is_loopback() {
-                return Err(format!(
-                    "{ip} is not a loopback address; pass --allow-remote to load another host"
-                ));
-            }
-        }
-    }
+    let (target, control, sources) = endpoints(args)?;
     if args.procs == 0 || args.procs > 64 {
         return Err("--procs must be from 1 to 64".into());
     }

@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::report::Percentiles;
 use super::wire::Http;
 use super::worker::{Line, WorkerResult};
-use super::{address, parse_sources, percentiles, pin_to, Args};
+use super::{percentiles, pin_to, Args};
 
 /// Everything a storm measured, and its verdict.
 #[derive(Debug, Serialize)]
@@ -104,19 +104,7 @@ impl Publisher {
 }
 
 fn run(args: &Args) -> Result<ReconnectReport, String> {
-    let target = address(&args.target, "ws://")?;
-    let control = address(&args.control, "http://")?;
-    let sources = parse_sources(args.sources.as_deref())?;
-    for ip in [target.ip(), control.ip()]
-        .into_iter()
-        .chain(sources.iter().copied())
-    {
-        if !ip.is_loopback() && !args.allow_remote {
-            return Err(format!(
-                "{ip} is not a loopback address; pass --allow-remote to load another host"
-            ));
-        }
-    }
+    let (target, control, sources) = super::endpoints(args)?;
     if args.size < 40 {
         return Err("reconnect --size must be at least 40 bytes (events carry a timestamp)".into());
     }

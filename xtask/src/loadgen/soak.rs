@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::report::Percentiles;
 use super::wire::Http;
 use super::worker::{Line, WorkerResult};
-use super::{address, parse_sources, percentiles, pid_listening_on, pin_to, proc_kib, Args};
+use super::{percentiles, pid_listening_on, pin_to, proc_kib, Args};
 
 /// RSS may also grow by this much whatever the tolerance: the allocator and the
 /// kernel hand memory out in pages and arenas.
@@ -83,19 +83,7 @@ pub fn main(args: &Args) -> Result<(), String> {
 }
 
 fn run(args: &Args) -> Result<SoakReport, String> {
-    let target = address(&args.target, "ws://")?;
-    let control = address(&args.control, "http://")?;
-    let sources = parse_sources(args.sources.as_deref())?;
-    for ip in [target.ip(), control.ip()]
-        .into_iter()
-        .chain(sources.iter().copied())
-    {
-        if !ip.is_loopback() && !args.allow_remote {
-            return Err(format!(
-                "{ip} is not a loopback address; pass --allow-remote to load another host"
-            ));
-        }
-    }
+    let (target, control, sources) = super::endpoints(args)?;
     if args.size < 40 {
         return Err("soak --size must be at least 40 bytes (events carry a timestamp)".into());
     }
