@@ -547,3 +547,68 @@ fn silent_subscribers_cost_the_broker_nothing_until_an_event_reaches_them() {
         s.total("broker_topics_forgotten_total") == 1
     });
 }
+
+/// Requests behind a recovering subscribe wait for its replay: a reply never
+/// overtakes replayed events, and a second recovery does not mix with the first.
+#[test]
+fn requests_wait_for_the_replay_before_them() {
+    let server = Server::start(&["--send-queue-limit", "64KiB", "--history-size", "1000"]);
+    let pad = "p".repeat(1000);
+    for n in 1..=200 {
+        server.publish("r", &format!("{{\"n\":{n},\"pad\":\"{pad}\"}}"));
+    }
+    let epoch = epoch_of(&server.publish("r", "{\"n\":201}"));
+    let mut s = raw_upgrade(&server, "/ws");
+    // 200 KB to replay, more than half the queue limit: most of it waits.
+    let sub = format!(r#"{{"op":"sub","topic":"r","since":1,"epoch":"{epoch}"}}"#);
+    let mut burst = frame(FIN | TEXT, sub.as_bytes());
+    burst.extend(frame(FIN | TEXT, br#"{"op":"unsub","topic":"r"}"#));
+    burst.extend(frame(FIN | TEXT, sub.as_bytes()));
+    s.write_all(&burst).unwrap();
+    for round in 0..2 {
+        let reply = read_json(&mut s);
+        assert_eq!(reply["op"], "subscribed", "round {round}: {reply}");
+        assert_eq!(reply["recovered"], true);
+        for n in 2..=201 {
+            let event = read_json(&mut s);
+            assert_eq!(event["seq"], n, "round {round}: {event}");
+        }
+        if round == 0 {
+            assert_eq!(
+                read_json(&mut s),
+                json!({"op": "unsubscribed", "topic": "r"})
+            );
+        }
+    }
+    server.publish("r", "{\"n\":202}");
+    assert_eq!(read_json(&mut s)["seq"], 202, "subscribed again, live");
+}
+
+/// A client that closes in the middle of a replay gets the Close answered and
+/// nothing after it (RFC 6455 5.5.1).
+#[test]
+fn nothing_follows_the_close_in_the_middle_of_a_replay() {
+    let server = Server::start(&["--send-queue-limit", "64KiB", "--history-size", "1000"]);
+    let pad = "p".repeat(2000);
+    let mut epoch = String::new();
+    for n in 1..=300 {
+        epoch = epoch_of(&server.publish("c", &format!("{{\"n\":{n},\"pad\":\"{pad}\"}}")));
+    }
+    let mut s = raw_upgrade(&server, &format!("/ws?recover=c@0@{epoch}"));
+    // Read a little of the 600 KB replay, then close.
+    assert_eq!(read_json(&mut s)["recovered"], true);
+    assert_eq!(read_json(&mut s)["seq"], 1);
+    s.write_all(&frame(FIN | CLOSE, &1000u16.to_be_bytes()))
+        .unwrap();
+    let mut after_close = 0;
+    let mut closed = false;
+    while let Some((b0, _)) = read_frame(&mut s) {
+        if closed {
+            after_close += 1;
+        } else if b0 & 0x0f == CLOSE {
+            closed = true;
+        }
+    }
+    assert!(closed, "the Close was answered");
+    assert_eq!(after_close, 0, "frames after the server's Close");
+}

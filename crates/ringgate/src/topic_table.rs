@@ -257,13 +257,22 @@ impl TopicTable {
         Epoch(epoch)
     }
 
-    /// The topic's index, its state made (seq 0, a new epoch, quiet) if unknown.
+    /// The topic's index, its state made (seq 0, a new epoch, quiet) if unknown;
+    /// past `topics_max` only by forgetting the longest quiet topic.
     fn entry(&mut self, topic: &str, now: u32) -> Result<u32, TooManyTopics> {
-        if let Some(&id) = self.ids.get(topic) {
-            return Ok(id);
-        }
-        if self.topics.len() >= self.topics_max && !self.forget_oldest_quiet() {
+        if !self.ids.contains_key(topic)
+            && self.topics.len() >= self.topics_max
+            && !self.forget_oldest_quiet()
+        {
             return Err(TooManyTopics);
+        }
+        Ok(self.entry_unbounded(topic, now))
+    }
+
+    /// The topic's index, its state made if unknown whatever the count.
+    fn entry_unbounded(&mut self, topic: &str, now: u32) -> u32 {
+        if let Some(&id) = self.ids.get(topic) {
+            return id;
         }
         let name: Arc<str> = Arc::from(topic);
         let epoch = self.new_epoch();
@@ -278,10 +287,13 @@ impl TopicTable {
             published: UNLINKED,
             quiet: UNLINKED,
         });
-        let id = u32::try_from(id).expect("fewer topics than TOPICS_MAX");
+        let id = u32::try_from(id)
+            .ok()
+            .filter(|&id| id < NIL)
+            .expect("topic indexes fit below NIL");
         self.ids.insert(name, id);
         self.quiet.push_back(&mut self.topics, id);
-        Ok(id)
+        id
     }
 
     /// Marks a topic without announced subscribers as used now: it idles from here.
@@ -400,22 +412,20 @@ impl TopicTable {
     /// A shard announced `topic` (its subscribers hold events of it: `present`), or
     /// the last subscriber of a topic it announced left.
     ///
-    /// A shard announces a topic just after the broker numbered an event of it
-    /// or answered a subscribe to it, so the topic is known (and not idle). Only
-    /// with the table full of topics in use can it be gone by then: the
-    /// announcement is then dropped, and so is the matching departure.
+    /// An announcement is never refused, even past `topics_max`: subscribers
+    /// hold the topic's numbering (the broker numbered an event of it or
+    /// answered a subscribe to it a moment ago), and announced topics are
+    /// bounded by the shards' subscriptions. So every departure finds its
+    /// announcement counted, and a count can never be taken from another shard.
     pub fn presence(&mut self, topic: &str, present: bool, now: Instant) {
         let now = self.secs(now);
         let id = if present {
-            match self.entry(topic, now) {
-                Ok(id) => id,
-                Err(TooManyTopics) => return,
-            }
+            self.entry_unbounded(topic, now)
         } else {
-            match self.ids.get(topic) {
-                Some(&id) if self.topics[id as usize].present > 0 => id,
-                _ => return,
-            }
+            *self
+                .ids
+                .get(topic)
+                .expect("a departure from a topic never announced")
         };
         let state = &mut self.topics[id as usize];
         if present {
@@ -424,6 +434,7 @@ impl TopicTable {
                 self.quiet.unlink(&mut self.topics, id);
             }
         } else {
+            assert!(state.present > 0, "more departures than announcements");
             state.present -= 1;
             if state.present == 0 {
                 state.quiet_since = now;

@@ -101,7 +101,8 @@ impl Shard {
             recovery.recovered(),
         );
         self.reply(key, reply);
-        if replay.is_empty() {
+        if replay.is_empty() || self.conns[key].state != State::Open {
+            // Nothing to replay, or the reply found the client not reading.
             return;
         }
         assert_eq!(recovery, Recovery::Recovered, "only a recovery replays");
@@ -167,6 +168,10 @@ impl Shard {
     /// less than half the send-queue limit (at least one frame into an empty
     /// queue); ends the replay when none are left.
     pub(super) fn pump_replay(&mut self, key: usize) {
+        if self.conns[key].state != State::Open {
+            // Closing: nothing may follow its Close frame.
+            return self.end_replay(key);
+        }
         let half = self.cfg.send_queue_bytes_max / 2;
         let Shard {
             conns,
@@ -198,6 +203,8 @@ impl Shard {
         if backlog.frames.is_empty() {
             assert_eq!(backlog.live_bytes, 0, "live bytes left in an empty backlog");
             self.end_replay(key);
+            // Requests that waited for the replay, in order (requests.rs).
+            self.run_deferred(key);
         }
     }
 

@@ -4,9 +4,10 @@
 //! A `sub` goes to the broker, which answers with where the topic stands (and,
 //! recovering, the events the client missed) through this shard's inbox; the
 //! subscription takes effect when the answer is handled (`replay.rs`). While a
-//! connection has a subscribe outstanding, its later requests wait, in order, so
-//! replies come back in the order of the requests (a `sub` then `unsub` is
-//! answered `subscribed` then `unsubscribed`, and leaves no subscription).
+//! connection has a subscribe outstanding or a replay under way, its later
+//! requests wait, in order, so replies come back in the order of the requests
+//! and never overtake replayed events (a `sub` then `unsub` is answered
+//! `subscribed`, the replay, then `unsubscribed`, and leaves no subscription).
 //! `unsub` and `pub` need no answer from the broker.
 //!
 //! Presence: when a topic is announced here (an event of it was delivered to
@@ -24,7 +25,7 @@ use bytes::Bytes;
 use ringgate_codec::close_code;
 
 use super::Shard;
-use crate::conn::State;
+use crate::conn::{flag, State};
 use crate::input::{self, Upcall};
 use crate::limits::{REQUESTS_DEFERRED_MAX, STRIKES_MAX, SUBSCRIBES_PENDING_MAX};
 use crate::pubsub::{self, Request};
@@ -78,33 +79,42 @@ impl Shard {
         self.drive(key);
     }
 
-    /// Handles a request now, or after the connection's outstanding subscribes.
+    /// Handles a request now, or after what it must follow: the connection's
+    /// unanswered subscribes, the replay its answers started (a reply must not
+    /// overtake events of the replay), and the requests already waiting.
     fn handle_or_defer(&mut self, key: usize, text: Box<[u8]>) {
         let generation = self.conns[key].generation;
-        if let Some(waiting) = self
+        let replaying = self.conns[key].has(flag::REPLAYING);
+        let waiting = self
             .outstanding
-            .get_mut(&key)
-            .filter(|o| o.generation == generation && o.pending > 0)
-        {
-            if waiting.deferred.len() >= REQUESTS_DEFERRED_MAX {
-                return self.error(key, "busy", "too many requests in flight, slow down");
-            }
-            waiting.deferred.push_back(text);
-            return;
+            .get(&key)
+            .is_some_and(|o| o.pending > 0 || !o.deferred.is_empty());
+        if !replaying && !waiting {
+            return self.handle_request(key, &text);
         }
-        self.handle_request(key, &text);
+        let entry = self.outstanding.entry(key).or_insert_with(|| Outstanding {
+            generation,
+            pending: 0,
+            deferred: VecDeque::new(),
+        });
+        assert_eq!(entry.generation, generation, "a stale outstanding entry");
+        if entry.deferred.len() >= REQUESTS_DEFERRED_MAX {
+            return self.error(key, "busy", "too many requests in flight, slow down");
+        }
+        entry.deferred.push_back(text);
     }
 
-    /// Handles the requests that waited for `key`'s subscribes, until one of
-    /// them is a subscribe again (then the rest keep waiting).
+    /// Handles the requests that waited, in order, until one of them must wait
+    /// again (a subscribe is unanswered, or a replay is under way).
     pub(super) fn run_deferred(&mut self, key: usize) {
         loop {
             let generation = self.conns[key].generation;
+            let replaying = self.conns[key].has(flag::REPLAYING);
             let Some(waiting) = self.outstanding.get_mut(&key) else {
                 return;
             };
             assert_eq!(waiting.generation, generation, "a stale outstanding entry");
-            if waiting.pending > 0 {
+            if waiting.pending > 0 || replaying {
                 return;
             }
             let Some(text) = waiting.deferred.pop_front() else {

@@ -59,9 +59,10 @@ impl Shard {
             self.arm_accept();
         }
         self.sweep();
-        // Whatever the broker's channel had no room for last time.
+        // Whatever the broker's channel had no room for last time, and
+        // presence changes left by requests run from a send completion.
         self.flush_subscribes();
-        self.flush_presence();
+        self.after_topic_changes();
     }
 
     /// Visits every connection once per tick: pings, idle closes, handshake,
@@ -152,10 +153,13 @@ impl Shard {
             }
             Due::CloseTimeout => self.finish(key),
             Due::ReplayStalled => {
-                self.stats.replays_stalled.add(1);
                 self.end_replay(key);
-                let conn = &mut self.conns[key];
-                super::fanout::close_slow(conn, self.now, &self.stats, &mut self.pool);
+                // Another due item of this tick may have closed it already.
+                if self.conns[key].state == State::Open {
+                    self.stats.replays_stalled.add(1);
+                    let conn = &mut self.conns[key];
+                    super::fanout::close_slow(conn, self.now, &self.stats, &mut self.pool);
+                }
             }
             Due::Park => {
                 conn.set(flag::PARKED);

@@ -198,19 +198,26 @@ fn epochs_are_short_distinct_and_alphanumeric() {
 }
 
 #[test]
-fn presence_never_makes_a_topic_for_a_departure() {
+fn an_announcement_is_counted_even_past_the_topic_cap() {
     let now = Instant::now();
     let mut t = TopicTable::with_topics_max(limits(10, 1 << 20), 1);
-    t.presence("a", false, now);
-    assert_eq!(t.len(), 0, "a departure from an unknown topic is dropped");
     t.presence("a", true, now);
-    t.presence("b", true, now); // the table is full of topics in use: dropped
-    t.presence("b", false, now); // and so is its departure
-    assert_eq!(t.len(), 1);
+    t.presence("b", true, now); // past the cap, but subscribers hold b
+    t.presence("b", true, now); // a second shard
+    assert_eq!(t.len(), 2);
+    assert_eq!(t.publish("c", now, frame).err(), Some(TooManyTopics));
+    t.presence("b", false, now);
     t.presence("a", false, now);
     t.maintain(now + Duration::from_secs(601));
-    assert_eq!(t.len(), 0, "a left and idled out");
+    assert_eq!(t.len(), 1, "a left and idled out; b still has a shard");
     t.check();
+}
+
+#[test]
+#[should_panic(expected = "never announced")]
+fn a_departure_without_an_announcement_is_a_bug() {
+    let mut t = TopicTable::new(limits(10, 1 << 20));
+    t.presence("a", false, Instant::now());
 }
 
 #[test]
@@ -239,9 +246,7 @@ fn random_operations_keep_every_index_and_list_in_order() {
             }
             7 => {
                 t.presence(&topic, true, now);
-                if t.ids.contains_key(topic.as_str()) {
-                    *present.entry(topic).or_default() += 1;
-                }
+                *present.entry(topic).or_default() += 1;
             }
             8 => {
                 if let Some(n) = present.get_mut(&topic).filter(|n| **n > 0) {
@@ -251,13 +256,12 @@ fn random_operations_keep_every_index_and_list_in_order() {
             }
             _ => t.maintain(now),
         }
-        // Forgotten topics lose their announcements with them.
-        present.retain(|name, _| t.ids.contains_key(name.as_str()));
         if step % 97 == 0 {
             t.check();
         }
         assert!(t.history_bytes() <= 40 * one);
-        assert!(t.len() <= 30);
+        // Announced topics may pass the cap; the others never do.
+        assert!(t.len() <= 30 + present.values().filter(|&&n| n > 0).count());
     }
     t.check();
     assert!(t.forgotten > 0 && t.evicted > 0);
