@@ -35,6 +35,8 @@ pub struct Server {
     pub child: Child,
     pub ws: SocketAddr,
     pub control: SocketAddr,
+    /// `--metrics`, when given.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Server {
@@ -51,9 +53,15 @@ impl Server {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
+        let control: &[&str] = if args.contains(&"--control") {
+            &[]
+        } else {
+            &["--control", "127.0.0.1:0"]
+        };
         let mut child = Command::new(binary())
             .args(listen)
-            .args(["--control", "127.0.0.1:0", "--no-pin"])
+            .args(control)
+            .arg("--no-pin")
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
@@ -66,21 +74,20 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read the ready line");
-        let field = |name: &str| -> SocketAddr {
-            let start = line
-                .find(&format!("{name}="))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                + name.len()
-                + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+        let field = |name: &str| -> Option<SocketAddr> {
+            let start = line.find(&format!(" {name}="))? + name.len() + 2;
+            line[start..].split_whitespace().next()?.parse().ok()
         };
-        let (ws, control) = (field("ws"), field("control"));
-        Server { child, ws, control }
+        let (Some(ws), Some(control)) = (field("ws"), field("control")) else {
+            panic!("not a ready line: {line:?}");
+        };
+        let metrics = field("metrics");
+        Server {
+            child,
+            ws,
+            control,
+            metrics,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

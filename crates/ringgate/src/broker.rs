@@ -110,6 +110,11 @@ impl Broker {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Whether publishes are refused because the server is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, TopicTable> {
         // Every update of the table leaves it consistent before it can panic.
         self.topics.lock().unwrap_or_else(|p| p.into_inner())

@@ -35,7 +35,8 @@ pub struct Cli {
     )]
     pub listen: SocketAddr,
 
-    /// Address of the control plane (/healthz, /stats).
+    /// Address of the control plane (POST /publish, /stats, /metrics, /healthz, /readyz). A
+    /// non-loopback address needs --control-token.
     #[arg(
         long,
         env = "RINGGATE_CONTROL",
@@ -43,6 +44,24 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub control: SocketAddr,
+
+    /// POST /publish then needs `Authorization: Bearer TOKEN` (401 otherwise).
+    #[arg(
+        long,
+        env = "RINGGATE_CONTROL_TOKEN",
+        value_name = "TOKEN",
+        conflicts_with = "control_token_file"
+    )]
+    pub control_token: Option<String>,
+
+    /// Read the control token from this file (its first line), so it appears in no process list.
+    #[arg(long, env = "RINGGATE_CONTROL_TOKEN_FILE", value_name = "FILE")]
+    pub control_token_file: Option<std::path::PathBuf>,
+
+    /// Also serve /metrics, /healthz and /readyz (and nothing else) on this address, for a
+    /// scraper on the network that must not be able to publish [default: off].
+    #[arg(long, env = "RINGGATE_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 
     /// Shard threads, each with its own io_uring [default: number of CPUs].
     #[arg(long, env = "RINGGATE_SHARDS", value_name = "N")]

@@ -3,9 +3,13 @@
 //! touches a connection; it reads the shards' counters and sends them commands.
 //!
 //! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
-//! other UTF-8 text is sent as a JSON string), `GET /healthz` (200 while every
-//! shard runs), `GET /metrics` and `GET /stats` (JSON: every counter per shard
-//! and summed, with uptime and version). What shards tell the broker (client
+//! other UTF-8 text is sent as a JSON string; with `--control-token` it needs
+//! `Authorization: Bearer TOKEN`), `GET /healthz` (200 while every shard runs),
+//! `GET /readyz` (200 while every shard runs and the server is not draining),
+//! `GET /metrics` and `GET /stats` (JSON: every counter per shard and summed,
+//! with uptime, version and the settings, secrets redacted). `--metrics ADDR`
+//! serves `/metrics`, `/healthz` and `/readyz` alone on a second listener, for
+//! a scraper that must not be able to publish. What shards tell the broker (client
 //! publishes, subscribes, presence) arrives on a bounded channel and is handed
 //! to the broker here, in order; once a second the broker expires history and
 //! forgets idle topics.
@@ -58,8 +62,10 @@ pub struct Control {
     pub broker: Arc<Broker>,
     /// RSS when the shards were ready: the base of the per-connection figure.
     pub rss_at_start: u64,
-    /// The effective configuration, for `/stats`.
+    /// The effective configuration, for `/stats` (secrets redacted).
     pub settings: Value,
+    /// `--control-token`: what `POST /publish` must present as a bearer token.
+    pub token: Option<String>,
     /// The largest publish body accepted.
     pub message_bytes_max: usize,
     /// Time allowed for a request's headers, and again for its body.
@@ -83,13 +89,18 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Starts the control thread on an already bound listener.
+/// Starts the control thread on an already bound listener (and the metrics
+/// listener, if any).
 pub fn spawn(
     listener: std::net::TcpListener,
+    metrics: Option<std::net::TcpListener>,
     control: Arc<Control>,
     upstream: mpsc::Receiver<Upstream>,
 ) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
+    if let Some(m) = &metrics {
+        m.set_nonblocking(true)?;
+    }
     std::thread::Builder::new()
         .name("ringgate-control".into())
         .spawn(move || {
@@ -105,10 +116,24 @@ pub fn spawn(
                 tokio::spawn(maintain(control.broker.clone()));
                 let app = Router::new()
                     .route("/publish/{*topic}", post(publish))
-                    .route("/metrics", get(metrics))
+                    .route("/metrics", get(metrics_text))
                     .route("/healthz", get(healthz))
+                    .route("/readyz", get(readyz))
                     .route("/stats", get(stats))
                     .with_state(control.clone());
+                if let Some(listener) = metrics {
+                    let scrape = Router::new()
+                        .route("/metrics", get(metrics_text))
+                        .route("/healthz", get(healthz))
+                        .route("/readyz", get(readyz))
+                        .with_state(control.clone());
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            tokio::spawn(serve(listener, scrape, control.clone()));
+                        }
+                        Err(e) => tracing::error!("metrics listener stopped: {e}"),
+                    }
+                }
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => serve(listener, app, control).await,
                     Err(e) => tracing::error!("control plane stopped: {e}"),
@@ -166,11 +191,36 @@ fn answer(status: StatusCode, body: Value) -> Answer {
     (status, Json(body))
 }
 
+/// Whether `headers` carry `Authorization: Bearer TOKEN` for the configured token.
+fn authorized(control: &Control, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &control.token else {
+        return true;
+    };
+    let offered = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Every byte compared whatever the first difference: the time taken tells
+    // nothing about how much of a guess was right.
+    offered.len() == token.len()
+        && offered
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 async fn publish(
     State(control): State<Arc<Control>>,
     Path(topic): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Answer {
+    if !authorized(&control, &headers) {
+        let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
+        return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg }));
+    }
     let limited = Limited::new(body, control.message_bytes_max);
     let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -242,7 +292,7 @@ async fn maintain(broker: Arc<Broker>) {
     }
 }
 
-async fn metrics(
+async fn metrics_text(
     State(control): State<Arc<Control>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     let body = crate::metrics::render(&control);
@@ -264,6 +314,20 @@ async fn healthz(State(control): State<Arc<Control>>) -> (StatusCode, &'static s
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "a shard has stopped\n")
+    }
+}
+
+async fn readyz(State(control): State<Arc<Control>>) -> (StatusCode, &'static str) {
+    let all_alive = control
+        .alive
+        .iter()
+        .all(|a| a.load(std::sync::atomic::Ordering::Relaxed));
+    if !all_alive {
+        (StatusCode::SERVICE_UNAVAILABLE, "a shard has stopped\n")
+    } else if control.broker.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 
@@ -343,6 +407,7 @@ mod tests {
             )),
             rss_at_start: 0,
             settings: Value::Null,
+            token: None,
             message_bytes_max: 1024,
             timeout: Duration::from_secs(10),
             connections: AtomicU64::new(0),
@@ -358,9 +423,27 @@ mod tests {
         let (status, Json(value)) = runtime.block_on(publish(
             State(control),
             Path(topic.to_string()),
+            axum::http::HeaderMap::new(),
             Body::from(body),
         ));
         (status, value)
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_authorized() {
+        let mut control = Arc::try_unwrap(control_with_inbox(1)).ok().unwrap();
+        let headers = |value: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+            h
+        };
+        assert!(authorized(&control, &axum::http::HeaderMap::new()), "no token set");
+        control.token = Some("0123456789abcdef".into());
+        assert!(authorized(&control, &headers("Bearer 0123456789abcdef")));
+        assert!(!authorized(&control, &headers("Bearer 0123456789abcdeF")));
+        assert!(!authorized(&control, &headers("Bearer 0123456789abcde")));
+        assert!(!authorized(&control, &headers("0123456789abcdef")));
+        assert!(!authorized(&control, &axum::http::HeaderMap::new()));
     }
 
     #[test]

@@ -70,6 +70,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             shard_config(&loaded.cli, shards)
                 .and_then(|cfg| cfg.validate())
                 .and_then(|()| history_limits(&loaded.cli).map(drop))
+                .and_then(|()| control_token(&loaded.cli).map(drop))
         }
         Err(config::LoadError::Clap(e)) => Err(first_line(&e.to_string())),
         Err(config::LoadError::File(msg)) => Err(msg),
@@ -115,9 +116,26 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     let shard_count = cli.shards.unwrap_or_else(ringgate_shard::cpu_count).max(1);
     let cfg = shard_config(&cli, shard_count)?;
     let history = history_limits(&cli)?;
+    let token = control_token(&cli)?;
     let control_listener = control::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
     let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics_listener = match cli.metrics {
+        Some(addr) => Some(
+            control::bind(addr)
+                .map_err(|e| format!("cannot listen on the metrics address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    // The token is a secret: /stats shows that one is set, not what it is.
+    let mut shown = settings;
+    if shown.contains_key("control-token") {
+        shown.insert("control-token".into(), "<redacted>".into());
+    }
     let (upstream_tx, upstream_rx) = tokio::sync::mpsc::channel::<Upstream>(UPSTREAM_CAPACITY);
     let upstream: UpstreamSender =
         Arc::new(move |message| upstream_tx.try_send(message).map_err(|e| e.into_inner()));
@@ -139,21 +157,23 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         started: Instant::now(),
         broker,
         rss_at_start: metrics::rss_bytes().unwrap_or(0),
-        settings: serde_json::to_value(&settings).map_err(|e| e.to_string())?,
+        settings: serde_json::to_value(&shown).map_err(|e| e.to_string())?,
+        token,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
         timeout: cli.control_timeout,
         connections: AtomicU64::new(0),
         refused: AtomicU64::new(0),
     });
-    control::spawn(control_listener, control, upstream_rx)
+    control::spawn(control_listener, metrics_listener, control, upstream_rx)
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     tracing::info!(
         ws = %runtime.local_addr, control = %control_addr, shards = shard_count,
         connections_per_shard = cfg.connections_max, echo = cli.echo, "ringgate ready"
     );
     // One stable line on stdout for scripts and tests that start ringgate on port 0.
+    let metrics_field = metrics_addr.map_or(String::new(), |a| format!(" metrics={a}"));
     println!(
-        "ringgate ready: ws={} control={} shards={shard_count}",
+        "ringgate ready: ws={} control={} shards={shard_count}{metrics_field}",
         runtime.local_addr, control_addr
     );
 
@@ -289,6 +309,33 @@ fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) -> Result<
         Err(format!(
             "shards {stuck:?} did not stop within the drain timeout and {EXIT_WAIT:?}; exiting anyway"
         ))
+    }
+}
+
+/// Tokens shorter than this are refused: they could be guessed.
+const CONTROL_TOKEN_BYTES_MIN: usize = 16;
+
+/// The control plane's token, from `--control-token` or the first line of
+/// `--control-token-file`; a control address off the loopback range needs one.
+fn control_token(cli: &Cli) -> Result<Option<String>, String> {
+    let token = match (&cli.control_token, &cli.control_token_file) {
+        (Some(token), _) => Some(token.trim().to_string()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--control-token-file {}: {e}", path.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        (None, None) => None,
+    };
+    match &token {
+        Some(t) if t.len() < CONTROL_TOKEN_BYTES_MIN => Err(format!(
+            "the control token must be at least {CONTROL_TOKEN_BYTES_MIN} characters"
+        )),
+        None if !cli.control.ip().is_loopback() => Err(format!(
+            "--control {} is not a loopback address: set --control-token (or --control-token-file), or anyone who reaches it can publish",
+            cli.control
+        )),
+        _ => Ok(token),
     }
 }
 
