@@ -223,3 +223,34 @@ fn an_enobufs_run_moves_the_exhausted_counter() {
     // kernel is partly filling.
     assert!(m.sum("ringgate_buffer_ring_in_use", &[]) <= 1.0);
 }
+
+/// The standard process metrics and the build's version and revision, so stock
+/// dashboards and alerts work.
+#[test]
+fn process_metrics_and_build_info_are_exported() {
+    let server = Server::start(&[]);
+    let m = Metrics::scrape(&server);
+    assert!(m.sum("process_cpu_seconds_total", &[]) > 0.0);
+    let rss = m.sum("process_resident_memory_bytes", &[]);
+    assert!(rss > 1e6 && rss < 1e9, "{rss}");
+    assert!(m.sum("process_virtual_memory_bytes", &[]) >= rss);
+    let open = m.sum("process_open_fds", &[]);
+    assert!(open >= 3.0 && open <= m.sum("process_max_fds", &[]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = m.sum("process_start_time_seconds", &[]);
+    assert!(
+        start <= now + 1.0 && start > now - 120.0,
+        "{start} vs {now}"
+    );
+    let build = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "ringgate_build_info")
+        .expect("ringgate_build_info");
+    assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    let revision = build.labels.get("revision").expect("a revision label");
+    assert!(!revision.is_empty());
+}

@@ -64,7 +64,7 @@ pub struct Cli {
     pub metrics: Option<SocketAddr>,
 
     /// Shard threads, each with its own io_uring [default: number of CPUs].
-    #[arg(long, env = "RINGGATE_SHARDS", value_name = "N")]
+    #[arg(long, env = "RINGGATE_SHARDS", value_name = "N", value_parser = at_least_one)]
     pub shards: Option<usize>,
 
     /// Do not pin shard threads to CPUs.
@@ -225,6 +225,11 @@ pub struct Cli {
     #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE")]
     pub no_recycle: bool,
 
+    /// Log lines as text (coloured only on a terminal) or as JSON objects, one per line, for
+    /// log shippers.
+    #[arg(long, env = "RINGGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -238,6 +243,22 @@ pub enum Subcommand {
         /// The TOML file.
         file: std::path::PathBuf,
     },
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A count that must be at least one.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `--slow-consumer` values.
@@ -275,6 +296,14 @@ mod tests {
         assert_eq!(cli.history_ttl, Duration::from_secs(300));
         assert_eq!(cli.history_memory, 64 << 20);
         assert_eq!(cli.topic_idle_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn zero_shards_is_an_error_not_one() {
+        let err = Cli::try_parse_from(["ringgate", "--shards", "0"]).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let cli = Cli::try_parse_from(["ringgate", "--shards", "3"]).unwrap();
+        assert_eq!(cli.shards, Some(3));
     }
 
     #[test]

@@ -76,6 +76,22 @@ pub struct Control {
     pub refused: AtomicU64,
 }
 
+/// What `GET /` on the control address answers: its endpoints.
+const CONTROL_INDEX: &str = "ringgate control plane
+POST /publish/{topic}  publish the body to topic's subscribers (Authorization: Bearer TOKEN with --control-token)
+GET  /stats            every figure per shard and summed, the settings, uptime and version (JSON)
+GET  /metrics          the same figures for Prometheus
+GET  /healthz          200 while every shard runs
+GET  /readyz           200 while every shard runs and the server is not shutting down
+";
+
+/// What `GET /` on the `--metrics` address answers.
+const METRICS_INDEX: &str = "ringgate metrics
+GET  /metrics          every figure for Prometheus
+GET  /healthz          200 while every shard runs
+GET  /readyz           200 while every shard runs and the server is not shutting down
+";
+
 /// Binds the control address with a listen backlog sized to the connection cap.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
@@ -115,6 +131,7 @@ pub fn spawn(
                 tokio::spawn(serve_upstream(upstream, control.broker.clone()));
                 tokio::spawn(maintain(control.broker.clone()));
                 let app = Router::new()
+                    .route("/", get(|| async { CONTROL_INDEX }))
                     .route("/publish/{*topic}", post(publish))
                     .route("/metrics", get(metrics_text))
                     .route("/healthz", get(healthz))
@@ -123,6 +140,7 @@ pub fn spawn(
                     .with_state(control.clone());
                 if let Some(listener) = metrics {
                     let scrape = Router::new()
+                        .route("/", get(|| async { METRICS_INDEX }))
                         .route("/metrics", get(metrics_text))
                         .route("/healthz", get(healthz))
                         .route("/readyz", get(readyz))
@@ -437,7 +455,10 @@ mod tests {
             h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
             h
         };
-        assert!(authorized(&control, &axum::http::HeaderMap::new()), "no token set");
+        assert!(
+            authorized(&control, &axum::http::HeaderMap::new()),
+            "no token set"
+        );
         control.token = Some("0123456789abcdef".into());
         assert!(authorized(&control, &headers("Bearer 0123456789abcdef")));
         assert!(!authorized(&control, &headers("Bearer 0123456789abcdeF")));

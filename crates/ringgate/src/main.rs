@@ -8,6 +8,7 @@ mod control;
 mod history;
 mod metrics;
 mod notify;
+mod process_metrics;
 mod signals;
 mod topic_table;
 mod units;
@@ -22,7 +23,7 @@ use ringgate_shard::limits::UPSTREAM_CAPACITY;
 use ringgate_shard::{ShardConfig, SlowConsumer, Upstream, UpstreamSender, REJECT_SLOTS};
 
 use broker::Broker;
-use cli::{Cli, SlowConsumerPolicy, Subcommand};
+use cli::{Cli, LogFormat, SlowConsumerPolicy, Subcommand};
 use topic_table::HistoryLimits;
 
 fn main() -> ExitCode {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         print!("{}", config::print(&loaded.matches));
         return ExitCode::SUCCESS;
     }
-    init_logging(loaded.cli.verbose);
+    init_logging(loaded.cli.verbose, loaded.cli.log_format);
     if let Some(Subcommand::CheckConfig { file }) = &loaded.cli.command {
         return check_config(file);
     }
@@ -95,7 +96,7 @@ fn first_line(text: &str) -> String {
         .to_string()
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -103,10 +104,16 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a person at a terminal, never into journald or a file.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {

@@ -381,12 +381,21 @@ pub fn render(control: &Control) -> String {
         "Seconds since start.",
         uptime,
     );
-    header(&mut out, "ringgate_info", "gauge", "Build information.");
+    header(
+        &mut out,
+        "ringgate_build_info",
+        "gauge",
+        "The version and source revision this binary was built from.",
+    );
     let _ = writeln!(
         out,
-        "ringgate_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
+        "ringgate_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        env!("RINGGATE_REVISION")
     );
+    for (name, kind, help, value) in crate::process_metrics::figures() {
+        single(&mut out, name, kind, help, value);
+    }
     out
 }
 
