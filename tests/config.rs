@@ -94,3 +94,53 @@ fn print_config_round_trips_through_check_config() {
     assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
     let _ = std::fs::remove_file(file);
 }
+
+#[test]
+fn every_flag_has_a_variable_and_booleans_take_the_usual_spellings() {
+    let printed = |env: &[(&str, &str)]| {
+        let out = ringgate(&["--print-config"], env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (value, expected) in [
+        ("1", true),
+        ("yes", true),
+        ("true", true),
+        ("0", false),
+        ("no", false),
+    ] {
+        let text = printed(&[("RINGGATE_ECHO", value)]);
+        assert!(
+            text.contains(&format!("echo = {expected}")),
+            "{value}: {text}"
+        );
+    }
+    assert!(printed(&[("RINGGATE_VERBOSE", "2")]).contains("verbose = 2"));
+    let out = ringgate(&["--print-config"], &[("RINGGATE_ECHO", "maybe")]);
+    assert!(!out.status.success(), "a bad boolean is an error");
+}
+
+#[test]
+fn a_client_publish_pattern_that_cannot_match_is_refused() {
+    let out = ringgate(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--client-publish",
+            "a*b",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--client-publish") && err.contains("prefix"),
+        "{err}"
+    );
+}

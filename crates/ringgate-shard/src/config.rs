@@ -123,6 +123,13 @@ impl ShardConfig {
         if self.connections_max == 0 {
             return Err("--max-connections must be at least 1".into());
         }
+        if let Some(pattern) = &self.client_publish {
+            if !crate::pubsub::valid_publish_pattern(pattern) {
+                return Err(format!(
+                    "--client-publish {pattern:?} is not a pattern: use *, a topic name, or a topic prefix ending in * (such as chat.*)"
+                ));
+            }
+        }
         let limits = &self.limits;
         if limits.frame_bytes_max == 0 || limits.message_bytes_max < limits.frame_bytes_max {
             return Err(format!(

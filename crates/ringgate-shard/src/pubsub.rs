@@ -324,6 +324,17 @@ fn percent_decode(text: &str) -> Option<String> {
 /// Whether client publishing to `topic` is allowed by `pattern`: `*` allows
 /// every topic, `prefix*` the topics starting with `prefix`, anything else
 /// exactly that topic.
+/// Whether `pattern` is a `--client-publish` pattern: `*`, a topic name, or
+/// a topic prefix followed by one `*` (anything else could never match, or
+/// match by surprise).
+pub fn valid_publish_pattern(pattern: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some("") => true,
+        Some(prefix) => prefix.len() < TOPIC_BYTES_MAX && valid_topic(prefix),
+        None => valid_topic(pattern),
+    }
+}
+
 pub fn publish_allowed(pattern: &str, topic: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => topic.starts_with(prefix),
@@ -418,6 +429,16 @@ pub(crate) fn error_reply(code: &str, msg: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_patterns_are_a_name_a_prefix_or_everything() {
+        for good in ["*", "chat.*", "chat.room-1", "a*"] {
+            assert!(valid_publish_pattern(good), "{good}");
+        }
+        for bad in ["", "a*b", "**", "chat room*", "*a", "a**"] {
+            assert!(!valid_publish_pattern(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn topic_names() {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 
 use crate::units::{parse_duration, parse_duration_or_off, parse_size};
@@ -68,11 +69,11 @@ pub struct Cli {
     pub shards: Option<usize>,
 
     /// Do not pin shard threads to CPUs.
-    #[arg(long, env = "RINGGATE_NO_PIN")]
+    #[arg(long, env = "RINGGATE_NO_PIN", value_parser = BoolishValueParser::new())]
     pub no_pin: bool,
 
     /// Serve GET /echo, which echoes every message (for conformance tests and benchmarks).
-    #[arg(long, env = "RINGGATE_ECHO")]
+    #[arg(long, env = "RINGGATE_ECHO", value_parser = BoolishValueParser::new())]
     pub echo: bool,
 
     /// Connections held at most, over all shards; more are answered 503
@@ -214,7 +215,7 @@ pub struct Cli {
     pub topic_idle_ttl: Duration,
 
     /// (testing) Tick with a re-armed one-shot timeout, as on kernels before 6.4.
-    #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK")]
+    #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK", value_parser = BoolishValueParser::new())]
     pub oneshot_tick: bool,
 
     /// (testing) Send slots per shard, fewer than the built-in 8192 to exercise the cap.
@@ -222,7 +223,7 @@ pub struct Cli {
     pub send_slots: usize,
 
     /// (benchmarks) Do not recycle emptied send queues, to measure what recycling saves.
-    #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE")]
+    #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE", value_parser = BoolishValueParser::new())]
     pub no_recycle: bool,
 
     /// Log lines as text (coloured only on a terminal) or as JSON objects, one per line, for
@@ -231,7 +232,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
+    #[arg(short, long, env = "RINGGATE_VERBOSE", action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
