@@ -163,8 +163,16 @@ fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
     for i in 1..=50 {
         old.publish("z", &i.to_string());
     }
-    // The new process binds the same address (SO_REUSEPORT) while the old one runs.
-    let new = Server::start(&["--listen", &address]);
+    // The new process binds the same address (SO_REUSEPORT) while the old one
+    // runs: an explicit act.
+    let out = std::process::Command::new(binary())
+        .args(["--listen", &address, "--control", "127.0.0.1:0", "--no-pin"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "took the address without --takeover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--takeover"), "{err}");
+    let new = Server::start(&["--listen", &address, "--takeover"]);
     assert_eq!(new.ws, old.ws);
     old.signal(libc::SIGTERM);
     // Every client of the old process gets every event published before its

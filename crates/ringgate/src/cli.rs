@@ -68,6 +68,12 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_SHARDS", value_name = "N", value_parser = at_least_one)]
     pub shards: Option<usize>,
 
+    /// Share --listen with a ringgate already serving it (a zero-downtime restart: start the new
+    /// one with --takeover, then SIGTERM the old). Without it, an address another process
+    /// listens on is refused rather than silently split (SO_REUSEPORT).
+    #[arg(long, env = "RINGGATE_TAKEOVER", value_parser = BoolishValueParser::new())]
+    pub takeover: bool,
+
     /// Do not pin shard threads to CPUs.
     #[arg(long, env = "RINGGATE_NO_PIN", value_parser = BoolishValueParser::new())]
     pub no_pin: bool,

@@ -124,6 +124,9 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     let cfg = shard_config(&cli, shard_count)?;
     let history = history_limits(&cli)?;
     let token = control_token(&cli)?;
+    if !cli.takeover {
+        address_is_free(cli.listen)?;
+    }
     let control_listener = control::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
     let control_addr = control_listener.local_addr().map_err(|e| e.to_string())?;
@@ -316,6 +319,33 @@ fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) -> Result<
         Err(format!(
             "shards {stuck:?} did not stop within the drain timeout and {EXIT_WAIT:?}; exiting anyway"
         ))
+    }
+}
+
+/// Refuses a `--listen` address another process already listens on: the
+/// shards bind it with SO_REUSEPORT, which would silently split its
+/// connections with that process. A bind without SO_REUSEPORT fails exactly
+/// when someone holds the address.
+fn address_is_free(addr: std::net::SocketAddr) -> Result<(), String> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| format!("cannot make a socket: {e}"))?;
+    // Like the listeners: a port in TIME_WAIT is free.
+    probe
+        .set_reuse_address(true)
+        .map_err(|e| format!("cannot set SO_REUSEADDR: {e}"))?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+            "--listen {addr} is in use by another process; pass --takeover to share it with a ringgate for a zero-downtime restart"
+        )),
+        Err(e) => Err(format!("cannot listen on {addr}: {e}")),
     }
 }
 
