@@ -75,6 +75,16 @@ enum Task {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Task::Autobahn { runner, .. } = &args.task {
+        if !std::path::Path::new(runner).is_file() {
+            eprintln!(
+                "xtask: the Autobahn runner {runner} is missing. It is the conformance kit that sits next to \
+                 this checkout (../shared/conformance/run.sh on the development machines); pass \
+                 --runner PATH to a run.sh that takes a ws:// URL and case patterns."
+            );
+            return ExitCode::from(AUTOBAHN_RUNNER_MISSING);
+        }
+    }
     let result = match args.task {
         Task::Test => test(),
         Task::Autobahn { cases, runner } => autobahn(&cases, &runner),
@@ -158,6 +168,10 @@ fn fuzz_briefly() -> Result<(), String> {
         Err("a fuzz target crashed (see crates/*/fuzz/artifacts)".into())
     }
 }
+
+/// `cargo xtask autobahn`'s exit status when its runner is not there (1 means
+/// cases failed).
+const AUTOBAHN_RUNNER_MISSING: u8 = 3;
 
 fn autobahn(cases: &str, runner: &str) -> Result<(), String> {
     process::cargo(&["build", "--release", "-p", "ringgate"])?;
