@@ -18,6 +18,8 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
 fn ringgate(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ringgate"))
         .args(args)
+        // The harness's own variable (another build to test) is no setting.
+        .env_remove("RINGGATE_BIN")
         .envs(env.iter().copied())
         .output()
         .unwrap()
@@ -142,5 +144,23 @@ fn a_client_publish_pattern_that_cannot_match_is_refused() {
     assert!(
         err.contains("--client-publish") && err.contains("prefix"),
         "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_variable_is_reported() {
+    let file = temp_file("ok.toml", "echo = true\n");
+    let out = ringgate(
+        &["check-config", file.to_str().unwrap()],
+        &[("RINGGATE_MAX_CONECTIONS", "10")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RINGGATE_MAX_CONECTIONS"), "{err}");
+    let out = ringgate(&["check-config", file.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

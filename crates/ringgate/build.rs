@@ -13,7 +13,7 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=RINGGATE_REVISION={revision}");
+    println!("cargo:rustc-env=BUILD_INFO_REVISION={revision}");
     // A new commit or checkout changes these.
     for path in [
         "../../.git/HEAD",

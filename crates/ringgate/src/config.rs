@@ -59,6 +59,23 @@ pub fn load(args: Vec<OsString>) -> Result<Loaded, LoadError> {
     Ok(Loaded { cli, matches })
 }
 
+/// `RINGGATE_*` variables in `vars` that no flag reads (a typo, or a setting
+/// that does not exist), sorted: reported, as a file's unknown keys are.
+pub fn unknown_variables(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<String> {
+    let command = Cli::command();
+    let known: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    let mut unknown: Vec<String> = vars
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("RINGGATE_") && !known.contains(name))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// The arguments a config file adds: one per key whose setting is still at its default.
 fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -246,6 +263,21 @@ mod tests {
         assert!(err.contains("not valid TOML"), "{err}");
         let err = load_with("config = \"x.toml\"\n", &[]).err().unwrap();
         assert!(err.contains("unknown key `config`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_named_and_known_ones_are_not() {
+        let vars = [
+            ("RINGGATE_MAX_CONECTIONS", "1"),
+            ("RINGGATE_ECHO", "1"),
+            ("RINGGATE_VERBOSE", "1"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        assert_eq!(
+            unknown_variables(vars.into_iter()),
+            vec!["RINGGATE_MAX_CONECTIONS".to_string()]
+        );
     }
 
     #[test]

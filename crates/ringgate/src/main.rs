@@ -40,8 +40,21 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(loaded.cli.verbose, loaded.cli.log_format);
+    let unknown = config::unknown_variables(std::env::vars_os());
     if let Some(Subcommand::CheckConfig { file }) = &loaded.cli.command {
+        if !unknown.is_empty() {
+            eprintln!(
+                "ringgate: error: no setting reads {} (see ringgate --help for each flag's variable)",
+                unknown.join(", ")
+            );
+            return ExitCode::FAILURE;
+        }
         return check_config(file);
+    }
+    for name in &unknown {
+        tracing::warn!(
+            "ignoring {name}: no setting reads it (see ringgate --help for each flag's variable)"
+        );
     }
     let settings = config::effective(&loaded.matches);
     match run(loaded.cli, settings) {

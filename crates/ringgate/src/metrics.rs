@@ -391,7 +391,7 @@ pub fn render(control: &Control) -> String {
         out,
         "ringgate_build_info{{version=\"{}\",revision=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION"),
-        env!("RINGGATE_REVISION")
+        env!("BUILD_INFO_REVISION")
     );
     for (name, kind, help, value) in crate::process_metrics::figures() {
         single(&mut out, name, kind, help, value);
