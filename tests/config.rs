@@ -164,3 +164,28 @@ fn an_unknown_variable_is_reported() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn file_errors_give_the_line_and_what_is_allowed() {
+    let cases = [
+        (
+            "echo = true\nslow-consumer = \"slow\"\n",
+            ":2:",
+            "allowed: close, drop",
+        ),
+        ("[server]\nlisten = \"1\"\n", ":1:", "is a table"),
+        ("echo = true\nlisten = \n", ":2:", "not valid TOML"),
+        ("max-connections = \"lots\"\n", ":1:", "invalid digit"),
+    ];
+    for (i, (text, line, reason)) in cases.into_iter().enumerate() {
+        let file = temp_file(&format!("bad{i}.toml"), text);
+        let out = ringgate(&["check-config", file.to_str().unwrap()], &[]);
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(line) && err.contains(reason),
+            "{text:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}

@@ -43,16 +43,12 @@ pub fn load(args: Vec<OsString>) -> Result<Loaded, LoadError> {
     let matches = match path {
         None => first,
         Some(path) => {
-            let extra = file_arguments(&path, &first)?;
+            let (extra, text) = file_arguments(&path, &first)?;
             let mut all = args;
             all.extend(extra);
-            command.try_get_matches_from(&all).map_err(|e| {
-                LoadError::File(format!(
-                    "in {}: {}",
-                    path.display(),
-                    first_line(&e.to_string())
-                ))
-            })?
+            command
+                .try_get_matches_from(&all)
+                .map_err(|e| LoadError::File(file_value_error(&path, &text, &e)))?
         }
     };
     let cli = Cli::from_arg_matches(&matches).map_err(LoadError::Clap)?;
@@ -77,7 +73,7 @@ pub fn unknown_variables(vars: impl Iterator<Item = (OsString, OsString)>) -> Ve
 }
 
 /// The arguments a config file adds: one per key whose setting is still at its default.
-fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, LoadError> {
+fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<(Vec<OsString>, String), LoadError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         LoadError::File(format!(
             "cannot read the config file {}: {e}",
@@ -85,15 +81,28 @@ fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, Lo
         ))
     })?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map_or(0, |span| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        });
         LoadError::File(format!(
-            "{} is not valid TOML: {}",
+            "{}:{line}: not valid TOML: {}",
             path.display(),
-            first_line(&e.to_string())
+            e.message().trim()
         ))
     })?;
     let command = Cli::command();
     let mut extra = Vec::new();
     for (key, value) in &table {
+        if value.is_table() {
+            let line = text
+                .lines()
+                .position(|l| l.trim() == format!("[{key}]"))
+                .map_or(0, |i| i + 1);
+            return Err(LoadError::File(format!(
+                "{}:{line}: `[{key}]` is a table; settings are top-level keys named like the flags (see --help)",
+                path.display()
+            )));
+        }
         let at = || format!("{}:{}", path.display(), line_of(&text, key));
         let arg = command
             .get_arguments()
@@ -136,7 +145,7 @@ fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<Vec<OsString>, Lo
             }
         }
     }
-    Ok(extra)
+    Ok((extra, text))
 }
 
 fn expected(action: &ArgAction) -> &'static str {
@@ -158,6 +167,30 @@ fn line_of(text: &str, key: &str) -> usize {
             rest.is_some_and(|r| r.trim_start().starts_with('='))
         })
         .map_or(0, |i| i + 1)
+}
+
+/// A file's value clap refused, with its line and, for a choice, the allowed values.
+fn file_value_error(path: &Path, text: &str, e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let key = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg
+            .trim_start_matches("--")
+            .split([' ', '='])
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        _ => String::new(),
+    };
+    let mut msg = format!(
+        "{}:{}: {}",
+        path.display(),
+        line_of(text, &key),
+        first_line(&e.to_string()).trim_start_matches("error: ")
+    );
+    if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
+        msg.push_str(&format!(" (allowed: {})", valid.join(", ")));
+    }
+    msg
 }
 
 fn first_line(text: &str) -> &str {
