@@ -254,4 +254,24 @@ fn process_metrics_and_build_info_are_exported() {
     assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
     let revision = build.labels.get("revision").expect("a revision label");
     assert!(!revision.is_empty());
+    // Per-shard figures all carry the shard label, refusals, recoveries and
+    // the latency histogram included; an empty histogram's sum is plain 0.
+    let (_, body) = server.control_get("/metrics");
+    for prefix in [
+        "ringgate_connections_rejected_total{",
+        "ringgate_recoveries_total{",
+        "ringgate_delivery_latency_seconds_",
+        "ringgate_connections{",
+    ] {
+        let lines: Vec<&str> = body.lines().filter(|l| l.starts_with(prefix)).collect();
+        assert!(!lines.is_empty(), "{prefix}");
+        assert!(
+            lines.iter().all(|l| l.contains("shard=\"")),
+            "{prefix}: {lines:?}"
+        );
+    }
+    assert!(
+        body.contains("ringgate_delivery_latency_seconds_sum{shard=\"0\"} 0\n"),
+        "{body}"
+    );
 }

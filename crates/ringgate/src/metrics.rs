@@ -311,11 +311,13 @@ pub fn render(control: &Control) -> String {
         "Connections refused, by reason.",
     );
     for (reason, field) in REJECTED {
-        let total: u64 = control.shards.iter().map(|s| field(s).get()).sum();
-        let _ = writeln!(
-            out,
-            "ringgate_connections_rejected_total{{reason=\"{reason}\"}} {total}"
-        );
+        for (id, shard) in control.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringgate_connections_rejected_total{{shard=\"{id}\",reason=\"{reason}\"}} {}",
+                field(shard).get()
+            );
+        }
     }
     header(
         &mut out,
@@ -324,12 +326,14 @@ pub fn render(control: &Control) -> String {
         "Subscribes that asked to recover (since/epoch), by outcome.",
     );
     for (at, outcome) in RECOVERY_ORDER.iter().enumerate() {
-        let total: u64 = control.shards.iter().map(|s| s.recoveries[at].get()).sum();
         let label = outcome.label();
-        let _ = writeln!(
-            out,
-            "ringgate_recoveries_total{{outcome=\"{label}\"}} {total}"
-        );
+        for (id, shard) in control.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringgate_recoveries_total{{shard=\"{id}\",outcome=\"{label}\"}} {}",
+                shard.recoveries[at].get()
+            );
+        }
     }
     for (name, kind, help, value) in broker_figures(control) {
         single(&mut out, name, kind, help, value);
@@ -410,35 +414,44 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// `ringgate_delivery_latency_seconds`: publish to send completion, merged over shards.
+/// `ringgate_delivery_latency_seconds{shard}`: publish to send completion.
 fn latency(out: &mut String, control: &Control) {
-    let mut merged = new_latency_histogram();
-    for shard in &control.shards {
-        let _ = merged.add(shard.latency_snapshot());
-    }
     let name = "ringgate_delivery_latency_seconds";
     header(
         out,
         name,
         "histogram",
-        "Time from publish to the send completion of an event, per subscriber.",
+        "Time from publish to the send completion of an event (the kernel took it), per subscriber.",
     );
-    for bound in LATENCY_BUCKETS {
-        let us = (bound * 1e6) as u64;
-        let count = if merged.is_empty() {
-            0
-        } else {
-            merged.count_between(0, us)
-        };
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    for (id, shard) in control.shards.iter().enumerate() {
+        let mut h = new_latency_histogram();
+        let _ = h.add(shard.latency_snapshot());
+        for bound in LATENCY_BUCKETS {
+            let us = (bound * 1e6) as u64;
+            let count = if h.is_empty() {
+                0
+            } else {
+                h.count_between(0, us)
+            };
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{id}\",le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{shard=\"{id}\",le=\"+Inf\"}} {}",
+            h.len()
+        );
+        let sum_us: f64 = h
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum();
+        // An empty histogram's sum is plain 0 (an empty f64 sum is -0).
+        let sum = if h.is_empty() { 0.0 } else { sum_us / 1e6 };
+        let _ = writeln!(out, "{name}_sum{{shard=\"{id}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{id}\"}} {}", h.len());
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", merged.len());
-    let sum_us: f64 = merged
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum();
-    let _ = writeln!(out, "{name}_sum {:.6}", sum_us / 1e6);
-    let _ = writeln!(out, "{name}_count {}", merged.len());
 }
 
 /// Kernel memory of one idle connection measured on Linux 6.18 with slab counts
