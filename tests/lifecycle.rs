@@ -111,6 +111,27 @@ fn run_and_fail(args: &[&str]) -> String {
 }
 
 #[test]
+fn a_bad_flag_is_one_line_with_clap_s_tip() {
+    for (args, wanted) in [
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["--ech"][..], "similar argument exists: '--echo'"),
+        (
+            &["--slow-consumer", "slow"][..],
+            "possible values: close, drop",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(wanted), "{err}");
+    }
+}
+
+#[test]
 fn bad_flags_and_busy_ports_fail_with_one_clear_line() {
     let err = run_and_fail(&["--max-frame-size", "lots"]);
     assert!(

@@ -29,7 +29,7 @@ use topic_table::HistoryLimits;
 fn main() -> ExitCode {
     let loaded = match config::load(std::env::args_os().collect()) {
         Ok(loaded) => loaded,
-        Err(config::LoadError::Clap(e)) => e.exit(),
+        Err(config::LoadError::Clap(e)) => return flag_error(e),
         Err(config::LoadError::File(msg)) => {
             eprintln!("ringgate: error: {msg}");
             return ExitCode::from(2);
@@ -64,6 +64,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command-line error in one line (with clap's tip, or the allowed values,
+/// when it has one) instead of clap's usage block; help and version as usual.
+fn flag_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    eprintln!(
+        "ringgate: {}; `ringgate --help` lists every flag",
+        parts.join("; ")
+    );
+    ExitCode::from(2)
 }
 
 /// `ringgate check-config FILE`: the file, with the environment, through every
