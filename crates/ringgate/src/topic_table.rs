@@ -345,13 +345,13 @@ impl TopicTable {
         }
         let held = !state.history.is_empty();
         let (name, epoch) = (state.name.clone(), state.epoch);
-        if before.1 > 0 {
-            self.published.unlink(&mut self.topics, id);
+        self.account(id, before);
+        // The most recently published topic goes to the back of the list.
+        match (before.1 > 0, held) {
+            (true, true) => self.published.move_to_back(&mut self.topics, id),
+            (false, true) => self.published.push_back(&mut self.topics, id),
+            (_, false) => {}
         }
-        if held {
-            self.published.push_back(&mut self.topics, id);
-        }
-        self.account_totals(id, before);
         self.touch_quiet(id, now);
         self.enforce_memory();
         Ok(Numbered {
@@ -360,13 +360,6 @@ impl TopicTable {
             epoch,
             frame,
         })
-    }
-
-    /// Like `account` for a caller that already fixed the `published` list.
-    fn account_totals(&mut self, id: u32, before: (usize, usize)) {
-        let history = &self.topics[id as usize].history;
-        self.history_bytes = self.history_bytes + history.bytes() - before.0;
-        self.history_events = self.history_events + history.len() - before.1;
     }
 
     /// Where `topic` stands for a new subscriber, and, when it recovers from

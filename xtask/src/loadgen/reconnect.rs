@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -84,14 +84,7 @@ impl Publisher {
         let due = (self.started.elapsed().as_secs_f64() * self.rate) as u64;
         while self.published + self.refused < due {
             let topic = format!("t{}", self.published % self.topics as u64);
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            let head = format!("{{\"t\":{t},\"p\":\"");
-            let pad = "x".repeat(self.size.saturating_sub(head.len() + 2));
-            let body = format!("{head}{pad}\"}}");
-            let path = format!("/publish/{topic}");
-            match self.http.request("POST", &path, body.as_bytes())?.0 {
+            match super::soak::publish_one(&mut self.http, &topic, self.size)? {
                 200 => self.published += 1,
                 status => {
                     self.refused += 1;
@@ -220,12 +213,7 @@ fn run(args: &Args) -> Result<ReconnectReport, String> {
         }
     }
     let sum = |f: fn(&WorkerResult) -> u64| results.iter().map(f).sum::<u64>();
-    let mut failures = BTreeMap::new();
-    for r in &results {
-        for (cause, n) in &r.failures {
-            *failures.entry(cause.clone()).or_default() += n;
-        }
-    }
+    let failures = super::report::merged_failures(&results);
     let recovered = sum(|r| r.recovery.recovered);
     let not_recovered = sum(|r| r.recovery.not_recovered);
     let mut report = ReconnectReport {

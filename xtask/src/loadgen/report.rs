@@ -115,13 +115,10 @@ impl Report {
         server: ServerFigures,
     ) -> Report {
         let connected: u64 = results.iter().map(|r| r.connected).sum();
-        let mut failures = BTreeMap::new();
+        let failures = merged_failures(results);
         let mut subscribers: BTreeMap<String, u64> = BTreeMap::new();
         let mut received: BTreeMap<String, u64> = BTreeMap::new();
         for r in results {
-            for (k, v) in &r.failures {
-                *failures.entry(k.clone()).or_default() += v;
-            }
             for (k, v) in &r.subscribers {
                 *subscribers.entry(k.clone()).or_default() += v;
             }
@@ -363,6 +360,17 @@ impl Percentiles {
             self.p50, self.p90, self.p99, self.p999, self.max, self.count
         )
     }
+}
+
+/// The workers' connection failures, summed by cause.
+pub fn merged_failures(results: &[WorkerResult]) -> BTreeMap<String, u64> {
+    let mut failures = BTreeMap::new();
+    for r in results {
+        for (cause, n) in &r.failures {
+            *failures.entry(cause.clone()).or_default() += n;
+        }
+    }
+    failures
 }
 
 fn failures_text(f: &BTreeMap<String, u64>) -> String {

@@ -201,7 +201,9 @@ impl Watch {
     }
 }
 
-fn publish_one(http: &mut Http, topic: &str, size: usize) -> Result<u16, String> {
+/// Publishes one event of `size` bytes carrying its send time (`t`, ns);
+/// returns the status.
+pub(crate) fn publish_one(http: &mut Http, topic: &str, size: usize) -> Result<u16, String> {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -270,12 +272,7 @@ impl SoakReport {
         results: &[WorkerResult],
     ) -> SoakReport {
         let sum = |f: fn(&WorkerResult) -> u64| results.iter().map(f).sum::<u64>();
-        let mut failures = BTreeMap::new();
-        for r in results {
-            for (cause, n) in &r.failures {
-                *failures.entry(cause.clone()).or_default() += n;
-            }
-        }
+        let failures = super::report::merged_failures(results);
         let settled: Vec<&Sample> = samples.iter().filter(|s| s.t_s >= args.settle).collect();
         let rss_settled = settled.first().and_then(|s| s.rss);
         let rss_max_after = settled.iter().filter_map(|s| s.rss).max();

@@ -40,13 +40,12 @@ impl Shard {
     /// Queues `frame` on every open local subscriber of `topic`.
     pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes, published_ns: u64) {
         let limits = QueueLimits::of(self);
-        // Subscribers here now hold this topic's numbering: the broker must
-        // keep it (see topics.rs).
-        self.topics.announce(topic);
         // The keys are copied out (a memcpy, 4 bytes per subscriber) so each
-        // subscriber can be handled with the whole shard at hand.
+        // subscriber can be handled with the whole shard at hand. Subscribers
+        // here now hold this topic's numbering: it is announced to the broker,
+        // which must keep it (see topics.rs).
         let mut keys = std::mem::take(&mut self.fanout_keys);
-        keys.extend_from_slice(self.topics.subscribers(topic));
+        keys.extend_from_slice(self.topics.announce(topic));
         for &key in &keys {
             let key = key as usize;
             if self.conns[key].has(flag::REPLAYING) {

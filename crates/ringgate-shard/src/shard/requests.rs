@@ -92,16 +92,22 @@ impl Shard {
         if !replaying && !waiting {
             return self.handle_request(key, &text);
         }
+        let entry = self.outstanding_of(key, generation);
+        if entry.deferred.len() >= REQUESTS_DEFERRED_MAX {
+            return self.error(key, "busy", "too many requests in flight, slow down");
+        }
+        entry.deferred.push_back(text);
+    }
+
+    /// The connection's entry of what it waits for, made if it has none.
+    fn outstanding_of(&mut self, key: usize, generation: u32) -> &mut Outstanding {
         let entry = self.outstanding.entry(key).or_insert_with(|| Outstanding {
             generation,
             pending: 0,
             deferred: VecDeque::new(),
         });
         assert_eq!(entry.generation, generation, "a stale outstanding entry");
-        if entry.deferred.len() >= REQUESTS_DEFERRED_MAX {
-            return self.error(key, "busy", "too many requests in flight, slow down");
-        }
-        entry.deferred.push_back(text);
+        entry
     }
 
     /// Handles the requests that waited, in order, until one of them must wait
@@ -173,13 +179,7 @@ impl Shard {
             topic,
             since,
         });
-        let waiting = self.outstanding.entry(key).or_insert_with(|| Outstanding {
-            generation,
-            pending: 0,
-            deferred: VecDeque::new(),
-        });
-        assert_eq!(waiting.generation, generation, "a stale outstanding entry");
-        waiting.pending += 1;
+        self.outstanding_of(key, generation).pending += 1;
         self.flush_subscribes();
     }
 
