@@ -85,6 +85,10 @@ pub struct ShardConfig {
     /// Keep emptied send queues for reuse (see `sendq::SendPool`); off only to
     /// measure what recycling saves.
     pub recycle_send_queues: bool,
+    /// Announce a topic to the broker when its first local subscriber arrives,
+    /// however it subscribed (not only once it matters, see `topics.rs`): a
+    /// fleet member's broker subscribes to the topic on the bus then.
+    pub announce_first_in: bool,
 }
 
 impl ShardConfig {
@@ -249,6 +253,7 @@ pub(crate) fn test_config() -> ShardConfig {
         cpu: None,
         oneshot_tick: false,
         recycle_send_queues: true,
+        announce_first_in: false,
     }
 }
 

@@ -50,7 +50,9 @@ pub use config::{ShardConfig, SlowConsumer};
 pub use inbox::{Command, Reservation};
 pub use kernel::Features;
 pub use limits::{BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX};
-pub use pubsub::{event_frame, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX};
+pub use pubsub::{
+    event_frame, gap_notice, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX,
+};
 pub use stats::{
     clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US, RECOVERY_ORDER,
 };

@@ -412,6 +412,17 @@ pub(crate) fn subscribed_reply(
     crate::input::frame(OpCode::Text, body.as_bytes())
 }
 
+/// `{"op":"gap","topic":T,"seq":S,"epoch":E}` as a text frame: a fleet member
+/// could not deliver every event of `topic` up to `seq` (of numbering `epoch`)
+/// and cannot replay them; live events go on from `seq + 1`. Sent to the
+/// topic's subscribers like an event (README "Fleet").
+pub fn gap_notice(topic: &str, seq: u64, epoch: &str) -> Bytes {
+    assert!(valid_topic(topic) && valid_epoch(epoch), "need no escaping");
+    let body =
+        format!("{{\"op\":\"gap\",\"topic\":\"{topic}\",\"seq\":{seq},\"epoch\":\"{epoch}\"}}");
+    crate::input::frame(OpCode::Text, body.as_bytes())
+}
+
 /// `{"op":"unsubscribed","topic":T}` and the like, as a text frame.
 pub(crate) fn reply(op: &str, topic: &str) -> Bytes {
     debug_assert!(valid_topic(topic), "topic names need no escaping");

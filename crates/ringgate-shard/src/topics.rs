@@ -146,9 +146,12 @@ const ANNOUNCED: u32 = 1 << 31;
 /// is delivered here, or a subscribe answered by the broker takes effect; and
 /// its last subscriber leaving is reported only if it was announced. A
 /// subscriber that has seen no event and asked nothing loses nothing if the
-/// broker renumbers: its first event is simply the new numbering's.
+/// broker renumbers: its first event is simply the new numbering's. With
+/// `announce_first_in` (a fleet member) every topic is announced when its first
+/// subscriber arrives: the broker subscribes to it on the bus then.
 #[derive(Default)]
 pub(crate) struct TopicIndex {
+    announce_first_in: bool,
     /// Name -> slab index, with the `ANNOUNCED` bit.
     ids: HashMap<Arc<str>, u32>,
     topics: Slab<Topic>,
@@ -159,6 +162,13 @@ pub(crate) struct TopicIndex {
 }
 
 impl TopicIndex {
+    pub fn new(announce_first_in: bool) -> Self {
+        TopicIndex {
+            announce_first_in,
+            ..TopicIndex::default()
+        }
+    }
+
     pub fn topics(&self) -> usize {
         self.topics.len()
     }
@@ -213,7 +223,12 @@ impl TopicIndex {
                     .ok()
                     .filter(|&id| id < ANNOUNCED)
                     .expect("fewer than 2^31 topics");
-                self.ids.insert(name, id);
+                if self.announce_first_in {
+                    self.changes.push((name.clone(), true));
+                    self.ids.insert(name, id | ANNOUNCED);
+                } else {
+                    self.ids.insert(name, id);
+                }
                 id
             }
         };
@@ -370,6 +385,28 @@ mod tests {
         assert_eq!(index.subscribe(&mut conns, 0, "x", 1), Subscribed::Already);
         assert_eq!(index.subscribers("x"), &[0]);
         assert!(index.unsubscribe(&mut conns, 0, "x"));
+        index.check(&conns);
+    }
+
+    #[test]
+    fn a_fleet_member_announces_first_in_and_last_out() {
+        let mut conns = conns(2);
+        let mut index = TopicIndex::new(true);
+        index.subscribe(&mut conns, 0, "a", 64);
+        index.subscribe(&mut conns, 1, "a", 64);
+        index.announce("a");
+        assert_eq!(changes(&mut index), vec![("a".into(), true)]);
+        index.unsubscribe(&mut conns, 0, "a");
+        assert_eq!(changes(&mut index), vec![], "one subscriber is left");
+        index.unsubscribe_all(&mut conns, 1);
+        assert_eq!(changes(&mut index), vec![("a".into(), false)]);
+        // A subscribe refused at the connection's limit comes and goes.
+        index.subscribe(&mut conns, 0, "x", 1);
+        assert_eq!(index.subscribe(&mut conns, 0, "y", 1), Subscribed::Full);
+        assert_eq!(
+            changes(&mut index),
+            vec![("x".into(), true), ("y".into(), true), ("y".into(), false)]
+        );
         index.check(&conns);
     }
 

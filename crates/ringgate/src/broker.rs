@@ -33,6 +33,8 @@ pub struct Published {
     pub seq: u64,
     pub epoch: Epoch,
     pub shards: usize,
+    /// Fleet members that received it (Redis' count), in a fleet.
+    pub hosts: Option<u64>,
 }
 
 /// Why a publish was refused. Nothing was delivered to anyone.
@@ -48,6 +50,9 @@ pub enum PublishError {
     Draining,
     /// Every known topic has subscribers and the table is full.
     TooManyTopics,
+    /// A fleet member's Redis is unreachable or failed (the reason): the event
+    /// was not published (or, if the answer was lost, maybe was).
+    BrokerDown(String),
 }
 
 impl PublishError {
@@ -60,6 +65,7 @@ impl PublishError {
             Self::Draining => {
                 "the server is shutting down: the event was not delivered to anyone".into()
             }
+            Self::BrokerDown(why) => format!("{why}: the event was not published"),
             Self::TooManyTopics => format!(
                 "too many topics in use (at most {}); the event was not delivered to anyone",
                 crate::topic_table::TOPICS_MAX
@@ -176,6 +182,7 @@ impl Broker {
             seq: numbered.seq,
             epoch: numbered.epoch,
             shards: self.shards.len(),
+            hosts: None,
         })
     }
 

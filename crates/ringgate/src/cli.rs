@@ -220,6 +220,12 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_TOPIC_IDLE_TTL", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
     pub topic_idle_ttl: Duration,
 
+    /// Make this host a fleet member: `redis://HOST:PORT/[DB]`. Events are numbered, kept
+    /// (history) and fanned out through Redis, so every host delivers the same `seq` and epoch
+    /// and a client recovers on any host [default: the embedded broker, one host].
+    #[arg(long, env = "RINGGATE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+
     /// (testing) Tick with a re-armed one-shot timeout, as on kernels before 6.4.
     #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK", value_parser = BoolishValueParser::new())]
     pub oneshot_tick: bool,

@@ -5,14 +5,14 @@
 //! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
 //! other UTF-8 text is sent as a JSON string; with `--control-token` it needs
 //! `Authorization: Bearer TOKEN`), `GET /healthz` (200 while every shard runs),
-//! `GET /readyz` (200 while every shard runs and the server is not draining),
+//! `GET /readyz` (200 while every shard runs, the server is not draining and,
+//! for a fleet member, its link to Redis is up),
 //! `GET /metrics` and `GET /stats` (JSON: every counter per shard and summed,
 //! with uptime, version and the settings, secrets redacted). `--metrics ADDR`
 //! serves `/metrics`, `/healthz` and `/readyz` alone on a second listener, for
 //! a scraper that must not be able to publish. What shards tell the broker (client
 //! publishes, subscribes, presence) arrives on a bounded channel and is handed
-//! to the broker here, in order; once a second the broker expires history and
-//! forgets idle topics.
+//! to the broker (`bus.rs`) on this thread's runtime, in order.
 //!
 //! Bounds, so no client can take the process's descriptors or memory: at most
 //! [`connections_max`] connections (more are answered 503 at once and closed),
@@ -39,7 +39,8 @@ use ringgate_shard::{EventData, ShardStats, Upstream};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::broker::{Broker, PublishError};
+use crate::broker::PublishError;
+use crate::bus::Bus;
 
 /// Control-plane connections at most: far below any sane descriptor limit, far
 /// above what publishers and scrapers need.
@@ -59,7 +60,7 @@ pub struct Control {
     /// Shard threads still running, by shard; set by the main thread.
     pub alive: Vec<Arc<std::sync::atomic::AtomicBool>>,
     pub started: Instant,
-    pub broker: Arc<Broker>,
+    pub bus: Arc<Bus>,
     /// RSS when the shards were ready: the base of the per-connection figure.
     pub rss_at_start: u64,
     /// The effective configuration, for `/stats` (secrets redacted).
@@ -82,14 +83,14 @@ POST /publish/{topic}  publish the body to topic's subscribers (Authorization: B
 GET  /stats            every figure per shard and summed, the settings, uptime and version (JSON)
 GET  /metrics          the same figures for Prometheus
 GET  /healthz          200 while every shard runs
-GET  /readyz           200 while every shard runs and the server is not shutting down
+GET  /readyz           200 while every shard runs, the broker is reachable and the server is not shutting down
 ";
 
 /// What `GET /` on the `--metrics` address answers.
 const METRICS_INDEX: &str = "ringgate metrics
 GET  /metrics          every figure for Prometheus
 GET  /healthz          200 while every shard runs
-GET  /readyz           200 while every shard runs and the server is not shutting down
+GET  /readyz           200 while every shard runs, the broker is reachable and the server is not shutting down
 ";
 
 /// Binds the control address with a listen backlog sized to the connection cap.
@@ -128,8 +129,7 @@ pub fn spawn(
                 Err(e) => return tracing::error!("control plane: cannot start its runtime: {e}"),
             };
             runtime.block_on(async move {
-                tokio::spawn(serve_upstream(upstream, control.broker.clone()));
-                tokio::spawn(maintain(control.broker.clone()));
+                control.bus.start(upstream);
                 let app = Router::new()
                     .route("/", get(|| async { CONTROL_INDEX }))
                     .route("/publish/{*topic}", post(publish))
@@ -262,13 +262,20 @@ async fn publish(
         Ok(data) => data,
         Err(msg) => return answer(StatusCode::BAD_REQUEST, json!({ "error": msg })),
     };
-    match control.broker.publish(&topic, data) {
-        Ok(p) => answer(
-            StatusCode::OK,
-            json!({ "topic": topic, "seq": p.seq, "epoch": &*p.epoch, "shards": p.shards }),
-        ),
+    match control.bus.publish(&topic, data).await {
+        Ok(p) => {
+            let mut body =
+                json!({ "topic": topic, "seq": p.seq, "epoch": &*p.epoch, "shards": p.shards });
+            if let Some(hosts) = p.hosts {
+                body["hosts"] = json!(hosts);
+            }
+            answer(StatusCode::OK, body)
+        }
         Err(
-            e @ (PublishError::Busy { .. } | PublishError::Draining | PublishError::TooManyTopics),
+            e @ (PublishError::Busy { .. }
+            | PublishError::Draining
+            | PublishError::TooManyTopics
+            | PublishError::BrokerDown(_)),
         ) => answer(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "error": e.message(), "topic": topic }),
@@ -276,37 +283,6 @@ async fn publish(
         Err(e @ PublishError::BadTopic) => {
             answer(StatusCode::BAD_REQUEST, json!({ "error": e.message() }))
         }
-    }
-}
-
-/// Hands the broker what the shards sent, in order: client publishes (already
-/// allowed by the shard), subscribes (answered into the shard's inbox) and
-/// presence changes. Each is a short critical section, never an await.
-async fn serve_upstream(mut rx: mpsc::Receiver<Upstream>, broker: Arc<Broker>) {
-    while let Some(message) = rx.recv().await {
-        match message {
-            Upstream::Publish(p) => {
-                if let Err(e) = broker.publish(&p.topic, EventData::Json(&p.data)) {
-                    tracing::debug!(
-                        topic = p.topic,
-                        "client publish delivered to nobody: {}",
-                        e.message()
-                    );
-                }
-            }
-            Upstream::Subscribe(request) => broker.subscribe(request),
-            Upstream::Presence { topic, present, .. } => broker.presence(&topic, present),
-        }
-    }
-}
-
-/// Expires history and forgets idle topics, once a second.
-async fn maintain(broker: Arc<Broker>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        broker.maintain();
     }
 }
 
@@ -342,8 +318,13 @@ async fn readyz(State(control): State<Arc<Control>>) -> (StatusCode, &'static st
         .all(|a| a.load(std::sync::atomic::Ordering::Relaxed));
     if !all_alive {
         (StatusCode::SERVICE_UNAVAILABLE, "a shard has stopped\n")
-    } else if control.broker.is_draining() {
+    } else if control.bus.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !control.bus.is_up() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker (Redis) is unreachable\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }
@@ -414,7 +395,7 @@ mod tests {
             shards: vec![Arc::new(ShardStats::default())],
             alive: vec![],
             started: Instant::now(),
-            broker: Arc::new(Broker::new(
+            bus: Arc::new(Bus::Embedded(Arc::new(crate::broker::Broker::new(
                 vec![ShardSender::detached(0, capacity).unwrap()],
                 crate::topic_table::HistoryLimits {
                     size: 100,
@@ -422,7 +403,7 @@ mod tests {
                     memory: 1 << 20,
                     topic_idle_ttl: Duration::from_secs(600),
                 },
-            )),
+            )))),
             rss_at_start: 0,
             settings: Value::Null,
             token: None,
@@ -481,7 +462,7 @@ mod tests {
         let (status, _) = call(control_with_inbox(10), "t", big);
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         let control = control_with_inbox(10);
-        control.broker.start_draining();
+        control.bus.start_draining();
         let (status, body) = call(control, "t", b"1");
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body["error"].as_str().unwrap().contains("shutting down"));

@@ -2,9 +2,11 @@
 //! control plane, and turns SIGTERM/SIGINT into a graceful drain.
 
 mod broker;
+mod bus;
 mod cli;
 mod config;
 mod control;
+mod fleet;
 mod history;
 mod metrics;
 mod notify;
@@ -23,6 +25,7 @@ use ringgate_shard::limits::UPSTREAM_CAPACITY;
 use ringgate_shard::{ShardConfig, SlowConsumer, Upstream, UpstreamSender, REJECT_SLOTS};
 
 use broker::Broker;
+use bus::Bus;
 use cli::{Cli, LogFormat, SlowConsumerPolicy, Subcommand};
 use topic_table::HistoryLimits;
 
@@ -185,16 +188,27 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     if shown.contains_key("control-token") {
         shown.insert("control-token".into(), "<redacted>".into());
     }
+    if let Some(url) = &cli.broker {
+        shown.insert("broker".into(), fleet::hide_password(url).into());
+    }
     let (upstream_tx, upstream_rx) = tokio::sync::mpsc::channel::<Upstream>(UPSTREAM_CAPACITY);
     let upstream: UpstreamSender =
         Arc::new(move |message| upstream_tx.try_send(message).map_err(|e| e.into_inner()));
     let runtime =
         ringgate_shard::start(&cfg, shard_count, Some(upstream)).map_err(|e| e.to_string())?;
-    let broker = Arc::new(Broker::new(
-        runtime.shards.iter().map(|s| s.sender()).collect(),
-        history,
-    ));
-    let drain_broker = broker.clone();
+    let senders = runtime.shards.iter().map(|s| s.sender()).collect();
+    let bus = Arc::new(match &cli.broker {
+        None => Bus::Embedded(Arc::new(Broker::new(senders, history))),
+        Some(url) => Bus::Fleet(Arc::new(fleet::Fleet::new(
+            url,
+            fleet::FleetLimits {
+                history_size: history.size,
+                history_ttl: history.ttl,
+                topic_idle_ttl: history.topic_idle_ttl,
+            },
+            senders,
+        )?)),
+    });
     let alive: Vec<Arc<AtomicBool>> = runtime
         .shards
         .iter()
@@ -204,7 +218,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         shards: runtime.shards.iter().map(|s| s.stats.clone()).collect(),
         alive: alive.clone(),
         started: Instant::now(),
-        broker,
+        bus: bus.clone(),
         rss_at_start: metrics::rss_bytes().unwrap_or(0),
         settings: serde_json::to_value(&shown).map_err(|e| e.to_string())?,
         token,
@@ -231,13 +245,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         "READY=1\nSTATUS=serving WebSockets on {} ({shard_count} shards), control on {control_addr}",
         runtime.local_addr
     ));
-    serve(
-        runtime.shards,
-        &alive,
-        &notifier,
-        cli.drain_timeout,
-        &drain_broker,
-    )
+    serve(runtime.shards, &alive, &notifier, cli.drain_timeout, &bus)
 }
 
 /// Waits for SIGTERM/SIGINT while watching the shards, then drains them.
@@ -246,7 +254,7 @@ fn serve(
     alive: &[Arc<AtomicBool>],
     notifier: &notify::Notifier,
     drain_timeout: Duration,
-    broker: &Broker,
+    broker: &Bus,
 ) -> Result<(), String> {
     let mut progress = ShardProgress::new(&shards);
     let signal = loop {
@@ -491,5 +499,6 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         message_timeout: cli.message_timeout,
         oneshot_tick: cli.oneshot_tick,
         recycle_send_queues: !cli.no_recycle,
+        announce_first_in: cli.broker.is_some(),
     })
 }

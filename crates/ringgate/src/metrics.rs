@@ -10,7 +10,9 @@ use std::fmt::Write as _;
 
 use ringgate_shard::{new_latency_histogram, Counter, ShardStats, RECOVERY_ORDER};
 
+use crate::bus::Bus;
 use crate::control::Control;
+use crate::fleet::Fleet;
 
 /// Counters and gauges kept per shard, exported with a `shard` label.
 /// (name, type, help, accessor)
@@ -246,10 +248,19 @@ pub fn shard_counters(s: &ShardStats) -> Vec<(String, u64)> {
 
 /// The broker's figures: (name, type, help, value).
 pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'static str, u64)> {
-    let broker = &control.broker;
+    let broker = match &*control.bus {
+        Bus::Embedded(broker) => broker,
+        Bus::Fleet(fleet) => return fleet_figures(fleet),
+    };
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     let f = broker.figures();
     vec![
+        (
+            "ringgate_broker_up",
+            "gauge",
+            "1 while events can flow: always for the embedded broker; while the link to Redis is up for a fleet member.",
+            1,
+        ),
         (
             "ringgate_publish_total",
             "counter",
@@ -293,6 +304,97 @@ pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'s
             f.history_evicted,
         ),
     ]
+}
+
+/// A fleet member's broker figures: (name, type, help, value).
+fn fleet_figures(fleet: &Fleet) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let f = &fleet.figures;
+    let gaps = *f.gaps.lock().unwrap_or_else(|p| p.into_inner());
+    vec![
+        (
+            "ringgate_broker_up",
+            "gauge",
+            "1 while events can flow: always for the embedded broker; while the link to Redis is up for a fleet member.",
+            u64::from(f.up.load(relaxed)),
+        ),
+        (
+            "ringgate_publish_total",
+            "counter",
+            "Events published through Redis (numbered, kept and sent to every host that follows the topic).",
+            f.published.load(relaxed),
+        ),
+        (
+            "ringgate_publish_rejected_total",
+            "counter",
+            "Publishes refused (bad topic, draining, Redis unreachable or failing).",
+            f.rejected.load(relaxed),
+        ),
+        (
+            "ringgate_broker_messages_received_total",
+            "counter",
+            "Event messages received from Redis pub/sub.",
+            f.messages_in.load(relaxed),
+        ),
+        (
+            "ringgate_broker_reconnects_total",
+            "counter",
+            "Times the link to Redis was made again after a loss.",
+            f.reconnects.load(relaxed).saturating_sub(1),
+        ),
+        (
+            "ringgate_broker_subscriptions",
+            "gauge",
+            "Topics this host follows: one Redis channel subscribed each.",
+            f.subscriptions.load(relaxed),
+        ),
+        (
+            "ringgate_broker_gaps_detected_total",
+            "counter",
+            "Times a topic was found behind Redis (missed messages, an inbox full, a lost link) or renumbered.",
+            gaps.detected,
+        ),
+        (
+            "ringgate_broker_gaps_repaired_total",
+            "counter",
+            "Gaps closed by delivering the missed events from Redis' history.",
+            gaps.repaired,
+        ),
+        (
+            "ringgate_broker_gaps_notified_total",
+            "counter",
+            "Gaps the history could not close: the topic's subscribers got a gap notice.",
+            gaps.notified,
+        ),
+        (
+            "ringgate_broker_events_repaired_total",
+            "counter",
+            "Events delivered from Redis' history to close gaps.",
+            gaps.replayed,
+        ),
+    ]
+}
+
+/// `ringgate_broker_publish_seconds`: a fleet member's publish round trips.
+fn publish_latency(out: &mut String, control: &Control) {
+    let Bus::Fleet(fleet) = &*control.bus else {
+        return;
+    };
+    let name = "ringgate_broker_publish_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "Time a publish through Redis took, from the script sent to its answer.",
+    );
+    let h = fleet
+        .figures
+        .publish_latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(new_latency_histogram);
+    histogram_lines(out, name, "", &h);
 }
 
 /// The whole exposition.
@@ -354,6 +456,7 @@ pub fn render(control: &Control) -> String {
         control.refused.load(relaxed),
     );
     latency(&mut out, control);
+    publish_latency(&mut out, control);
     let rss = rss_bytes().unwrap_or(0);
     single(
         &mut out,
@@ -426,32 +529,37 @@ fn latency(out: &mut String, control: &Control) {
     for (id, shard) in control.shards.iter().enumerate() {
         let mut h = new_latency_histogram();
         let _ = h.add(shard.latency_snapshot());
-        for bound in LATENCY_BUCKETS {
-            let us = (bound * 1e6) as u64;
-            let count = if h.is_empty() {
-                0
-            } else {
-                h.count_between(0, us)
-            };
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{shard=\"{id}\",le=\"{bound}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{shard=\"{id}\",le=\"+Inf\"}} {}",
-            h.len()
-        );
-        let sum_us: f64 = h
-            .iter_recorded()
-            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-            .sum();
-        // An empty histogram's sum is plain 0 (an empty f64 sum is -0).
-        let sum = if h.is_empty() { 0.0 } else { sum_us / 1e6 };
-        let _ = writeln!(out, "{name}_sum{{shard=\"{id}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{shard=\"{id}\"}} {}", h.len());
+        histogram_lines(out, name, &format!("shard=\"{id}\","), &h);
     }
+}
+
+/// A histogram of microseconds as Prometheus lines in seconds; `labels` is
+/// empty or ends with a comma.
+fn histogram_lines(out: &mut String, name: &str, labels: &str, h: &hdrhistogram::Histogram<u64>) {
+    for bound in LATENCY_BUCKETS {
+        let us = (bound * 1e6) as u64;
+        let count = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, us)
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", h.len());
+    let sum_us: f64 = h
+        .iter_recorded()
+        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+        .sum();
+    // An empty histogram's sum is plain 0 (an empty f64 sum is -0).
+    let sum = if h.is_empty() { 0.0 } else { sum_us / 1e6 };
+    let bare = labels.trim_end_matches(',');
+    let braces = if bare.is_empty() {
+        String::new()
+    } else {
+        format!("{{{bare}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {}", h.len());
 }
 
 /// Kernel memory of one idle connection measured on Linux 6.18 with slab counts

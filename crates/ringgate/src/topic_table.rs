@@ -59,6 +59,55 @@ impl std::ops::Deref for Epoch {
     }
 }
 
+impl Epoch {
+    /// An epoch as text (from the bus): exactly `EPOCH_LEN` characters of `0-9a-z`.
+    pub fn parse(text: &str) -> Option<Epoch> {
+        let bytes: [u8; EPOCH_LEN] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+            .then_some(Epoch(bytes))
+    }
+}
+
+/// Makes epochs: different for every one this process makes and (by a random
+/// salt) from every other process's, fleet members included.
+pub struct EpochMaker {
+    serial: u64,
+    salt: u64,
+}
+
+impl EpochMaker {
+    pub fn new() -> Self {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.write_u32(std::process::id());
+        EpochMaker {
+            serial: 0,
+            salt: hasher.finish(),
+        }
+    }
+
+    pub fn next(&mut self) -> Epoch {
+        self.serial += 1;
+        let mut x = self.salt ^ self.serial.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // splitmix64's finaliser: every bit of the serial moves every output bit.
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut epoch = [0u8; EPOCH_LEN];
+        for (i, c) in epoch.iter_mut().enumerate() {
+            *c = DIGITS[((x >> (i * 6)) % 36) as usize];
+        }
+        Epoch(epoch)
+    }
+}
+
 impl std::fmt::Debug for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self)
@@ -176,9 +225,7 @@ pub struct TopicTable {
     topics_max: usize,
     /// The clock's zero.
     start: Instant,
-    /// Epochs made so far, and this process's random salt.
-    serial: u64,
-    salt: u64,
+    epochs: EpochMaker,
     /// Topics holding history, least recently published first.
     published: List,
     /// Topics no shard announced, longest quiet first.
@@ -198,20 +245,13 @@ impl TopicTable {
 
     pub fn with_topics_max(limits: HistoryLimits, topics_max: usize) -> Self {
         assert!(topics_max < NIL as usize, "topic indexes fit below NIL");
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
         TopicTable {
             ids: HashMap::new(),
             topics: Slab::new(),
             limits,
             topics_max,
             start: Instant::now(),
-            serial: 0,
-            salt: hasher.finish(),
+            epochs: EpochMaker::new(),
             published: List::new(|s| &mut s.published),
             quiet: List::new(|s| &mut s.quiet),
             history_bytes: 0,
@@ -240,23 +280,6 @@ impl TopicTable {
         u32::try_from(secs).expect("a process runs less than 136 years")
     }
 
-    /// A fresh epoch, different for every topic state this process makes and
-    /// (by the random salt) from every other process.
-    fn new_epoch(&mut self) -> Epoch {
-        self.serial += 1;
-        let mut x = self.salt ^ self.serial.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        // splitmix64's finaliser: every bit of the serial moves every output bit.
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
-        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-        let mut epoch = [0u8; EPOCH_LEN];
-        for (i, c) in epoch.iter_mut().enumerate() {
-            *c = DIGITS[((x >> (i * 6)) % 36) as usize];
-        }
-        Epoch(epoch)
-    }
-
     /// The topic's index, its state made (seq 0, a new epoch, quiet) if unknown;
     /// past `topics_max` only by forgetting the longest quiet topic.
     fn entry(&mut self, topic: &str, now: u32) -> Result<u32, TooManyTopics> {
@@ -275,7 +298,7 @@ impl TopicTable {
             return id;
         }
         let name: Arc<str> = Arc::from(topic);
-        let epoch = self.new_epoch();
+        let epoch = self.epochs.next();
         let id = self.topics.insert(TopicState {
             name: name.clone(),
             seq: 0,
@@ -505,7 +528,7 @@ impl TopicTable {
 
     #[cfg(test)]
     fn new_epoch_for_test(mut self) -> Epoch {
-        self.new_epoch()
+        self.epochs.next()
     }
 
     /// Checks every index and list against the states (tests).

@@ -163,6 +163,7 @@ impl Shard {
         let timeouts = Timeouts::new(&cfg);
         let tick_multishot = multishot_timeout && !cfg.oneshot_tick;
         let pool = SendPool::new(cfg.recycle_send_queues);
+        let topics = TopicIndex::new(cfg.announce_first_in);
         Ok(Shard {
             ring,
             bufs: Some(bufs),
@@ -173,7 +174,7 @@ impl Shard {
             listener: Some(listener),
             inbox,
             stats,
-            topics: TopicIndex::default(),
+            topics,
             upstream,
             outstanding: HashMap::new(),
             subscribes_pending: 0,

@@ -1,0 +1,594 @@
+//! The topics a fleet member follows on the bus, and where each stands: the
+//! part of the fleet that decides, with no I/O (`link.rs` does what it asks).
+//!
+//! A topic is followed while a shard has announced local subscribers of it
+//! (first in, last out; `Upstream::Presence`), a subscribe for it waits, or a
+//! recovery for it is being read. Each followed topic moves through:
+//! - `Subscribing`: the channel's SUBSCRIBE is queued or not yet confirmed.
+//! - `Syncing`: subscribed; where the topic stands in Redis is being read.
+//!   Messages arriving meanwhile are held (`pending`).
+//! - `Live`: messages are delivered as they come: the next `seq` goes to every
+//!   shard's inbox (the frame built once); an older one is a duplicate and
+//!   dropped; a later one is a gap, and the topic syncs again.
+//! - `Stalled`: an inbox was full, so the next event could not go to every
+//!   shard: the topic syncs again on the next tick, from history.
+//!
+//! A sync compares Redis' `seq` and epoch with the last event this host
+//! delivered: missed events still in the history are delivered in order (a
+//! gap repaired); otherwise the topic's subscribers get a gap notice
+//! (`{"op":"gap",...}`: events up to `seq` of `epoch` may not have reached
+//! them, live events follow from `seq + 1`). A lost link puts every topic back
+//! to `Subscribing`, so the same sync runs for each when it returns.
+//!
+//! Subscribes are answered only while the topic is `Live`, with the last `seq`
+//! this host delivered: every event up to it went to the shard's inbox before
+//! the answer, every later one goes after it, as with the embedded broker.
+//! Recovering, the events after `since` are read from Redis' history.
+//!
+//! A topic nobody holds any more is unsubscribed after `UNSUBSCRIBE_GRACE`
+//! (a reconnecting client does not churn the bus), and where it stood is kept
+//! for `REMEMBER_FOR`: a subscription made again in that time (a subscribe
+//! answered before its shard's last subscriber left, say) continues from the
+//! last event this host delivered, gaps repaired.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringgate_shard::{
+    clock_ns, event_frame, gap_notice, Command, EventData, Recovery, ShardSender, SubscribeAnswer,
+    SubscribeRequest,
+};
+
+use super::keys::Standing;
+use crate::topic_table::Epoch;
+
+/// How long a topic nobody holds stays subscribed on the bus.
+pub const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
+/// How long where an unsubscribed topic stood is remembered: far longer than
+/// a shard takes to act on a subscribe answer (a shard whose loop stops for
+/// 5 s is reported stuck).
+pub const REMEMBER_FOR: Duration = Duration::from_secs(30);
+/// Messages held per topic while it syncs; past it they are dropped and the
+/// next sync finds them in the history (or sends a gap notice).
+pub const PENDING_MAX: usize = 1024;
+/// Times a recovery reads the history before giving up, when this host
+/// delivers faster than Redis answers.
+pub const RECOVERY_READS_MAX: u32 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Subscribing,
+    Syncing,
+    Stalled,
+    Live,
+}
+
+struct Follow {
+    /// Shards that announced local subscribers (a bit per shard).
+    present: Vec<u64>,
+    /// Subscribes waiting for the topic to be live.
+    waiting: Vec<SubscribeRequest>,
+    /// Recoveries reading the history now.
+    reading: usize,
+    phase: Phase,
+    /// The numbering of the last event delivered (`None`: never synced).
+    epoch: Option<Epoch>,
+    delivered: u64,
+    pending: VecDeque<(u64, Epoch, Bytes)>,
+    /// When the last holder left; `None` while held.
+    unused_since: Option<Instant>,
+    /// The sync under way (its answer is the only one taken).
+    sync: u64,
+}
+
+impl Follow {
+    fn is_held(&self) -> bool {
+        self.present.iter().any(|&w| w != 0) || !self.waiting.is_empty() || self.reading > 0
+    }
+}
+
+/// What a recovery must read from Redis: the history from `from` on.
+#[derive(Debug)]
+pub struct RecoveryRead {
+    pub request: SubscribeRequest,
+    pub from: u64,
+    pub attempt: u32,
+}
+
+/// A sync to run: where `topic` stands in Redis, and its history from `from`
+/// (0: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sync {
+    pub topic: Arc<str>,
+    pub from: u64,
+    pub id: u64,
+}
+
+/// Gap and delivery counters, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Gaps {
+    /// Syncs that found events this host had not delivered, or a new numbering.
+    pub detected: u64,
+    /// Of those, the ones whose events were all delivered from the history.
+    pub repaired: u64,
+    /// Of those, the ones that sent a gap notice instead.
+    pub notified: u64,
+    /// Events delivered from the history (repairs).
+    pub replayed: u64,
+}
+
+pub struct Follows {
+    shards: Vec<ShardSender>,
+    topics: HashMap<Arc<str>, Follow>,
+    /// Unsubscribed topics' numbering and last delivered `seq`.
+    remembered: HashMap<Arc<str>, (Epoch, u64, Instant)>,
+    forget_queue: VecDeque<(Arc<str>, Instant)>,
+    /// Topics that became unused, in order.
+    unused_queue: VecDeque<(Arc<str>, Instant)>,
+    stalled: Vec<Arc<str>>,
+    history_size: usize,
+    history_ttl_secs: u64,
+    link_up: bool,
+    syncs: u64,
+    /// Work for the link: channels to subscribe and unsubscribe, topics to sync.
+    pub to_subscribe: Vec<Arc<str>>,
+    pub to_unsubscribe: Vec<Arc<str>>,
+    pub to_sync: VecDeque<Sync>,
+    pub to_read: Vec<RecoveryRead>,
+    pub gaps: Gaps,
+}
+
+impl Follows {
+    pub fn new(shards: Vec<ShardSender>, history_size: usize, history_ttl: Duration) -> Self {
+        Follows {
+            shards,
+            topics: HashMap::new(),
+            remembered: HashMap::new(),
+            forget_queue: VecDeque::new(),
+            unused_queue: VecDeque::new(),
+            stalled: Vec::new(),
+            history_size,
+            history_ttl_secs: history_ttl.as_secs().max(1),
+            link_up: false,
+            syncs: 0,
+            to_subscribe: Vec::new(),
+            to_unsubscribe: Vec::new(),
+            to_sync: VecDeque::new(),
+            to_read: Vec::new(),
+            gaps: Gaps::default(),
+        }
+    }
+
+    /// Topics followed (each is one channel subscribed on the bus, or about to be).
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// The topic's follow, made (from what was remembered) if new.
+    fn follow(&mut self, topic: &Arc<str>) -> &mut Follow {
+        if !self.topics.contains_key(topic) {
+            let (epoch, delivered) = match self.remembered.remove(topic) {
+                Some((epoch, delivered, _)) => (Some(epoch), delivered),
+                None => (None, 0),
+            };
+            if self.link_up {
+                self.to_subscribe.push(topic.clone());
+            }
+            let words = self.shards.len().div_ceil(64);
+            self.topics.insert(
+                topic.clone(),
+                Follow {
+                    present: vec![0; words],
+                    waiting: Vec::new(),
+                    reading: 0,
+                    phase: Phase::Subscribing,
+                    epoch,
+                    delivered,
+                    pending: VecDeque::new(),
+                    unused_since: None,
+                    sync: 0,
+                },
+            );
+        }
+        self.topics.get_mut(topic).expect("just made")
+    }
+
+    /// Starts a sync of `topic` (from the event after the last delivered, or
+    /// from nothing if it never synced).
+    fn start_sync(&mut self, topic: &Arc<str>) {
+        self.syncs += 1;
+        let f = self.topics.get_mut(topic).expect("followed");
+        f.phase = Phase::Syncing;
+        f.sync = self.syncs;
+        let from = if f.epoch.is_some() {
+            f.delivered + 1
+        } else {
+            0
+        };
+        self.to_sync.push_back(Sync {
+            topic: topic.clone(),
+            from,
+            id: self.syncs,
+        });
+    }
+
+    /// Marks the topic unused now if nothing holds it.
+    fn check_unused(&mut self, topic: &Arc<str>, now: Instant) {
+        let f = self.topics.get_mut(topic).expect("followed");
+        if !f.is_held() && f.unused_since.is_none() {
+            f.unused_since = Some(now);
+            self.unused_queue.push_back((topic.clone(), now));
+        }
+    }
+
+    /// A shard announced local subscribers of `topic`, or its last one left.
+    pub fn presence(&mut self, shard: usize, topic: Arc<str>, present: bool, now: Instant) {
+        let (word, bit) = (shard / 64, 1u64 << (shard % 64));
+        if present {
+            let f = self.follow(&topic);
+            assert_eq!(f.present[word] & bit, 0, "a shard announces a topic once");
+            f.present[word] |= bit;
+            f.unused_since = None;
+        } else {
+            let f = self
+                .topics
+                .get_mut(&topic)
+                .expect("a departure follows an announcement, which keeps the topic followed");
+            assert_ne!(
+                f.present[word] & bit,
+                0,
+                "a departure follows an announcement"
+            );
+            f.present[word] &= !bit;
+            self.check_unused(&topic, now);
+        }
+    }
+
+    /// A `sub` op from a shard: answered now if the topic is live (reading the
+    /// history first when recovering), else when it is.
+    pub fn subscribe(&mut self, request: SubscribeRequest) {
+        let topic = request.topic.clone();
+        let f = self.follow(&topic);
+        f.unused_since = None;
+        if f.phase != Phase::Live {
+            f.waiting.push(request);
+            return;
+        }
+        let (epoch, delivered) = (f.epoch.expect("a live topic has synced"), f.delivered);
+        let history_size = self.history_size as u64;
+        let Some(since) = &request.since else {
+            return self.answer(request, delivered, epoch, Recovery::NotAsked, Vec::new());
+        };
+        let outcome = if history_size == 0 {
+            Recovery::HistoryOff
+        } else if Epoch::parse(&since.epoch) != Some(epoch) {
+            Recovery::EpochChanged
+        } else if since.seq > delivered {
+            Recovery::Future
+        } else if since.seq == delivered {
+            Recovery::Recovered
+        } else if delivered - since.seq > history_size {
+            Recovery::TooOld
+        } else {
+            let from = since.seq + 1;
+            self.topics.get_mut(&topic).expect("followed").reading += 1;
+            self.to_read.push(RecoveryRead {
+                request,
+                from,
+                attempt: 1,
+            });
+            return;
+        };
+        self.answer(request, delivered, epoch, outcome, Vec::new());
+    }
+
+    /// The history a recovery asked for (or why it could not be read).
+    pub fn recovery_read(&mut self, read: RecoveryRead, result: Result<Standing, String>) {
+        let topic = read.request.topic.clone();
+        let f = self
+            .topics
+            .get_mut(&topic)
+            .expect("a reading holds its topic");
+        f.reading -= 1;
+        if f.phase != Phase::Live {
+            // The link or the numbering moved: answer once the topic is live again.
+            f.waiting.push(read.request);
+            return;
+        }
+        let (epoch, delivered) = (f.epoch.expect("live"), f.delivered);
+        let standing = match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    topic = &*topic,
+                    "reading history for a recovery failed: {e}"
+                );
+                return self.refuse(read.request, "the history could not be read, try again");
+            }
+        };
+        if standing.epoch != epoch {
+            return self.answer(
+                read.request,
+                delivered,
+                epoch,
+                Recovery::EpochChanged,
+                vec![],
+            );
+        }
+        if standing.seq < delivered {
+            // Events this host delivered after Redis answered: read again.
+            if read.attempt >= RECOVERY_READS_MAX {
+                return self.refuse(
+                    read.request,
+                    "the topic moves too fast to recover, try again",
+                );
+            }
+            self.topics.get_mut(&topic).expect("followed").reading += 1;
+            self.to_read.push(RecoveryRead {
+                attempt: read.attempt + 1,
+                ..read
+            });
+            return;
+        }
+        let Some(events) = standing.events_from(read.from, self.history_ttl_secs) else {
+            return self.answer(read.request, delivered, epoch, Recovery::TooOld, vec![]);
+        };
+        let wanted = (delivered + 1 - read.from) as usize;
+        let replay = events[..wanted]
+            .iter()
+            .zip(read.from..)
+            .map(|(data, seq)| event_frame(&topic, seq, EventData::Json(data)))
+            .collect();
+        self.answer(read.request, delivered, epoch, Recovery::Recovered, replay);
+    }
+
+    fn answer(
+        &mut self,
+        request: SubscribeRequest,
+        seq: u64,
+        epoch: Epoch,
+        recovery: Recovery,
+        replay: Vec<Bytes>,
+    ) {
+        let topic = request.topic.clone();
+        self.shards[request.shard].answer(Box::new(SubscribeAnswer {
+            key: request.key,
+            generation: request.generation,
+            topic: request.topic,
+            seq,
+            epoch: Arc::from(&*epoch),
+            recovery,
+            replay,
+            refused: None,
+        }));
+        self.check_unused(&topic, Instant::now());
+    }
+
+    fn refuse(&mut self, request: SubscribeRequest, why: &'static str) {
+        let topic = request.topic.clone();
+        self.shards[request.shard].answer(Box::new(SubscribeAnswer {
+            key: request.key,
+            generation: request.generation,
+            topic: request.topic,
+            seq: 0,
+            epoch: Arc::from(""),
+            recovery: Recovery::NotAsked,
+            replay: Vec::new(),
+            refused: Some(why),
+        }));
+        self.check_unused(&topic, Instant::now());
+    }
+
+    /// A message of `topic`'s channel.
+    pub fn message(&mut self, topic: &str, seq: u64, epoch: Epoch, data: &str) {
+        let Some((topic, _)) = self.topics.get_key_value(topic) else {
+            return; // Unsubscribed meanwhile.
+        };
+        let topic = topic.clone();
+        let f = self.topics.get_mut(&topic).expect("followed");
+        if f.phase != Phase::Live {
+            if f.pending.len() < PENDING_MAX {
+                f.pending
+                    .push_back((seq, epoch, Bytes::copy_from_slice(data.as_bytes())));
+            }
+            return;
+        }
+        self.live_message(&topic, seq, epoch, data.as_bytes());
+    }
+
+    /// A message while live: delivered, dropped as a duplicate, or the start of a sync.
+    fn live_message(&mut self, topic: &Arc<str>, seq: u64, epoch: Epoch, data: &[u8]) {
+        let f = self.topics.get_mut(topic).expect("followed");
+        if f.epoch != Some(epoch) || seq > f.delivered + 1 {
+            // A new numbering, or events this host did not get: sync from history.
+            f.pending
+                .push_back((seq, epoch, Bytes::copy_from_slice(data)));
+            return self.start_sync(topic);
+        }
+        if seq <= f.delivered {
+            return;
+        }
+        let data = std::str::from_utf8(data).expect("messages are checked UTF-8");
+        let frame = event_frame(topic, seq, EventData::Json(data));
+        if deliver(&self.shards, topic, seq, frame) {
+            f.delivered = seq;
+        } else {
+            f.phase = Phase::Stalled;
+            f.pending
+                .push_back((seq, epoch, Bytes::copy_from_slice(data.as_bytes())));
+            self.stalled.push(topic.clone());
+        }
+    }
+
+    /// The channels of `topics` are subscribed: each syncs.
+    pub fn subscribed(&mut self, topics: &[Arc<str>]) {
+        for topic in topics {
+            let Some(f) = self.topics.get_mut(topic) else {
+                continue; // Unused and dropped meanwhile; its UNSUBSCRIBE follows.
+            };
+            if f.phase == Phase::Subscribing {
+                self.start_sync(topic);
+            }
+        }
+    }
+
+    /// Where `topic` stands in Redis (read from `from` on), or why it could not be read.
+    pub fn synced(&mut self, sync: &Sync, result: Result<Standing, String>) {
+        let topic = &sync.topic;
+        let Some(f) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if f.phase != Phase::Syncing || f.sync != sync.id {
+            return; // Another sync replaced this one (the link went down meanwhile, say).
+        }
+        let standing = match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(topic = &**topic, "reading where a topic stands failed: {e}");
+                f.phase = Phase::Stalled;
+                self.stalled.push(topic.clone());
+                return;
+            }
+        };
+        match f.epoch {
+            None => {
+                f.epoch = Some(standing.epoch);
+                f.delivered = standing.seq;
+            }
+            Some(epoch) if epoch == standing.epoch && standing.seq <= f.delivered => {}
+            Some(epoch) => {
+                self.gaps.detected += 1;
+                let events = (epoch == standing.epoch)
+                    .then(|| standing.events_from(f.delivered + 1, self.history_ttl_secs))
+                    .flatten();
+                match events {
+                    Some(events) => {
+                        for (data, seq) in events.into_iter().zip(f.delivered + 1..) {
+                            let frame = event_frame(topic, seq, EventData::Json(data));
+                            if !deliver(&self.shards, topic, seq, frame) {
+                                f.phase = Phase::Stalled;
+                                self.stalled.push(topic.clone());
+                                return;
+                            }
+                            f.delivered = seq;
+                            self.gaps.replayed += 1;
+                        }
+                        self.gaps.repaired += 1;
+                    }
+                    None => {
+                        let notice = gap_notice(topic, standing.seq, &standing.epoch);
+                        if !deliver(&self.shards, topic, 0, notice) {
+                            f.phase = Phase::Stalled;
+                            self.stalled.push(topic.clone());
+                            return;
+                        }
+                        self.gaps.notified += 1;
+                        f.epoch = Some(standing.epoch);
+                        f.delivered = standing.seq;
+                    }
+                }
+            }
+        }
+        f.phase = Phase::Live;
+        let pending = std::mem::take(&mut f.pending);
+        let mut rest = pending.into_iter();
+        for (seq, epoch, data) in rest.by_ref() {
+            self.live_message(topic, seq, epoch, &data);
+            if self.topics[topic].phase != Phase::Live {
+                break;
+            }
+        }
+        let f = self.topics.get_mut(topic).expect("followed");
+        if f.phase != Phase::Live {
+            f.pending.extend(rest);
+            return;
+        }
+        for request in std::mem::take(&mut f.waiting) {
+            self.subscribe(request);
+        }
+    }
+
+    /// The link is up (again): every followed topic subscribes and syncs.
+    pub fn link_up(&mut self) {
+        self.link_up = true;
+        self.to_subscribe.extend(self.topics.keys().cloned());
+    }
+
+    /// The link is down: nothing arrives until it is up again.
+    pub fn link_down(&mut self) {
+        self.link_up = false;
+        self.to_subscribe.clear();
+        self.to_unsubscribe.clear();
+        self.to_sync.clear();
+        self.stalled.clear();
+        for f in self.topics.values_mut() {
+            f.phase = Phase::Subscribing;
+            f.pending.clear();
+        }
+    }
+
+    /// Once in a while: stalled topics sync again, unused ones are unsubscribed
+    /// (and remembered), remembered ones forgotten.
+    pub fn tick(&mut self, now: Instant) {
+        for topic in std::mem::take(&mut self.stalled) {
+            let stalled = self.topics.get(&topic).map(|f| f.phase) == Some(Phase::Stalled);
+            if stalled && self.link_up {
+                self.start_sync(&topic);
+            }
+        }
+        while let Some((topic, at)) = self.unused_queue.front().cloned() {
+            if now.duration_since(at) < UNSUBSCRIBE_GRACE {
+                break;
+            }
+            self.unused_queue.pop_front();
+            let Some(f) = self.topics.get(&topic) else {
+                continue;
+            };
+            if f.unused_since != Some(at) {
+                continue; // Held again since, or unused again later.
+            }
+            assert!(!f.is_held(), "an unused topic is held by nothing");
+            let f = self.topics.remove(&topic).expect("followed");
+            if self.link_up {
+                self.to_unsubscribe.push(topic.clone());
+            }
+            if let Some(epoch) = f.epoch {
+                self.remembered
+                    .insert(topic.clone(), (epoch, f.delivered, now));
+                self.forget_queue.push_back((topic, now));
+            }
+        }
+        while let Some((topic, at)) = self.forget_queue.front().cloned() {
+            if now.duration_since(at) < REMEMBER_FOR {
+                break;
+            }
+            self.forget_queue.pop_front();
+            if self.remembered.get(&topic).is_some_and(|r| r.2 == at) {
+                self.remembered.remove(&topic);
+            }
+        }
+    }
+}
+
+/// Hands `frame` to every shard, or to none when an inbox is full.
+fn deliver(shards: &[ShardSender], topic: &Arc<str>, seq: u64, frame: Bytes) -> bool {
+    let reservations: Vec<_> = shards.iter().filter_map(|s| s.reserve()).collect();
+    if reservations.len() < shards.len() {
+        return false;
+    }
+    let published_ns = clock_ns();
+    for reservation in reservations {
+        reservation.push(Command::Deliver {
+            topic: topic.clone(),
+            seq,
+            frame: frame.clone(),
+            published_ns,
+        });
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringgate_shard::{Command, Recovery, ShardSender, Since, SubscribeRequest};
+use serde_json::Value;
+
+use super::*;
+
+const EPOCH: &str = "0123456789";
+const OTHER_EPOCH: &str = "abcdefghij";
+
+fn epoch(text: &str) -> Epoch {
+    Epoch::parse(text).unwrap()
+}
+
+fn follows(shards: usize, capacity: usize) -> (Follows, Vec<ShardSender>) {
+    let senders: Vec<ShardSender> = (0..shards)
+        .map(|id| ShardSender::detached(id, capacity).unwrap())
+        .collect();
+    let mut f = Follows::new(senders.clone(), 100, Duration::from_secs(300));
+    f.link_up();
+    (f, senders)
+}
+
+fn request(shard: usize, topic: &str, since: Option<(u64, &str)>) -> SubscribeRequest {
+    SubscribeRequest {
+        shard,
+        key: 1,
+        generation: 1,
+        topic: Arc::from(topic),
+        since: since.map(|(seq, e)| Since {
+            seq,
+            epoch: e.to_string(),
+        }),
+    }
+}
+
+/// Where a topic stands: `seq`, and the data of events `first..=seq` ("n").
+fn standing(seq: u64, epoch_text: &str, first: u64) -> Standing {
+    Standing {
+        seq,
+        epoch: epoch(epoch_text),
+        now: 1000,
+        entries: (first..=seq).map(|n| format!("999:{n}")).collect(),
+    }
+}
+
+/// What a shard's inbox got: "event N", "gap N E", "answer S R".
+fn inbox(shard: &ShardSender) -> Vec<String> {
+    shard
+        .take_all_for_tests()
+        .into_iter()
+        .map(|c| match c {
+            Command::Deliver { frame, .. } => {
+                let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
+                if v["op"] == "gap" {
+                    format!("gap {} {}", v["seq"], v["epoch"].as_str().unwrap())
+                } else {
+                    assert_eq!(v["data"], v["seq"], "the data is the seq here");
+                    format!("event {}", v["seq"])
+                }
+            }
+            Command::Subscribed(a) => {
+                format!("answer {} {:?} {}", a.seq, a.recovery, a.replay.len())
+            }
+        })
+        .collect()
+}
+
+/// Follows `topic` from shard 0 and syncs it at `seq` (epoch `EPOCH`).
+fn live(f: &mut Follows, topic: &str, seq: u64) {
+    f.presence(0, Arc::from(topic), true, Instant::now());
+    let topic: Arc<str> = Arc::from(topic);
+    assert_eq!(f.to_subscribe, vec![topic.clone()]);
+    f.to_subscribe.clear();
+    f.subscribed(&[topic]);
+    let sync = f.to_sync.pop_front().unwrap();
+    assert_eq!(sync.from, 0, "never synced: no history wanted");
+    f.synced(&sync, Ok(standing(seq, EPOCH, seq + 1)));
+}
+
+#[test]
+fn a_subscribe_waits_for_the_topic_to_be_live_and_is_answered_at_its_seq() {
+    let (mut f, shards) = follows(2, 100);
+    f.subscribe(request(1, "t", None));
+    assert_eq!(f.to_subscribe.len(), 1);
+    assert!(inbox(&shards[1]).is_empty(), "not live yet");
+    f.subscribed(&[Arc::from("t")]);
+    // Messages while syncing are held, then delivered past the standing.
+    f.message("t", 7, epoch(EPOCH), "7");
+    f.message("t", 8, epoch(EPOCH), "8");
+    let sync = f.to_sync.pop_front().unwrap();
+    f.synced(&sync, Ok(standing(7, EPOCH, 8)));
+    assert_eq!(inbox(&shards[1]), ["event 8", "answer 8 NotAsked 0"]);
+    assert_eq!(inbox(&shards[0]), ["event 8"]);
+}
+
+#[test]
+fn live_messages_are_delivered_once_in_order_and_a_gap_is_repaired_from_history() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "t", 2);
+    f.message("t", 3, epoch(EPOCH), "3");
+    f.message("t", 3, epoch(EPOCH), "3");
+    f.message("t", 6, epoch(EPOCH), "6");
+    f.message("t", 7, epoch(EPOCH), "7");
+    let sync = f.to_sync.pop_front().unwrap();
+    assert_eq!(sync.from, 4, "from the event after the last delivered");
+    f.synced(&sync, Ok(standing(6, EPOCH, 4)));
+    assert_eq!(
+        inbox(&shards[0]),
+        ["event 3", "event 4", "event 5", "event 6", "event 7"]
+    );
+    assert_eq!(f.gaps.detected, 1);
+    assert_eq!(f.gaps.repaired, 1);
+    assert_eq!(f.gaps.replayed, 3);
+}
+
+#[test]
+fn a_gap_the_history_cannot_close_and_a_new_numbering_send_notices() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "t", 2);
+    f.message("t", 9, epoch(EPOCH), "9");
+    let sync = f.to_sync.pop_front().unwrap();
+    f.synced(&sync, Ok(standing(9, EPOCH, 8)));
+    assert_eq!(inbox(&shards[0]), [format!("gap 9 {EPOCH}")]);
+    // Redis lost the topic: a message of another numbering.
+    f.message("t", 1, epoch(OTHER_EPOCH), "1");
+    let sync = f.to_sync.pop_front().unwrap();
+    f.synced(&sync, Ok(standing(1, OTHER_EPOCH, 1)));
+    assert_eq!(
+        inbox(&shards[0]),
+        [format!("gap 1 {OTHER_EPOCH}")],
+        "event 1 of the new numbering is covered by the notice"
+    );
+    f.message("t", 2, epoch(OTHER_EPOCH), "2");
+    assert_eq!(inbox(&shards[0]), ["event 2"]);
+    assert_eq!(f.gaps.notified, 2);
+}
+
+#[test]
+fn a_full_inbox_stalls_the_topic_until_the_history_delivers_it() {
+    let (mut f, shards) = follows(2, 2);
+    live(&mut f, "t", 0);
+    f.message("t", 1, epoch(EPOCH), "1");
+    f.message("t", 2, epoch(EPOCH), "2");
+    f.message("t", 3, epoch(EPOCH), "3");
+    assert_eq!(inbox(&shards[0]), ["event 1", "event 2"]);
+    assert_eq!(inbox(&shards[1]), ["event 1", "event 2"]);
+    assert!(f.to_sync.is_empty(), "a stalled topic waits for a tick");
+    f.tick(Instant::now());
+    let sync = f.to_sync.pop_front().unwrap();
+    assert_eq!(sync.from, 3);
+    f.message("t", 4, epoch(EPOCH), "4");
+    f.synced(&sync, Ok(standing(3, EPOCH, 3)));
+    assert_eq!(inbox(&shards[0]), ["event 3", "event 4"]);
+    assert_eq!(inbox(&shards[1]), ["event 3", "event 4"]);
+}
+
+#[test]
+fn recoveries_read_the_history_and_answer_at_the_hosts_seq() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "t", 5);
+    f.subscribe(request(0, "t", Some((5, EPOCH))));
+    f.subscribe(request(0, "t", Some((9, EPOCH))));
+    f.subscribe(request(0, "t", Some((1, OTHER_EPOCH))));
+    assert_eq!(
+        inbox(&shards[0]),
+        [
+            "answer 5 Recovered 0",
+            "answer 5 Future 0",
+            "answer 5 EpochChanged 0"
+        ]
+    );
+    f.subscribe(request(0, "t", Some((2, EPOCH))));
+    let read = f.to_read.pop().unwrap();
+    assert_eq!(read.from, 3);
+    // Redis answered at 5, but this host delivered 6 meanwhile: read again.
+    f.message("t", 6, epoch(EPOCH), "6");
+    f.recovery_read(read, Ok(standing(5, EPOCH, 3)));
+    let read = f.to_read.pop().unwrap();
+    assert_eq!(read.attempt, 2);
+    f.recovery_read(read, Ok(standing(7, EPOCH, 3)));
+    assert_eq!(inbox(&shards[0]), ["event 6", "answer 6 Recovered 4"]);
+    // A history that no longer reaches `since + 1`.
+    f.subscribe(request(0, "t", Some((2, EPOCH))));
+    let read = f.to_read.pop().unwrap();
+    f.recovery_read(read, Ok(standing(6, EPOCH, 5)));
+    assert_eq!(inbox(&shards[0]), ["answer 6 TooOld 0"]);
+    let _ = Recovery::NotAsked;
+}
+
+#[test]
+fn an_unused_topic_is_unsubscribed_after_the_grace_and_continues_if_it_returns() {
+    let (mut f, shards) = follows(1, 100);
+    let start = Instant::now();
+    live(&mut f, "t", 4);
+    f.presence(0, Arc::from("t"), false, start);
+    f.tick(start + UNSUBSCRIBE_GRACE / 2);
+    assert!(f.to_unsubscribe.is_empty(), "within the grace");
+    f.tick(start + UNSUBSCRIBE_GRACE);
+    assert_eq!(f.to_unsubscribe, vec![Arc::<str>::from("t")]);
+    assert_eq!(f.len(), 0);
+    // Back within REMEMBER_FOR: the sync starts after the last delivered.
+    f.presence(0, Arc::from("t"), true, start + UNSUBSCRIBE_GRACE);
+    f.subscribed(&[Arc::from("t")]);
+    let sync = f.to_sync.pop_front().unwrap();
+    assert_eq!(sync.from, 5);
+    f.synced(&sync, Ok(standing(6, EPOCH, 5)));
+    assert_eq!(inbox(&shards[0]), ["event 5", "event 6"]);
+    // Gone for longer, it is forgotten.
+    let later = start + UNSUBSCRIBE_GRACE * 3;
+    f.presence(0, Arc::from("t"), false, later);
+    f.tick(later + UNSUBSCRIBE_GRACE);
+    f.tick(later + UNSUBSCRIBE_GRACE + REMEMBER_FOR);
+    f.presence(0, Arc::from("t"), true, later + REMEMBER_FOR * 2);
+    f.subscribed(&[Arc::from("t")]);
+    assert_eq!(f.to_sync.pop_back().unwrap().from, 0);
+}
+
+#[test]
+fn a_lost_link_resubscribes_and_resyncs_every_topic_and_drops_stale_answers() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "a", 1);
+    live(&mut f, "b", 1);
+    f.message("a", 2, epoch(EPOCH), "2");
+    f.link_down();
+    f.message("a", 3, epoch(EPOCH), "3");
+    f.link_up();
+    let mut again = f.to_subscribe.clone();
+    again.sort();
+    assert_eq!(again, vec![Arc::<str>::from("a"), Arc::from("b")]);
+    f.subscribed(&again);
+    let syncs: Vec<_> = f.to_sync.drain(..).collect();
+    let a = syncs.iter().find(|s| &*s.topic == "a").unwrap();
+    assert_eq!(a.from, 3);
+    // An answer to an older sync is not taken.
+    let stale = Sync { id: 0, ..a.clone() };
+    f.synced(&stale, Ok(standing(3, EPOCH, 3)));
+    assert_eq!(inbox(&shards[0]), ["event 2"]);
+    f.synced(a, Ok(standing(3, EPOCH, 3)));
+    assert_eq!(inbox(&shards[0]), ["event 3"]);
+}
+
+#[test]
+#[should_panic(expected = "a departure follows an announcement")]
+fn a_departure_without_an_announcement_is_a_bug() {
+    let (mut f, _) = follows(1, 100);
+    f.presence(0, Arc::from("x"), true, Instant::now());
+    f.presence(0, Arc::from("x"), false, Instant::now());
+    f.presence(0, Arc::from("x"), false, Instant::now());
+}

@@ -1,0 +1,413 @@
+//! The fleet's link to Redis: one task that owns both connections (commands,
+//! pub/sub), connects and reconnects them, and does the I/O `follow.rs` asks
+//! for: SUBSCRIBE/UNSUBSCRIBE in batches, the standing reads of syncs and
+//! recoveries, and the shards' messages (subscribes, presence, client
+//! publishes). Everything it learns goes back to `Follows` in order, on this
+//! one task, so the topic table needs no lock.
+//!
+//! A connection's generation tags every answer: one that arrives after the
+//! link was lost (and maybe made again) is dropped, or, for a recovery, put
+//! back to wait for the topic to be live.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::AsyncConnectionConfig;
+use ringgate_shard::{EventData, ShardSender, Upstream};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::follow::{Follows, RecoveryRead, Sync};
+use super::keys::{self, Standing};
+use super::{lock, Fleet, BROKER_TIMEOUT, RECONNECT_FIRST, RECONNECT_MAX};
+
+/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
+const CHANNELS_PER_COMMAND: usize = 1024;
+/// Standing reads (syncs and recoveries) in flight at once: a reconnect with
+/// many topics syncs them a window at a time.
+const READS_INFLIGHT_MAX: usize = 256;
+/// Client publishes (`{"op":"pub"}`) in flight at once; past it they are
+/// refused (counted in `ringgate_broker_publish_rejected_total`).
+const CLIENT_PUBLISHES_INFLIGHT_MAX: usize = 1024;
+/// Shard messages handled before the link looks at its other work.
+const UPSTREAM_BATCH: usize = 1024;
+/// How often unused topics are unsubscribed and stalled ones synced again.
+const TICK: Duration = Duration::from_millis(50);
+
+/// What spawned work reports back to the link.
+enum Event {
+    Connected {
+        commands: MultiplexedConnection,
+        sink: PubSubSink,
+        stream: PubSubStream,
+    },
+    ConnectFailed(String),
+    Subscribed {
+        generation: u64,
+        topics: Vec<Arc<str>>,
+        result: Result<(), String>,
+    },
+    Synced {
+        generation: u64,
+        sync: Sync,
+        result: Result<Standing, String>,
+    },
+    Read {
+        read: RecoveryRead,
+        result: Result<Standing, String>,
+    },
+}
+
+struct Link {
+    fleet: Arc<Fleet>,
+    follows: Follows,
+    events: mpsc::UnboundedSender<Event>,
+    /// Bumped at every loss: answers of older generations are stale.
+    generation: u64,
+    sink: Option<PubSubSink>,
+    stream: Option<PubSubStream>,
+    /// The next reconnect delay.
+    backoff: Duration,
+    connecting: bool,
+    reads_inflight: usize,
+    reads_waiting: std::collections::VecDeque<Read>,
+    client_publishes: Arc<Semaphore>,
+}
+
+enum Read {
+    Sync(Sync),
+    Recovery(RecoveryRead),
+}
+
+pub async fn run(
+    fleet: Arc<Fleet>,
+    shards: Vec<ShardSender>,
+    mut upstream: mpsc::Receiver<Upstream>,
+    mut broken: mpsc::UnboundedReceiver<()>,
+) {
+    let (events, mut events_rx) = mpsc::unbounded_channel();
+    let limits = fleet.limits;
+    let mut link = Link {
+        fleet,
+        follows: Follows::new(shards, limits.history_size, limits.history_ttl),
+        events,
+        generation: 0,
+        sink: None,
+        stream: None,
+        backoff: RECONNECT_FIRST,
+        connecting: false,
+        reads_inflight: 0,
+        reads_waiting: Default::default(),
+        client_publishes: Arc::new(Semaphore::new(CLIENT_PUBLISHES_INFLIGHT_MAX)),
+    };
+    link.connect(Duration::ZERO);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(UPSTREAM_BATCH);
+    loop {
+        tokio::select! {
+            n = upstream.recv_many(&mut batch, UPSTREAM_BATCH) => {
+                if n == 0 {
+                    return; // The shards are gone.
+                }
+                for message in batch.drain(..) {
+                    link.upstream(message);
+                }
+            }
+            message = next_message(&mut link.stream) => match message {
+                Some(m) => link.message(&m),
+                None => link.lost("the pub/sub connection closed"),
+            },
+            Some(event) = events_rx.recv() => link.event(event),
+            Some(()) = broken.recv() => {
+                if link.stream.is_some() {
+                    link.lost("a command failed on a broken connection");
+                }
+            }
+            _ = tick.tick() => link.follows.tick(Instant::now()),
+        }
+        link.flush();
+    }
+}
+
+async fn next_message(stream: &mut Option<PubSubStream>) -> Option<redis::Msg> {
+    match stream {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Link {
+    /// Connects both connections after `delay`, in a task of its own.
+    fn connect(&mut self, delay: Duration) {
+        assert!(!self.connecting, "one connect at a time");
+        self.connecting = true;
+        let client = self.fleet.client.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(BROKER_TIMEOUT))
+                .set_response_timeout(Some(BROKER_TIMEOUT));
+            let connected = async {
+                let commands = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                let pubsub = tokio::time::timeout(BROKER_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connecting timed out",
+                        ))
+                    })??;
+                let (sink, stream) = pubsub.split();
+                Ok::<_, redis::RedisError>(Event::Connected {
+                    commands,
+                    sink,
+                    stream,
+                })
+            };
+            let event = connected
+                .await
+                .unwrap_or_else(|e| Event::ConnectFailed(e.to_string()));
+            let _ = events.send(event);
+        });
+    }
+
+    /// The link is lost: everything waits for the next connection.
+    fn lost(&mut self, why: &str) {
+        tracing::warn!(broker = %self.fleet.shown_url, "broker link lost: {why}; reconnecting");
+        self.generation += 1;
+        self.sink = None;
+        self.stream = None;
+        *lock(&self.fleet.command) = None;
+        self.fleet.figures.up.store(false, Ordering::Relaxed);
+        self.fleet.figures.subscriptions.store(0, Ordering::Relaxed);
+        self.follows.link_down();
+        // Syncs waiting to start are void; recoveries wait for their topic.
+        for read in std::mem::take(&mut self.reads_waiting) {
+            if let Read::Recovery(r) = read {
+                self.follows
+                    .recovery_read(r, Err("the broker link was lost".into()));
+            }
+        }
+        if !self.connecting {
+            self.connect(RECONNECT_FIRST);
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Connected {
+                commands,
+                sink,
+                stream,
+            } => {
+                self.connecting = false;
+                self.generation += 1;
+                if self
+                    .fleet
+                    .figures
+                    .reconnects
+                    .fetch_add(1, Ordering::Relaxed)
+                    == 0
+                {
+                    tracing::info!(broker = %self.fleet.shown_url, "broker link up");
+                } else {
+                    tracing::info!(broker = %self.fleet.shown_url, "broker link up again");
+                }
+                self.backoff = RECONNECT_FIRST;
+                *lock(&self.fleet.command) = Some(commands);
+                self.sink = Some(sink);
+                self.stream = Some(stream);
+                self.fleet.figures.up.store(true, Ordering::Relaxed);
+                self.follows.link_up();
+            }
+            Event::ConnectFailed(why) => {
+                self.connecting = false;
+                let delay = self.backoff;
+                self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+                tracing::warn!(
+                    broker = %self.fleet.shown_url,
+                    "cannot reach the broker: {why}; retrying in {delay:?}"
+                );
+                self.connect(delay);
+            }
+            Event::Subscribed {
+                generation,
+                topics,
+                result,
+            } => {
+                if generation != self.generation {
+                    return;
+                }
+                match result {
+                    Ok(()) => self.follows.subscribed(&topics),
+                    Err(e) => self.lost(&format!("SUBSCRIBE failed: {e}")),
+                }
+            }
+            Event::Synced {
+                generation,
+                sync,
+                result,
+            } => {
+                self.reads_inflight -= 1;
+                if generation == self.generation {
+                    self.follows.synced(&sync, result);
+                }
+            }
+            Event::Read { read, result } => {
+                self.reads_inflight -= 1;
+                self.follows.recovery_read(read, result);
+            }
+        }
+    }
+
+    fn upstream(&mut self, message: Upstream) {
+        match message {
+            Upstream::Subscribe(request) => self.follows.subscribe(request),
+            Upstream::Presence {
+                shard,
+                topic,
+                present,
+            } => self.follows.presence(shard, topic, present, Instant::now()),
+            Upstream::Publish(p) => {
+                let Ok(permit) = self.client_publishes.clone().try_acquire_owned() else {
+                    self.fleet.figures.rejected.fetch_add(1, Ordering::Relaxed);
+                    return tracing::debug!(
+                        topic = p.topic,
+                        "client publish refused: too many in flight"
+                    );
+                };
+                let fleet = self.fleet.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.publish(&p.topic, EventData::Json(&p.data)).await {
+                        tracing::debug!(topic = p.topic, "client publish failed: {}", e.message());
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    fn message(&mut self, message: &redis::Msg) {
+        self.fleet
+            .figures
+            .messages_in
+            .fetch_add(1, Ordering::Relaxed);
+        let channel = message.get_channel_name();
+        let parsed =
+            keys::topic_of_channel(channel).zip(keys::parse_message(message.get_payload_bytes()));
+        match parsed {
+            Some((topic, m)) => self.follows.message(topic, m.seq, m.epoch, m.data),
+            None => tracing::warn!(channel, "ignoring a message that is not ringgate's"),
+        }
+    }
+
+    /// Does what the follows asked for.
+    fn flush(&mut self) {
+        self.fleet
+            .figures
+            .subscriptions
+            .store(self.follows.len() as u64, Ordering::Relaxed);
+        *lock(&self.fleet.figures.gaps) = self.follows.gaps;
+        if let Some(sink) = &self.sink {
+            for (subscribe, topics) in [
+                (false, std::mem::take(&mut self.follows.to_unsubscribe)),
+                (true, std::mem::take(&mut self.follows.to_subscribe)),
+            ] {
+                for chunk in topics.chunks(CHANNELS_PER_COMMAND) {
+                    self.sink_command(sink.clone(), subscribe, chunk.to_vec());
+                }
+            }
+        }
+        for sync in self.follows.to_sync.drain(..) {
+            self.reads_waiting.push_back(Read::Sync(sync));
+        }
+        for read in self.follows.to_read.drain(..) {
+            self.reads_waiting.push_back(Read::Recovery(read));
+        }
+        while self.reads_inflight < READS_INFLIGHT_MAX {
+            let Some(read) = self.reads_waiting.pop_front() else {
+                break;
+            };
+            self.start_read(read);
+        }
+    }
+
+    /// A SUBSCRIBE or UNSUBSCRIBE; the sink keeps the order they are made in.
+    fn sink_command(&self, mut sink: PubSubSink, subscribe: bool, topics: Vec<Arc<str>>) {
+        let channels: Vec<String> = topics.iter().map(|t| keys::channel(t)).collect();
+        let generation = self.generation;
+        let events = self.events.clone();
+        // The command is queued on the sink when the future is first polled;
+        // spawned tasks are first polled in the order they were spawned.
+        tokio::spawn(async move {
+            let result = if subscribe {
+                sink.subscribe(&channels).await
+            } else {
+                sink.unsubscribe(&channels).await
+            };
+            let result = result.map_err(|e| e.to_string());
+            if subscribe {
+                let _ = events.send(Event::Subscribed {
+                    generation,
+                    topics,
+                    result,
+                });
+            } else if let Err(e) = result {
+                tracing::debug!("UNSUBSCRIBE failed: {e}");
+            }
+        });
+    }
+
+    fn start_read(&mut self, read: Read) {
+        let Some(mut commands) = lock(&self.fleet.command).clone() else {
+            // Down: syncs are void, recoveries wait for their topic.
+            if let Read::Recovery(r) = read {
+                self.follows
+                    .recovery_read(r, Err("the broker link is down".into()));
+            }
+            return;
+        };
+        self.reads_inflight += 1;
+        let (topic, from) = match &read {
+            Read::Sync(s) => (s.topic.clone(), s.from),
+            Read::Recovery(r) => (r.request.topic.clone(), r.from),
+        };
+        let fleet = self.fleet.clone();
+        let events = self.events.clone();
+        let generation = self.generation;
+        tokio::spawn(async move {
+            let reply: redis::RedisResult<(u64, String, u64, Vec<String>)> = fleet
+                .standing
+                .key(keys::meta_key(&topic))
+                .key(keys::history_key(&topic))
+                .arg(&*fleet.fresh_epoch())
+                .arg(fleet.meta_ttl_secs())
+                .arg(from)
+                .invoke_async(&mut commands)
+                .await;
+            let result = match reply {
+                Ok(reply) => Standing::from_reply(reply),
+                Err(e) => {
+                    if super::is_broken(&e) {
+                        let _ = fleet.broken.send(());
+                    }
+                    Err(e.to_string())
+                }
+            };
+            let _ = events.send(match read {
+                Read::Sync(sync) => Event::Synced {
+                    generation,
+                    sync,
+                    result,
+                },
+                Read::Recovery(read) => Event::Read { read, result },
+            });
+        });
+    }
+}
