@@ -345,7 +345,8 @@ struct Partitioned {
     b: Server,
     on_a: TcpStream,
     epoch: String,
-    _redis: Redis,
+    /// Bound by the test (a field left to `..` would be dropped at once).
+    redis: Redis,
 }
 
 fn partition_while_publishing(b_args: &[&str], missed: u64) -> Partitioned {
@@ -381,13 +382,19 @@ fn partition_while_publishing(b_args: &[&str], missed: u64) -> Partitioned {
         b,
         on_a,
         epoch,
-        _redis: redis,
+        redis,
     }
 }
 
 #[test]
 fn a_host_cut_off_from_redis_delivers_what_it_missed_from_the_history() {
-    let Partitioned { a, b, mut on_a, .. } = partition_while_publishing(&[], 5);
+    let Partitioned {
+        a,
+        b,
+        mut on_a,
+        redis: _redis,
+        ..
+    } = partition_while_publishing(&[], 5);
     read_events(&mut on_a, "feed", 4..=8);
     publish(&b, "feed", 9);
     read_events(&mut on_a, "feed", 9..=9);
@@ -403,7 +410,7 @@ fn a_host_whose_missed_events_left_the_history_sends_a_gap_notice() {
         b,
         mut on_a,
         epoch,
-        ..
+        redis: _redis,
     } = partition_while_publishing(&["--history-size", "2"], 5);
     assert_eq!(
         read_json(&mut on_a),
@@ -505,4 +512,29 @@ fn the_brokers_password_is_not_shown() {
     assert_eq!(stats["settings"]["broker"], "redis://:***@127.0.0.1:1/");
     let (_, metrics) = a.control_get("/metrics");
     assert!(!metrics.contains("sekrit"));
+}
+
+/// `RINGGATE_BROKER` works like the flag, and a client's `pub` op on one host
+/// reaches a subscriber on another.
+#[test]
+fn a_client_publish_on_one_host_reaches_subscribers_on_another() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = Server::start_with_env(
+        &["--shards", "2", "--client-publish", "chat.*"],
+        &[("RINGGATE_BROKER", &url)],
+    );
+    a.wait_for("the broker link", Duration::from_secs(20), |s| {
+        s.control_get("/readyz").0 == 200
+    });
+    let b = host(&url, &[]);
+    let mut subscriber = raw_upgrade(&b, "/ws");
+    assert_eq!(sub(&mut subscriber, "chat.1", None)["seq"], 0);
+    let mut publisher = raw_upgrade(&a, "/ws");
+    send_text(
+        &mut publisher,
+        r#"{"op":"pub","topic":"chat.1","data":{"n":1}}"#,
+    );
+    read_events(&mut subscriber, "chat.1", 1..=1);
+    assert_eq!(metric(&a, "publish_total"), 1);
 }

@@ -122,6 +122,8 @@ fn args_for(
         scenario,
         target: format!("ws://{}", server.ws),
         control: format!("http://{}", server.control),
+        targets: None,
+        publishers: 8,
         conns: 0,
         ramp: None,
         hold: 2.0,
@@ -156,7 +158,7 @@ fn args_for(
             a.events = if quick { 200 } else { 500 };
         }
         Scenario::Echo => a.conns = 100,
-        Scenario::Churn | Scenario::Soak | Scenario::Reconnect => {}
+        Scenario::Churn | Scenario::Soak | Scenario::Reconnect | Scenario::Publish => {}
     }
     if paced {
         let (conns, events, rate) = steady(quick);
@@ -288,7 +290,7 @@ fn rows(scenario: Scenario, paced: bool, r: &Report) -> Vec<Row> {
                 true,
             ),
         ],
-        Scenario::Churn | Scenario::Soak | Scenario::Reconnect => vec![],
+        Scenario::Churn | Scenario::Soak | Scenario::Reconnect | Scenario::Publish => vec![],
     }
 }
 

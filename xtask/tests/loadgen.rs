@@ -104,6 +104,148 @@ fn loadgen(server: &Ringgate, args: &[&str]) -> Value {
     report
 }
 
+/// Runs `xtask loadgen ARGS` as given (targets included); returns its JSON report.
+fn loadgen_with(args: &[&str]) -> Value {
+    let json = std::env::temp_dir().join(format!(
+        "loadgen-{}-{}-with.json",
+        std::process::id(),
+        args[0]
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("loadgen")
+        .args(args)
+        .args([
+            "--quiet",
+            "--timeout",
+            "60",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadgen {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(json);
+    report
+}
+
+/// A redis-server on a free loopback port (Debian's package; .ci/run installs it).
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Redis(child, port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn publish_counts_match_the_server() {
+    let server = Ringgate::start(&[]);
+    let r = loadgen(
+        &server,
+        &[
+            "publish",
+            "--publishers",
+            "4",
+            "--events",
+            "400",
+            "--topics",
+            "7",
+        ],
+    );
+    assert_eq!(r["accepted"], 400);
+    assert_eq!(r["refused"], 0);
+    assert_eq!(r["answer_ms"]["count"], 400);
+    let stats = http_get_json(&server.control, "/stats");
+    assert_eq!(stats["totals"]["publish_total"], 400, "the server's count");
+}
+
+#[test]
+fn a_fanout_over_two_fleet_hosts_loses_nothing() {
+    let redis = Redis::start();
+    let broker = format!("redis://127.0.0.1:{}/", redis.1);
+    let a = Ringgate::start(&["--shards", "1", "--broker", &broker]);
+    let b = Ringgate::start(&["--shards", "1", "--broker", &broker]);
+    let targets = format!("ws://{},ws://{}", a.ws, b.ws);
+    let controls = format!("http://{},http://{}", a.control, b.control);
+    let r = loadgen_with(&[
+        "fanout",
+        "--targets",
+        &targets,
+        "--control",
+        &controls,
+        "--procs",
+        "2",
+        "--conns",
+        "200",
+        "--topics",
+        "4",
+        "--events",
+        "200",
+    ]);
+    assert_eq!(r["published"], 200);
+    assert_eq!(r["expected"], 200 / 4 * 200);
+    assert_eq!(r["delivered"], r["expected"]);
+    assert_eq!(r["duplicates"], 0);
+    assert_eq!(r["out_of_order"], 0);
+    for host in [&a, &b] {
+        let stats = http_get_json(&host.control, "/stats");
+        let totals = &stats["totals"];
+        assert_eq!(totals["publish_total"], 100, "round-robin: {totals}");
+        assert_eq!(
+            totals["connections_upgraded_total"], 100,
+            "half the subscribers: {totals}"
+        );
+        assert_eq!(totals["broker_gaps_detected_total"], 0, "{totals}");
+    }
+    // One control plane names the first host only; its subscribers are counted.
+    let r = loadgen_with(&[
+        "fanout",
+        "--targets",
+        &targets,
+        "--control",
+        &format!("http://{}", a.control),
+        "--procs",
+        "2",
+        "--conns",
+        "100",
+        "--events",
+        "20",
+    ]);
+    assert_eq!(r["delivered"], 100 * 20);
+}
+
 #[test]
 fn connect_counts_match_the_server() {
     let server = Ringgate::start(&[]);

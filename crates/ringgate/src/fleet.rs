@@ -42,7 +42,7 @@ pub use follow::Gaps;
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect delays: from the first to the cap, doubling.
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// What the fleet keeps in Redis, from the history flags.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +64,8 @@ pub struct FleetFigures {
     pub rejected: AtomicU64,
     pub reconnects: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Of those, the topics subscribed and in step with Redis.
+    pub topics_live: AtomicU64,
     pub gaps: Mutex<Gaps>,
     /// Publish round trips (microseconds).
     pub publish_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,

@@ -349,6 +349,12 @@ fn fleet_figures(fleet: &Fleet) -> Vec<(&'static str, &'static str, &'static str
             f.subscriptions.load(relaxed),
         ),
         (
+            "ringgate_broker_topics_live",
+            "gauge",
+            "Of the topics followed, those subscribed and in step with Redis (the rest are being subscribed or synced).",
+            f.topics_live.load(relaxed),
+        ),
+        (
             "ringgate_broker_gaps_detected_total",
             "counter",
             "Times a topic was found behind Redis (missed messages, an inbox full, a lost link) or renumbered.",

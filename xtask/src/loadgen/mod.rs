@@ -9,6 +9,7 @@
 //! workers' histograms and prints a table (and `--json`, `--plot`). Every run is
 //! bounded by `--timeout` and stops by itself.
 
+pub mod publish;
 pub mod reconnect;
 pub mod recover;
 pub mod report;
@@ -57,6 +58,10 @@ const SCENARIOS: &str = "Scenarios:
            --window seconds (0: all at once), with /ws?recover=TOPIC@SEQ@EPOCH. Reports recovered %,
            events replayed, gaps, duplicates, reordering and time to recover p50/p99; fails on any
            gap, duplicate or reordering, or any subscriber that did not come back.
+  publish  --publishers concurrent HTTP connections (round-robin over the control planes of
+           --control) publish --events events of --size bytes over --topics topics, each sending
+           the next when the last is answered: accepted events/s, answer-time percentiles, 503s,
+           server CPU per event. Against a fleet member: publish throughput through Redis.
 
 Examples:
   cargo xtask loadgen connect --conns 50000 --procs 4 --sources 127.0.0.2-127.0.0.20 --hold 10
@@ -77,6 +82,7 @@ pub enum Scenario {
     Churn,
     Soak,
     Reconnect,
+    Publish,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -87,9 +93,18 @@ pub struct Args {
     /// The WebSocket address (ws://HOST:PORT).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub target: String,
-    /// The control plane (http://HOST:PORT): /stats, and /publish for fanout.
+    /// The control plane (http://HOST:PORT): /stats, and /publish for fanout. With --targets it
+    /// may list several (http://A,http://B, in the order of --targets): publishes go round-robin
+    /// through all of them, and each one's /stats is read.
     #[arg(long, default_value = "http://127.0.0.1:9090")]
     pub control: String,
+    /// publish: concurrent publishers, each with its own HTTP connection.
+    #[arg(long, default_value_t = 8)]
+    pub publishers: usize,
+    /// fanout over a fleet: WebSocket addresses of several hosts (ws://A,ws://B); worker
+    /// processes are spread over them round-robin (--procs at least as many). Replaces --target.
+    #[arg(long)]
+    pub targets: Option<String>,
     /// Connections (connect, fanout, echo).
     #[arg(long, default_value_t = 100)]
     pub conns: usize,
@@ -182,6 +197,9 @@ pub fn main(args: &Args) -> Result<(), String> {
     if args.scenario == Scenario::Reconnect {
         return reconnect::main(args);
     }
+    if args.scenario == Scenario::Publish {
+        return publish::main(args);
+    }
     let report = run(args)?;
     report.print();
     write_json(args, &report)?;
@@ -194,11 +212,53 @@ pub fn main(args: &Args) -> Result<(), String> {
 /// The WebSocket target, the control plane and the source addresses of a run;
 /// any of them off the loopback range is refused unless `--allow-remote`.
 pub(crate) fn endpoints(args: &Args) -> Result<(SocketAddr, SocketAddr, Vec<IpAddr>), String> {
-    let target = address(&args.target, "ws://")?;
-    let control = address(&args.control, "http://")?;
+    let hosts = fleet_endpoints(args)?;
+    Ok((hosts.targets[0], hosts.controls[0], hosts.sources))
+}
+
+/// The hosts of a run: every WebSocket target (`--targets`, or `--target`),
+/// every control plane, and the source addresses.
+pub(crate) struct Hosts {
+    pub targets: Vec<SocketAddr>,
+    pub controls: Vec<SocketAddr>,
+    pub sources: Vec<IpAddr>,
+}
+
+pub(crate) fn fleet_endpoints(args: &Args) -> Result<Hosts, String> {
+    let targets = match &args.targets {
+        Some(list) => list
+            .split(',')
+            .map(|t| address(t.trim(), "ws://"))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![address(&args.target, "ws://")?],
+    };
+    let controls = args
+        .control
+        .split(',')
+        .map(|c| address(c.trim(), "http://"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if controls.len() > 1 && controls.len() != targets.len() {
+        return Err(format!(
+            "--control lists {} control planes for {} targets: give one, or one per target in the same order",
+            controls.len(),
+            targets.len()
+        ));
+    }
+    if targets.len() > 1 && args.scenario != Scenario::Fanout {
+        return Err("--targets is for the fanout scenario".into());
+    }
+    if targets.len() > args.procs {
+        return Err(format!(
+            "--targets names {} hosts: use --procs {} or more (a worker process loads one host)",
+            targets.len(),
+            targets.len()
+        ));
+    }
     let sources = parse_sources(args.sources.as_deref())?;
-    for ip in [target.ip(), control.ip()]
-        .into_iter()
+    for ip in targets
+        .iter()
+        .chain(&controls)
+        .map(SocketAddr::ip)
         .chain(sources.iter().copied())
     {
         if !ip.is_loopback() && !args.allow_remote {
@@ -207,7 +267,11 @@ pub(crate) fn endpoints(args: &Args) -> Result<(SocketAddr, SocketAddr, Vec<IpAd
             ));
         }
     }
-    Ok((target, control, sources))
+    Ok(Hosts {
+        targets,
+        controls,
+        sources,
+    })
 }
 
 /// Writes `report` to `--json`, if given.
@@ -221,10 +285,11 @@ pub(crate) fn write_json(args: &Args, report: &impl Serialize) -> Result<(), Str
 
 /// Runs a scenario and returns its report.
 pub fn run(args: &Args) -> Result<Report, String> {
-    let (target, control, sources) = endpoints(args)?;
     if args.procs == 0 || args.procs > 64 {
         return Err("--procs must be from 1 to 64".into());
     }
+    let hosts = fleet_endpoints(args)?;
+    let (target, control, sources) = (hosts.targets[0], hosts.controls[0], hosts.sources.clone());
     if args.scenario == Scenario::Fanout && args.size < 40 {
         return Err("fanout --size must be at least 40 bytes (events carry a timestamp)".into());
     }
@@ -236,7 +301,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let stats_before = http.as_mut().and_then(|h| h.stats().ok());
     let before = Sample::take(server_pid);
     let started = Instant::now();
-    let mut workers = spawn_workers(args, target, &sources)?;
+    let mut workers = spawn_workers(args, &hosts.targets, &sources)?;
     let rx = worker_lines(&mut workers);
     let progress = Progress::new(args);
     let deadline = started + Duration::from_secs_f64(args.timeout + 10.0);
@@ -289,12 +354,28 @@ pub fn run(args: &Args) -> Result<Report, String> {
                     hold_until = Some(Instant::now() + Duration::from_secs_f64(args.hold - 0.5));
                 }
                 if args.scenario == Scenario::Fanout {
-                    let subscribers: u64 = progress_by_worker.iter().map(|p| p.0).sum();
-                    let http = http
-                        .as_mut()
-                        .ok_or("fanout needs the control plane (--control)")?;
-                    wait_for_subscriptions(http, subscribers)?;
-                    published = publish(http, args, control)?;
+                    // Each control plane counts its own host's subscribers.
+                    let mut controls = hosts
+                        .controls
+                        .iter()
+                        .map(|&c| Http::connect(c))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("fanout needs the control plane (--control): {e}"))?;
+                    for (h, http) in controls.iter_mut().enumerate() {
+                        let subscribers: u64 = progress_by_worker
+                            .iter()
+                            .enumerate()
+                            .filter(|(w, _)| w % hosts.targets.len() == h)
+                            .map(|(_, p)| p.0)
+                            .sum();
+                        wait_for_subscriptions(http, subscribers)?;
+                    }
+                    if controls.len() < hosts.targets.len() {
+                        // Hosts without a control plane here: give their
+                        // links a moment to subscribe on the bus.
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    published = publish(&mut controls, args)?;
                     let line = serde_json::to_string(&Line::Expect {
                         per_topic: published.per_topic.clone(),
                     })
@@ -342,9 +423,11 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 .and_then(|a| a.cpu)
                 .zip(work_end.cpu)
                 .map(|(a, b)| b - a),
-            Scenario::Connect | Scenario::Churn | Scenario::Soak | Scenario::Reconnect => {
-                before.cpu.zip(end.cpu).map(|(a, b)| b - a)
-            }
+            Scenario::Connect
+            | Scenario::Churn
+            | Scenario::Soak
+            | Scenario::Reconnect
+            | Scenario::Publish => before.cpu.zip(end.cpu).map(|(a, b)| b - a),
         },
         mem_available_drop: after
             .as_ref()
@@ -415,11 +498,19 @@ fn settle_connections(http: Option<&mut Http>, before: Option<u64>) -> Option<u6
     }
 }
 
+/// Waits until the server counts `subscribers` subscriptions and, for a fleet
+/// member, every topic it follows is live on the bus (an event published before
+/// would reach Redis but not this host).
 pub(crate) fn wait_for_subscriptions(http: &mut Http, subscribers: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stats = http.stats()?;
-        if stats["totals"]["subscriptions"].as_u64().unwrap_or(0) >= subscribers {
+        let totals = &stats["totals"];
+        let fleet_live = match totals.get("broker_subscriptions") {
+            Some(followed) => totals["broker_up"] == 1 && totals["broker_topics_live"] == *followed,
+            None => true,
+        };
+        if totals["subscriptions"].as_u64().unwrap_or(0) >= subscribers && fleet_live {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -441,9 +532,9 @@ pub struct Published {
     pub seconds: f64,
 }
 
-/// Publishes `--events` round-robin over the topics, each carrying its send time.
-fn publish(http: &mut Http, args: &Args, control: SocketAddr) -> Result<Published, String> {
-    let _ = control;
+/// Publishes `--events` round-robin over the topics (and over the control
+/// planes, when there are several), each carrying its send time.
+fn publish(controls: &mut [Http], args: &Args) -> Result<Published, String> {
     let mut out = Published::default();
     let started = Instant::now();
     for i in 0..args.events {
@@ -460,6 +551,7 @@ fn publish(http: &mut Http, args: &Args, control: SocketAddr) -> Result<Publishe
             "{head}{}\"}}",
             "x".repeat(args.size.saturating_sub(head.len() + 2))
         );
+        let http = &mut controls[i as usize % controls.len()];
         let (status, answer) =
             http.request("POST", &format!("/publish/{topic}"), body.as_bytes())?;
         match status {
@@ -483,9 +575,10 @@ fn publish(http: &mut Http, args: &Args, control: SocketAddr) -> Result<Publishe
     Ok(out)
 }
 
+/// Starts `--procs` workers; worker `p` loads `targets[p % targets.len()]`.
 pub(crate) fn spawn_workers(
     args: &Args,
-    target: SocketAddr,
+    targets: &[SocketAddr],
     sources: &[IpAddr],
 ) -> Result<Vec<Child>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -500,7 +593,7 @@ pub(crate) fn spawn_workers(
         };
         let job = Job {
             scenario: args.scenario,
-            target,
+            target: targets[p % targets.len()],
             conns: if args.scenario == Scenario::Churn {
                 0
             } else {
@@ -711,7 +804,7 @@ impl Progress {
             Scenario::Fanout | Scenario::Soak | Scenario::Reconnect => "events received",
             Scenario::Echo => "echoes",
             Scenario::Churn => "connections cycled",
-            Scenario::Connect => "",
+            Scenario::Connect | Scenario::Publish => "",
         };
         bar.set_message(format!("{f} failed  {r} {what}"));
     }

@@ -144,7 +144,11 @@ impl Report {
         let delivered: u64 = received.values().sum();
         let work = match args.scenario {
             Scenario::Fanout => delivered,
-            Scenario::Echo | Scenario::Churn | Scenario::Soak | Scenario::Reconnect => messages,
+            Scenario::Echo
+            | Scenario::Churn
+            | Scenario::Soak
+            | Scenario::Reconnect
+            | Scenario::Publish => messages,
             Scenario::Connect => connected,
         };
         let rss_per_connection = match (server.rss_before, server.rss_after) {

@@ -346,6 +346,7 @@ impl Worker {
         let since = |secs: f64| open_done_at.is_some_and(|t| t.elapsed().as_secs_f64() >= secs);
         match self.job.scenario {
             Scenario::Connect => since(self.job.hold_s),
+            Scenario::Publish => unreachable!("publish runs no workers"),
             Scenario::Fanout => {
                 let Some(expect) = &self.expect else {
                     return false;

@@ -29,7 +29,8 @@
 //! (a reconnecting client does not churn the bus), and where it stood is kept
 //! for `REMEMBER_FOR`: a subscription made again in that time (a subscribe
 //! answered before its shard's last subscriber left, say) continues from the
-//! last event this host delivered, gaps repaired.
+//! last event this host delivered, gaps repaired. A followed topic's numbering
+//! in Redis is kept from expiring (`to_touch`) however long nobody publishes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -81,6 +82,8 @@ struct Follow {
     unused_since: Option<Instant>,
     /// The sync under way (its answer is the only one taken).
     sync: u64,
+    /// When the topic's numbering in Redis was last kept from expiring.
+    touched: Instant,
 }
 
 impl Follow {
@@ -128,20 +131,35 @@ pub struct Follows {
     /// Topics that became unused, in order.
     unused_queue: VecDeque<(Arc<str>, Instant)>,
     stalled: Vec<Arc<str>>,
+    /// Followed topics by when their numbering was last kept alive.
+    touch_queue: VecDeque<(Arc<str>, Instant)>,
+    touch_every: Duration,
     history_size: usize,
     history_ttl_secs: u64,
     link_up: bool,
     syncs: u64,
+    /// Followed topics that are live.
+    live: usize,
     /// Work for the link: channels to subscribe and unsubscribe, topics to sync.
     pub to_subscribe: Vec<Arc<str>>,
     pub to_unsubscribe: Vec<Arc<str>>,
     pub to_sync: VecDeque<Sync>,
     pub to_read: Vec<RecoveryRead>,
+    /// Topics whose numbering must be kept from expiring in Redis.
+    pub to_touch: Vec<Arc<str>>,
     pub gaps: Gaps,
 }
 
 impl Follows {
-    pub fn new(shards: Vec<ShardSender>, history_size: usize, history_ttl: Duration) -> Self {
+    /// `touch_every`: how often a followed topic's numbering is kept from
+    /// expiring (well within `--topic-idle-ttl`): a topic with subscribers keeps
+    /// its epoch however long nobody publishes, as with the embedded broker.
+    pub fn new(
+        shards: Vec<ShardSender>,
+        history_size: usize,
+        history_ttl: Duration,
+        touch_every: Duration,
+    ) -> Self {
         Follows {
             shards,
             topics: HashMap::new(),
@@ -149,14 +167,18 @@ impl Follows {
             forget_queue: VecDeque::new(),
             unused_queue: VecDeque::new(),
             stalled: Vec::new(),
+            touch_queue: VecDeque::new(),
+            touch_every,
             history_size,
             history_ttl_secs: history_ttl.as_secs().max(1),
             link_up: false,
             syncs: 0,
+            live: 0,
             to_subscribe: Vec::new(),
             to_unsubscribe: Vec::new(),
             to_sync: VecDeque::new(),
             to_read: Vec::new(),
+            to_touch: Vec::new(),
             gaps: Gaps::default(),
         }
     }
@@ -166,8 +188,13 @@ impl Follows {
         self.topics.len()
     }
 
+    /// Followed topics that are live: subscribed and in step with Redis.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
     /// The topic's follow, made (from what was remembered) if new.
-    fn follow(&mut self, topic: &Arc<str>) -> &mut Follow {
+    fn follow(&mut self, topic: &Arc<str>, now: Instant) -> &mut Follow {
         if !self.topics.contains_key(topic) {
             let (epoch, delivered) = match self.remembered.remove(topic) {
                 Some((epoch, delivered, _)) => (Some(epoch), delivered),
@@ -189,8 +216,10 @@ impl Follows {
                     pending: VecDeque::new(),
                     unused_since: None,
                     sync: 0,
+                    touched: now,
                 },
             );
+            self.touch_queue.push_back((topic.clone(), now));
         }
         self.topics.get_mut(topic).expect("just made")
     }
@@ -200,7 +229,7 @@ impl Follows {
     fn start_sync(&mut self, topic: &Arc<str>) {
         self.syncs += 1;
         let f = self.topics.get_mut(topic).expect("followed");
-        f.phase = Phase::Syncing;
+        set_phase(&mut self.live, f, Phase::Syncing);
         f.sync = self.syncs;
         let from = if f.epoch.is_some() {
             f.delivered + 1
@@ -227,7 +256,7 @@ impl Follows {
     pub fn presence(&mut self, shard: usize, topic: Arc<str>, present: bool, now: Instant) {
         let (word, bit) = (shard / 64, 1u64 << (shard % 64));
         if present {
-            let f = self.follow(&topic);
+            let f = self.follow(&topic, now);
             assert_eq!(f.present[word] & bit, 0, "a shard announces a topic once");
             f.present[word] |= bit;
             f.unused_since = None;
@@ -250,7 +279,7 @@ impl Follows {
     /// history first when recovering), else when it is.
     pub fn subscribe(&mut self, request: SubscribeRequest) {
         let topic = request.topic.clone();
-        let f = self.follow(&topic);
+        let f = self.follow(&topic, Instant::now());
         f.unused_since = None;
         if f.phase != Phase::Live {
             f.waiting.push(request);
@@ -415,7 +444,7 @@ impl Follows {
         if deliver(&self.shards, topic, seq, frame) {
             f.delivered = seq;
         } else {
-            f.phase = Phase::Stalled;
+            set_phase(&mut self.live, f, Phase::Stalled);
             f.pending
                 .push_back((seq, epoch, Bytes::copy_from_slice(data.as_bytes())));
             self.stalled.push(topic.clone());
@@ -447,7 +476,7 @@ impl Follows {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(topic = &**topic, "reading where a topic stands failed: {e}");
-                f.phase = Phase::Stalled;
+                set_phase(&mut self.live, f, Phase::Stalled);
                 self.stalled.push(topic.clone());
                 return;
             }
@@ -468,7 +497,7 @@ impl Follows {
                         for (data, seq) in events.into_iter().zip(f.delivered + 1..) {
                             let frame = event_frame(topic, seq, EventData::Json(data));
                             if !deliver(&self.shards, topic, seq, frame) {
-                                f.phase = Phase::Stalled;
+                                set_phase(&mut self.live, f, Phase::Stalled);
                                 self.stalled.push(topic.clone());
                                 return;
                             }
@@ -480,7 +509,7 @@ impl Follows {
                     None => {
                         let notice = gap_notice(topic, standing.seq, &standing.epoch);
                         if !deliver(&self.shards, topic, 0, notice) {
-                            f.phase = Phase::Stalled;
+                            set_phase(&mut self.live, f, Phase::Stalled);
                             self.stalled.push(topic.clone());
                             return;
                         }
@@ -491,7 +520,7 @@ impl Follows {
                 }
             }
         }
-        f.phase = Phase::Live;
+        set_phase(&mut self.live, f, Phase::Live);
         let pending = std::mem::take(&mut f.pending);
         let mut rest = pending.into_iter();
         for (seq, epoch, data) in rest.by_ref() {
@@ -524,7 +553,7 @@ impl Follows {
         self.to_sync.clear();
         self.stalled.clear();
         for f in self.topics.values_mut() {
-            f.phase = Phase::Subscribing;
+            set_phase(&mut self.live, f, Phase::Subscribing);
             f.pending.clear();
         }
     }
@@ -551,6 +580,9 @@ impl Follows {
             }
             assert!(!f.is_held(), "an unused topic is held by nothing");
             let f = self.topics.remove(&topic).expect("followed");
+            if f.phase == Phase::Live {
+                self.live -= 1;
+            }
             if self.link_up {
                 self.to_unsubscribe.push(topic.clone());
             }
@@ -558,6 +590,19 @@ impl Follows {
                 self.remembered
                     .insert(topic.clone(), (epoch, f.delivered, now));
                 self.forget_queue.push_back((topic, now));
+            }
+        }
+        while let Some((topic, at)) = self.touch_queue.front().cloned() {
+            if now.duration_since(at) < self.touch_every {
+                break;
+            }
+            self.touch_queue.pop_front();
+            if let Some(f) = self.topics.get_mut(&topic).filter(|f| f.touched == at) {
+                f.touched = now;
+                if self.link_up {
+                    self.to_touch.push(topic.clone());
+                }
+                self.touch_queue.push_back((topic, now));
             }
         }
         while let Some((topic, at)) = self.forget_queue.front().cloned() {
@@ -570,6 +615,16 @@ impl Follows {
             }
         }
     }
+}
+
+/// Moves a topic to `phase`, counting the live ones.
+fn set_phase(live: &mut usize, f: &mut Follow, phase: Phase) {
+    match (f.phase == Phase::Live, phase == Phase::Live) {
+        (true, false) => *live -= 1,
+        (false, true) => *live += 1,
+        _ => {}
+    }
+    f.phase = phase;
 }
 
 /// Hands `frame` to every shard, or to none when an inbox is full.

@@ -91,7 +91,12 @@ pub async fn run(
     let limits = fleet.limits;
     let mut link = Link {
         fleet,
-        follows: Follows::new(shards, limits.history_size, limits.history_ttl),
+        follows: Follows::new(
+            shards,
+            limits.history_size,
+            limits.history_ttl,
+            limits.topic_idle_ttl / 3,
+        ),
         events,
         generation: 0,
         sink: None,
@@ -186,6 +191,7 @@ impl Link {
         *lock(&self.fleet.command) = None;
         self.fleet.figures.up.store(false, Ordering::Relaxed);
         self.fleet.figures.subscriptions.store(0, Ordering::Relaxed);
+        self.fleet.figures.topics_live.store(0, Ordering::Relaxed);
         self.follows.link_down();
         // Syncs waiting to start are void; recoveries wait for their topic.
         for read in std::mem::take(&mut self.reads_waiting) {
@@ -309,10 +315,18 @@ impl Link {
 
     /// Does what the follows asked for.
     fn flush(&mut self) {
+        self.fleet.figures.subscriptions.store(
+            if self.sink.is_some() {
+                self.follows.len() as u64
+            } else {
+                0
+            },
+            Ordering::Relaxed,
+        );
         self.fleet
             .figures
-            .subscriptions
-            .store(self.follows.len() as u64, Ordering::Relaxed);
+            .topics_live
+            .store(self.follows.live() as u64, Ordering::Relaxed);
         *lock(&self.fleet.figures.gaps) = self.follows.gaps;
         if let Some(sink) = &self.sink {
             for (subscribe, topics) in [
@@ -322,6 +336,12 @@ impl Link {
                 for chunk in topics.chunks(CHANNELS_PER_COMMAND) {
                     self.sink_command(sink.clone(), subscribe, chunk.to_vec());
                 }
+            }
+        }
+        let touch = std::mem::take(&mut self.follows.to_touch);
+        if let Some(commands) = lock(&self.fleet.command).clone() {
+            for chunk in touch.chunks(CHANNELS_PER_COMMAND) {
+                self.touch(commands.clone(), chunk);
             }
         }
         for sync in self.follows.to_sync.drain(..) {
@@ -360,6 +380,22 @@ impl Link {
                 });
             } else if let Err(e) = result {
                 tracing::debug!("UNSUBSCRIBE failed: {e}");
+            }
+        });
+    }
+
+    /// Keeps the numbering of `topics` from expiring: one pipelined EXPIRE each.
+    fn touch(&self, mut commands: MultiplexedConnection, topics: &[Arc<str>]) {
+        let mut pipe = redis::pipe();
+        for topic in topics {
+            pipe.cmd("EXPIRE")
+                .arg(keys::meta_key(topic))
+                .arg(self.fleet.meta_ttl_secs())
+                .ignore();
+        }
+        tokio::spawn(async move {
+            if let Err(e) = pipe.query_async::<()>(&mut commands).await {
+                tracing::debug!("keeping topics alive failed: {e}");
             }
         });
     }

@@ -17,7 +17,12 @@ fn follows(shards: usize, capacity: usize) -> (Follows, Vec<ShardSender>) {
     let senders: Vec<ShardSender> = (0..shards)
         .map(|id| ShardSender::detached(id, capacity).unwrap())
         .collect();
-    let mut f = Follows::new(senders.clone(), 100, Duration::from_secs(300));
+    let mut f = Follows::new(
+        senders.clone(),
+        100,
+        Duration::from_secs(300),
+        Duration::from_secs(60),
+    );
     f.link_up();
     (f, senders)
 }
@@ -223,7 +228,9 @@ fn a_lost_link_resubscribes_and_resyncs_every_topic_and_drops_stale_answers() {
     live(&mut f, "a", 1);
     live(&mut f, "b", 1);
     f.message("a", 2, epoch(EPOCH), "2");
+    assert_eq!(f.live(), 2);
     f.link_down();
+    assert_eq!(f.live(), 0);
     f.message("a", 3, epoch(EPOCH), "3");
     f.link_up();
     let mut again = f.to_subscribe.clone();
@@ -239,6 +246,24 @@ fn a_lost_link_resubscribes_and_resyncs_every_topic_and_drops_stale_answers() {
     assert_eq!(inbox(&shards[0]), ["event 2"]);
     f.synced(a, Ok(standing(3, EPOCH, 3)));
     assert_eq!(inbox(&shards[0]), ["event 3"]);
+    assert_eq!(f.live(), 1, "b is still syncing");
+}
+
+#[test]
+fn followed_topics_are_kept_from_expiring_until_left() {
+    let (mut f, _) = follows(1, 100);
+    let start = Instant::now();
+    live(&mut f, "t", 0);
+    f.tick(start + Duration::from_secs(30));
+    assert!(f.to_touch.is_empty());
+    f.tick(start + Duration::from_secs(61));
+    assert_eq!(f.to_touch, vec![Arc::<str>::from("t")]);
+    f.to_touch.clear();
+    f.tick(start + Duration::from_secs(100));
+    assert!(f.to_touch.is_empty(), "touched at 61 s");
+    f.presence(0, Arc::from("t"), false, start + Duration::from_secs(100));
+    f.tick(start + Duration::from_secs(130));
+    assert!(f.to_touch.is_empty(), "no longer followed");
 }
 
 #[test]
