@@ -118,10 +118,31 @@ fn args_for(
     cpu: usize,
     paced: bool,
 ) -> loadgen::Args {
-    let mut a = loadgen::Args {
+    let mut a = base_args(scenario, &server.ws, &server.control, quick);
+    a.pin = Some(cpu);
+    match scenario {
+        Scenario::Connect => a.conns = if quick { 5_000 } else { 15_000 },
+        Scenario::Fanout => {
+            a.conns = if quick { 2_000 } else { 10_000 };
+            a.events = if quick { 200 } else { 500 };
+        }
+        Scenario::Echo => a.conns = 100,
+        Scenario::Churn | Scenario::Soak | Scenario::Reconnect | Scenario::Publish => {}
+    }
+    if paced {
+        let (conns, events, rate) = steady(quick);
+        (a.conns, a.events, a.rate) = (conns, events as u64, Some(rate));
+    }
+    a
+}
+
+/// The load generator's settings for `scenario` against one server (`ws` and
+/// `control` as HOST:PORT), quiet, unpinned, the counts left at 0.
+pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool) -> loadgen::Args {
+    loadgen::Args {
         scenario,
-        target: format!("ws://{}", server.ws),
-        control: format!("http://{}", server.control),
+        target: format!("ws://{ws}"),
+        control: format!("http://{control}"),
         targets: None,
         publishers: 8,
         conns: 0,
@@ -137,7 +158,7 @@ fn args_for(
         duration: if quick { 3.0 } else { 10.0 },
         sources: None,
         procs: 1,
-        pin: Some(cpu),
+        pin: None,
         json: None,
         plot: None,
         allow_remote: false,
@@ -150,21 +171,7 @@ fn args_for(
         sample: 5.0,
         settle: 30.0,
         tolerance: 0.10,
-    };
-    match scenario {
-        Scenario::Connect => a.conns = if quick { 5_000 } else { 15_000 },
-        Scenario::Fanout => {
-            a.conns = if quick { 2_000 } else { 10_000 };
-            a.events = if quick { 200 } else { 500 };
-        }
-        Scenario::Echo => a.conns = 100,
-        Scenario::Churn | Scenario::Soak | Scenario::Reconnect | Scenario::Publish => {}
     }
-    if paced {
-        let (conns, events, rate) = steady(quick);
-        (a.conns, a.events, a.rate) = (conns, events as u64, Some(rate));
-    }
-    a
 }
 
 /// One second of echo traffic in large messages before measuring memory per
@@ -438,7 +445,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn human(v: f64) -> String {
+pub(crate) fn human(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 1.0 {

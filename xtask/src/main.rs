@@ -12,6 +12,7 @@
 
 mod bench;
 mod density;
+mod fleet_bench;
 mod floor;
 mod floor_echo;
 mod history_memory;
@@ -48,6 +49,8 @@ enum Task {
     HistoryMemory(history_memory::Args),
     /// Standard scenarios against ringgate and the baseline server, one table with ratios.
     Bench(bench::Args),
+    /// One host alone against two hosts over a real redis-server: fanout, publish rate, Redis restart.
+    FleetBench(fleet_bench::Args),
     /// The kernel's cost of one small write to a sleeping reader's socket, with no server.
     Floor(floor::Args),
     /// (internal) The reader side of `floor`.
@@ -66,7 +69,7 @@ enum Task {
         size: usize,
         seconds: f64,
     },
-    /// Drive load at a running ringgate: connect | fanout | echo | churn | soak | reconnect (see --help).
+    /// Drive load at a running ringgate: connect | fanout | echo | churn | soak | reconnect | publish (see --help).
     Loadgen(Box<loadgen::Args>),
     /// (internal) One load generator worker process.
     #[command(hide = true)]
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Task::HistoryMemory(a) => history_memory::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
         Task::Bench(a) => bench::run(&a),
+        Task::FleetBench(a) => fleet_bench::run(&a),
         Task::Floor(a) => floor::run(&a),
         Task::FloorReader {
             addr,

@@ -237,7 +237,7 @@ pub(crate) fn fleet_endpoints(args: &Args) -> Result<Hosts, String> {
         .split(',')
         .map(|c| address(c.trim(), "http://"))
         .collect::<Result<Vec<_>, _>>()?;
-    if controls.len() > 1 && controls.len() != targets.len() {
+    if controls.len() > 1 && controls.len() != targets.len() && args.scenario != Scenario::Publish {
         return Err(format!(
             "--control lists {} control planes for {} targets: give one, or one per target in the same order",
             controls.len(),
