@@ -538,3 +538,29 @@ fn a_client_publish_on_one_host_reaches_subscribers_on_another() {
     read_events(&mut subscriber, "chat.1", 1..=1);
     assert_eq!(metric(&a, "publish_total"), 1);
 }
+
+/// A batch through one host is numbered in line order and reaches a subscriber
+/// on another host in that order (three script calls of at most 100 events).
+#[test]
+fn a_batch_through_one_host_arrives_in_order_on_another() {
+    let redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    let b = host(&redis.url(), &[]);
+    let mut on_b = raw_upgrade(&b, "/ws");
+    assert_eq!(sub(&mut on_b, "bulk", None)["seq"], 0);
+    let body: String = (1..=250)
+        .map(|n| format!("{{\"topic\":\"bulk\",\"data\":{{\"n\":{n}}}}}\n"))
+        .collect();
+    let (status, answer) = post(a.control, "/publish", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    let seqs: Vec<u64> = answer
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=250).collect::<Vec<u64>>());
+    read_events(&mut on_b, "bulk", 1..=250);
+}

@@ -145,6 +145,7 @@ pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool
         control: format!("http://{control}"),
         targets: None,
         publishers: 8,
+        batch: 1,
         conns: 0,
         ramp: None,
         hold: 2.0,

@@ -1,7 +1,8 @@
 //! `cargo xtask fleet-bench`: one host alone (the embedded broker) against two
 //! hosts sharing a real `redis-server`, in one run on this machine: fanout to
 //! the same subscribers as a burst and at a steady rate, publish throughput
-//! from one publisher and from eight concurrent ones, and what a Redis
+//! from one publisher, from eight concurrent ones and in batches of 100 (the
+//! batch API: one Redis round trip per 100 events), and what a Redis
 //! restart costs (time until a publish is taken and delivered again).
 //!
 //! Every process shares the machine's cores, so the two-host figures include
@@ -91,6 +92,7 @@ struct Figures {
     publish_one: f64,
     publish_eight: f64,
     publish_eight_p99_ms: f64,
+    publish_batched: f64,
 }
 
 fn measure(hosts: &[&Ringgate], quick: bool) -> Result<Figures, String> {
@@ -115,7 +117,7 @@ fn measure(hosts: &[&Ringgate], quick: bool) -> Result<Figures, String> {
     };
     let burst = fanout(if quick { 100 } else { 200 }, None)?;
     let steady = fanout(if quick { 30 } else { 100 }, Some(10.0))?;
-    let publishing = |publishers: usize, events: u64| {
+    let publishing = |publishers: usize, events: u64, batch: usize| {
         let mut a = base_args(
             Scenario::Publish,
             &hosts[0].ws.to_string(),
@@ -123,11 +125,12 @@ fn measure(hosts: &[&Ringgate], quick: bool) -> Result<Figures, String> {
             quick,
         );
         a.control = controls.join(",");
-        (a.publishers, a.events, a.topics) = (publishers, events, 100);
+        (a.publishers, a.events, a.topics, a.batch) = (publishers, events, 100, batch);
         publish::run(&a)
     };
-    let one = publishing(1, if quick { 2_000 } else { 10_000 })?;
-    let eight = publishing(8, if quick { 8_000 } else { 40_000 })?;
+    let one = publishing(1, if quick { 2_000 } else { 10_000 }, 1)?;
+    let eight = publishing(8, if quick { 8_000 } else { 40_000 }, 1)?;
+    let batched = publishing(1, if quick { 50_000 } else { 200_000 }, 100)?;
     let lost = |r: &loadgen::report::Report| r.expected.saturating_sub(r.delivered);
     let ms = |r: &loadgen::report::Report, p99: bool| {
         r.latency_ms
@@ -143,6 +146,7 @@ fn measure(hosts: &[&Ringgate], quick: bool) -> Result<Figures, String> {
         publish_one: one.events_per_second,
         publish_eight: eight.events_per_second,
         publish_eight_p99_ms: eight.answer_ms.as_ref().map_or(f64::NAN, |p| p.p99),
+        publish_batched: batched.events_per_second,
     })
 }
 
@@ -253,7 +257,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let b = Ringgate::start(&["--shards", "1", "--no-pin", "--broker", &url])?;
     let two = measure(&[&a, &b], args.quick)?;
     let restart = restart_cost(&mut redis, &[&a, &b], Duration::from_secs_f64(args.outage))?;
-    let rows: [(&str, &str, f64, f64, bool); 8] = [
+    let rows: [(&str, &str, f64, f64, bool); 9] = [
         (
             "fanout burst: deliveries/s",
             "/s",
@@ -309,6 +313,13 @@ pub fn run(args: &Args) -> Result<(), String> {
             one.publish_eight_p99_ms,
             two.publish_eight_p99_ms,
             true,
+        ),
+        (
+            "publish, batches of 100: events/s",
+            "/s",
+            one.publish_batched,
+            two.publish_batched,
+            false,
         ),
     ];
     let subscribers = if args.quick { 2_000 } else { 10_000 };

@@ -39,6 +39,20 @@ impl Bus {
         }
     }
 
+    /// Publishes events in order; one answer per event, in the same order.
+    pub async fn publish_many(
+        &self,
+        events: &[(&str, EventData<'_>)],
+    ) -> Vec<Result<Published, PublishError>> {
+        match self {
+            Bus::Embedded(broker) => events
+                .iter()
+                .map(|(topic, data)| broker.publish(topic, *data))
+                .collect(),
+            Bus::Fleet(fleet) => fleet.publish_many(events).await,
+        }
+    }
+
     /// Refuses every publish from now on (the shards are being drained).
     pub fn start_draining(&self) {
         match self {

@@ -4,7 +4,7 @@
 //!
 //! Endpoints: `POST /publish/{topic}` (the body is the event: JSON is inlined,
 //! other UTF-8 text is sent as a JSON string; with `--control-token` it needs
-//! `Authorization: Bearer TOKEN`), `GET /healthz` (200 while every shard runs),
+//! `Authorization: Bearer TOKEN`), `POST /publish` (a batch, `batch.rs`), `GET /healthz` (200 while every shard runs),
 //! `GET /readyz` (200 while every shard runs, the server is not draining and,
 //! for a fleet member, its link to Redis is up),
 //! `GET /metrics` and `GET /stats` (JSON: every counter per shard and summed,
@@ -80,6 +80,7 @@ pub struct Control {
 /// What `GET /` on the control address answers: its endpoints.
 const CONTROL_INDEX: &str = "ringgate control plane
 POST /publish/{topic}  publish the body to topic's subscribers (Authorization: Bearer TOKEN with --control-token)
+POST /publish          a batch: JSON lines {\"topic\":T,\"data\":D}, answered with one JSON line per event
 GET  /stats            every figure per shard and summed, the settings, uptime and version (JSON)
 GET  /metrics          the same figures for Prometheus
 GET  /healthz          200 while every shard runs
@@ -132,6 +133,7 @@ pub fn spawn(
                 control.bus.start(upstream);
                 let app = Router::new()
                     .route("/", get(|| async { CONTROL_INDEX }))
+                    .route("/publish", post(publish_batch))
                     .route("/publish/{*topic}", post(publish))
                     .route("/metrics", get(metrics_text))
                     .route("/healthz", get(healthz))
@@ -284,6 +286,46 @@ async fn publish(
             answer(StatusCode::BAD_REQUEST, json!({ "error": e.message() }))
         }
     }
+}
+
+/// `POST /publish`: a batch of events as JSON lines (`batch.rs`).
+async fn publish_batch(
+    State(control): State<Arc<Control>>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !authorized(&control, &headers) {
+        let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
+        return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg })).into_response();
+    }
+    let limited = Limited::new(body, crate::batch::BATCH_BYTES_MAX);
+    let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            let msg = format!(
+                "the batch is larger than {} bytes: split it",
+                crate::batch::BATCH_BYTES_MAX
+            );
+            return answer(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": msg })).into_response();
+        }
+        Ok(Err(e)) => {
+            let msg = format!("reading the body failed: {e}");
+            return answer(StatusCode::BAD_REQUEST, json!({ "error": msg })).into_response();
+        }
+        Err(_) => {
+            let msg = "the body did not arrive within --control-timeout";
+            return answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": msg })).into_response();
+        }
+    };
+    let (status, lines) =
+        crate::batch::publish(&control.bus, &body, control.message_bytes_max).await;
+    (
+        StatusCode::from_u16(status).expect("a valid status"),
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        lines,
+    )
+        .into_response()
 }
 
 async fn metrics_text(

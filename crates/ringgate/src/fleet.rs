@@ -38,6 +38,10 @@ use crate::topic_table::{Epoch, EpochMaker};
 
 pub use follow::Gaps;
 
+/// Events per publish script call: a batch is sent a chunk at a time, in
+/// order; each chunk runs atomically in Redis, so it is kept short.
+pub const PUBLISH_CHUNK_EVENTS: usize = 100;
+
 /// Time allowed to connect to Redis, and for each answer.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect delays: from the first to the cap, doubling.
@@ -155,55 +159,96 @@ impl Fleet {
         topic: &str,
         data: EventData<'_>,
     ) -> Result<Published, PublishError> {
-        let result = self.publish_inner(topic, data).await;
-        let counter = match &result {
-            Ok(_) => &self.figures.published,
-            Err(_) => &self.figures.rejected,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        result
+        let mut answers = self.publish_many(&[(topic, data)]).await;
+        answers.pop().expect("one answer per event")
     }
 
-    async fn publish_inner(
+    /// Publishes events in order, `PUBLISH_CHUNK_EVENTS` per script call (one
+    /// round trip each): one answer per event, in the same order.
+    pub async fn publish_many(
         &self,
-        topic: &str,
-        data: EventData<'_>,
-    ) -> Result<Published, PublishError> {
-        if !ringgate_shard::valid_topic(topic) {
-            return Err(PublishError::BadTopic);
+        events: &[(&str, EventData<'_>)],
+    ) -> Vec<Result<Published, PublishError>> {
+        let mut answers = Vec::with_capacity(events.len());
+        for chunk in events.chunks(PUBLISH_CHUNK_EVENTS) {
+            answers.extend(self.publish_chunk(chunk).await);
         }
+        for answer in &answers {
+            let counter = match answer {
+                Ok(_) => &self.figures.published,
+                Err(_) => &self.figures.rejected,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        answers
+    }
+
+    async fn publish_chunk(
+        &self,
+        events: &[(&str, EventData<'_>)],
+    ) -> Vec<Result<Published, PublishError>> {
+        let all = |e: PublishError| events.iter().map(|_| Err(e.clone())).collect();
         if self.is_draining() {
-            return Err(PublishError::Draining);
+            return all(PublishError::Draining);
         }
         let Some(mut connection) = lock(&self.command).clone() else {
-            return Err(PublishError::BrokerDown(
+            return all(PublishError::BrokerDown(
                 "the broker (Redis) is unreachable".into(),
             ));
         };
-        let started = Instant::now();
-        let reply: redis::RedisResult<(u64, String, u64)> = self
-            .publish
-            .key(keys::meta_key(topic))
-            .key(keys::history_key(topic))
-            .arg(keys::channel(topic))
-            .arg(&*keys::data_json(&data))
-            .arg(&*self.fresh_epoch())
-            .arg(self.limits.history_size)
-            .arg(self.limits.history_ttl.as_secs().max(1))
-            .arg(self.meta_ttl_secs())
-            .invoke_async(&mut connection)
-            .await;
-        self.record_latency(started.elapsed());
-        let (seq, epoch, hosts) = reply.map_err(|e| self.failed(e))?;
-        let epoch = Epoch::parse(&epoch).ok_or_else(|| {
-            PublishError::BrokerDown(format!("Redis answered a corrupt epoch {epoch:?}"))
-        })?;
-        Ok(Published {
-            seq,
-            epoch,
-            shards: self.shards,
-            hosts: Some(hosts),
-        })
+        // Bad topics are answered here; the rest go to Redis in one call.
+        let valid: Vec<&(&str, EventData<'_>)> = events
+            .iter()
+            .filter(|(topic, _)| ringgate_shard::valid_topic(topic))
+            .collect();
+        let mut replies = Vec::new();
+        if !valid.is_empty() {
+            let mut call = self.publish.prepare_invoke();
+            call.arg(self.limits.history_size)
+                .arg(self.limits.history_ttl.as_secs().max(1))
+                .arg(self.meta_ttl_secs());
+            for (topic, data) in &valid {
+                call.key(keys::meta_key(topic))
+                    .key(keys::history_key(topic))
+                    .arg(keys::channel(topic))
+                    .arg(&*keys::data_json(data))
+                    .arg(&*self.fresh_epoch());
+            }
+            let started = Instant::now();
+            let reply: redis::RedisResult<Vec<(u64, String, u64)>> =
+                call.invoke_async(&mut connection).await;
+            self.record_latency(started.elapsed());
+            replies = match reply {
+                Ok(r) if r.len() == valid.len() => r,
+                Ok(r) => {
+                    return all(PublishError::BrokerDown(format!(
+                        "Redis answered {} events for {}",
+                        r.len(),
+                        valid.len()
+                    )))
+                }
+                Err(e) => return all(self.failed(e)),
+            };
+        }
+        let mut replies = replies.into_iter();
+        events
+            .iter()
+            .map(|(topic, _)| {
+                if !ringgate_shard::valid_topic(topic) {
+                    return Err(PublishError::BadTopic);
+                }
+                let (seq, epoch, hosts) = replies.next().expect("one reply per valid event");
+                let epoch = Epoch::parse(&epoch).ok_or_else(|| {
+                    PublishError::BrokerDown(format!("Redis answered a corrupt epoch {epoch:?}"))
+                })?;
+                Ok(Published {
+                    seq,
+                    epoch,
+                    shards: self.shards,
+                    hosts: Some(hosts),
+                })
+            })
+            .collect()
     }
 
     /// A failed command: a broken connection is the link's to mend.

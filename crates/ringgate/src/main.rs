@@ -1,6 +1,7 @@
 //! The `ringgate` binary: parses the command line, starts the shards and the
 //! control plane, and turns SIGTERM/SIGINT into a graceful drain.
 
+mod batch;
 mod broker;
 mod bus;
 mod cli;

@@ -60,8 +60,9 @@ const SCENARIOS: &str = "Scenarios:
            gap, duplicate or reordering, or any subscriber that did not come back.
   publish  --publishers concurrent HTTP connections (round-robin over the control planes of
            --control) publish --events events of --size bytes over --topics topics, each sending
-           the next when the last is answered: accepted events/s, answer-time percentiles, 503s,
-           server CPU per event. Against a fleet member: publish throughput through Redis.
+           the next when the last is answered (--batch N: N events per request, JSON lines to
+           POST /publish): accepted events/s, answer-time percentiles, refusals, server CPU per
+           event. Against a fleet member: publish throughput through Redis.
 
 Examples:
   cargo xtask loadgen connect --conns 50000 --procs 4 --sources 127.0.0.2-127.0.0.20 --hold 10
@@ -101,6 +102,9 @@ pub struct Args {
     /// publish: concurrent publishers, each with its own HTTP connection.
     #[arg(long, default_value_t = 8)]
     pub publishers: usize,
+    /// publish: events per request; above 1 they go as JSON lines to the batch API (POST /publish).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// fanout over a fleet: WebSocket addresses of several hosts (ws://A,ws://B); worker
     /// processes are spread over them round-robin (--procs at least as many). Replaces --target.
     #[arg(long)]

@@ -3,8 +3,9 @@
 //! `--publishers` threads, each with its own keep-alive HTTP connection (spread
 //! round-robin over the control planes of `--control`), publish `--events`
 //! events of `--size` bytes round-robin over `--topics` topics, each sending the
-//! next as soon as the last is answered. Reports accepted events/s, the
-//! answer-time percentiles and 503s; with a fleet member behind `--control`
+//! next as soon as the last is answered; with `--batch N`, N events per request
+//! through the batch API (`POST /publish`, JSON lines). Reports accepted
+//! events/s, the answer-time percentiles (per request) and refusals; with a fleet member behind `--control`
 //! this is the publish throughput through Redis, concurrent publishers sharing
 //! one pipelined Redis connection.
 
@@ -22,6 +23,7 @@ use super::{cpu_seconds, fleet_endpoints, pid_listening_on, Args};
 #[derive(Debug, Serialize)]
 pub struct PublishReport {
     pub publishers: usize,
+    pub batch: usize,
     pub accepted: u64,
     pub refused: u64,
     pub seconds: f64,
@@ -33,7 +35,10 @@ pub struct PublishReport {
 
 pub fn main(args: &Args) -> Result<(), String> {
     let report = run(args)?;
-    println!("loadgen Publish: {} publishers", report.publishers);
+    println!(
+        "loadgen Publish: {} publishers, {} event(s) per request",
+        report.publishers, report.batch
+    );
     println!(
         "  published                    {} accepted, {} refused, in {:.2} s",
         report.accepted, report.refused, report.seconds
@@ -72,25 +77,45 @@ pub fn run(args: &Args) -> Result<PublishReport, String> {
             let control = hosts.controls[p % hosts.controls.len()];
             let next = next.clone();
             let (events, topics, size) = (args.events, args.topics.max(1), args.size);
+            let batch = args.batch.max(1) as u64;
             std::thread::spawn(move || -> Result<(u64, u64, Histogram<u64>), String> {
                 let mut http = Http::connect(control)?;
                 let mut h =
                     Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
                 let (mut accepted, mut refused) = (0, 0);
-                let body = format!("{{\"p\":\"{}\"}}", "x".repeat(size.saturating_sub(8)));
+                let data = format!("{{\"p\":\"{}\"}}", "x".repeat(size.saturating_sub(8)));
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= events {
+                    let first = next.fetch_add(batch, Ordering::Relaxed);
+                    if first >= events {
                         return Ok((accepted, refused, h));
                     }
-                    let topic = format!("t{}", i % topics as u64);
+                    let n = batch.min(events - first);
                     let sent = Instant::now();
-                    let (status, answer) =
-                        http.request("POST", &format!("/publish/{topic}"), body.as_bytes())?;
+                    let (status, answer) = if batch == 1 {
+                        let topic = format!("t{}", first % topics as u64);
+                        http.request("POST", &format!("/publish/{topic}"), data.as_bytes())?
+                    } else {
+                        let body: String = (first..first + n)
+                            .map(|i| {
+                                format!(
+                                    "{{\"topic\":\"t{}\",\"data\":{data}}}\n",
+                                    i % topics as u64
+                                )
+                            })
+                            .collect();
+                        http.request("POST", "/publish", body.as_bytes())?
+                    };
                     let _ = h.record((sent.elapsed().as_micros() as u64).max(1));
                     match status {
-                        200 => accepted += 1,
-                        503 => refused += 1,
+                        200 => accepted += n,
+                        // A batch with refused lines: count them.
+                        207 => {
+                            let text = String::from_utf8_lossy(&answer);
+                            let bad =
+                                text.lines().filter(|l| l.contains("\"error\"")).count() as u64;
+                            (accepted, refused) = (accepted + n - bad, refused + bad);
+                        }
+                        503 => refused += n,
                         other => {
                             return Err(format!(
                                 "publish answered {other}: {}",
@@ -116,6 +141,7 @@ pub fn run(args: &Args) -> Result<PublishReport, String> {
         .map(|(b, a)| a - b);
     Ok(PublishReport {
         publishers: args.publishers,
+        batch: args.batch.max(1),
         accepted,
         refused,
         seconds,

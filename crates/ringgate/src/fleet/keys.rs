@@ -43,28 +43,36 @@ pub fn topic_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix(PREFIX)?.strip_suffix("}:events")
 }
 
-/// Numbers, keeps and publishes one event, atomically.
-/// KEYS: meta, history. ARGV: channel, data, a fresh epoch (used if the topic
-/// has no state), history size, history TTL (s), meta TTL (s).
-/// Returns {seq, epoch, hosts that received it}.
+/// Numbers, keeps and publishes events, atomically and in order (one event, or
+/// a chunk of a batch).
+/// KEYS: meta and history of each event's topic, in turn. ARGV: history size,
+/// history TTL (s), meta TTL (s), then for each event its channel, its data
+/// and a fresh epoch (used if the topic has no state).
+/// Returns {seq, epoch, hosts that received it} per event.
 pub const PUBLISH: &str = r"
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('DEL', KEYS[2])
+local size = tonumber(ARGV[1])
+local now = redis.call('TIME')[1]
+local answers = {}
+for i = 1, #KEYS / 2 do
+  local meta, history = KEYS[2 * i - 1], KEYS[2 * i]
+  local channel, data, fresh = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = fresh
+    redis.call('HSET', meta, 'epoch', epoch)
+    redis.call('DEL', history)
+  end
+  redis.call('EXPIRE', meta, ARGV[3])
+  if size > 0 then
+    redis.call('RPUSH', history, now .. ':' .. data)
+    redis.call('LTRIM', history, -size, -1)
+    redis.call('EXPIRE', history, ARGV[2])
+  end
+  local hosts = redis.call('PUBLISH', channel, seq .. ':' .. epoch .. ':' .. data)
+  answers[i] = {seq, epoch, hosts}
 end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-local size = tonumber(ARGV[4])
-if size > 0 then
-  local now = redis.call('TIME')[1]
-  redis.call('RPUSH', KEYS[2], now .. ':' .. ARGV[2])
-  redis.call('LTRIM', KEYS[2], -size, -1)
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-local hosts = redis.call('PUBLISH', ARGV[1], seq .. ':' .. epoch .. ':' .. ARGV[2])
-return {seq, epoch, hosts}
+return answers
 ";
 
 /// Where a topic stands, made if unknown (seq 0, the fresh epoch), and the
