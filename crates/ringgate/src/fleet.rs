@@ -79,13 +79,13 @@ pub struct Fleet {
     client: redis::Client,
     /// The URL with any password hidden, for logs and `/stats`.
     pub shown_url: String,
-    /// The command connection while the link is up.
-    command: Mutex<Option<MultiplexedConnection>>,
-    /// Tells the link a command failed on a broken connection.
-    broken: mpsc::UnboundedSender<()>,
+    /// The command connection while the link is up, with the link's generation.
+    command: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Tells the link a command failed on a broken connection (of that generation).
+    broken: mpsc::UnboundedSender<u64>,
     /// What the link takes when it starts: the shards' inboxes and the other
     /// end of `broken`.
-    for_link: Mutex<Option<(Vec<ShardSender>, mpsc::UnboundedReceiver<()>)>>,
+    for_link: Mutex<Option<(Vec<ShardSender>, mpsc::UnboundedReceiver<u64>)>>,
     epochs: Mutex<EpochMaker>,
     publish: redis::Script,
     standing: redis::Script,
@@ -130,7 +130,17 @@ impl Fleet {
         let (shards, broken) = lock(&self.for_link)
             .take()
             .expect("the link is started once");
-        tokio::spawn(link::run(self.clone(), shards, upstream, broken));
+        let link = tokio::spawn(link::run(self.clone(), shards, upstream, broken));
+        let fleet = self.clone();
+        // A link that panicked is a bug: nothing would be delivered while
+        // /readyz said ready. Stop the process, so it is restarted and seen.
+        tokio::spawn(async move {
+            if let Err(e) = link.await {
+                fleet.figures.up.store(false, Ordering::Relaxed);
+                tracing::error!("the broker link failed: {e}; exiting");
+                std::process::exit(70);
+            }
+        });
     }
 
     pub fn start_draining(&self) {
@@ -191,7 +201,7 @@ impl Fleet {
         if self.is_draining() {
             return all(PublishError::Draining);
         }
-        let Some(mut connection) = lock(&self.command).clone() else {
+        let Some((generation, mut connection)) = lock(&self.command).clone() else {
             return all(PublishError::BrokerDown(
                 "the broker (Redis) is unreachable".into(),
             ));
@@ -227,7 +237,7 @@ impl Fleet {
                         valid.len()
                     )))
                 }
-                Err(e) => return all(self.failed(e)),
+                Err(e) => return all(self.failed(e, generation)),
             };
         }
         let mut replies = replies.into_iter();
@@ -252,9 +262,9 @@ impl Fleet {
     }
 
     /// A failed command: a broken connection is the link's to mend.
-    fn failed(&self, e: redis::RedisError) -> PublishError {
+    fn failed(&self, e: redis::RedisError, generation: u64) -> PublishError {
         if is_broken(&e) {
-            let _ = self.broken.send(());
+            let _ = self.broken.send(generation);
         }
         PublishError::BrokerDown(format!("the broker (Redis) failed: {e}"))
     }

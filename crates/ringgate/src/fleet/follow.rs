@@ -57,6 +57,10 @@ pub const PENDING_MAX: usize = 1024;
 /// Times a recovery reads the history before giving up, when this host
 /// delivers faster than Redis answers.
 pub const RECOVERY_READS_MAX: u32 = 8;
+/// How long a recovery from a `seq` this host has not delivered yet waits for
+/// it (the client comes from a host a little ahead) before it is answered
+/// `Future`.
+pub const AHEAD_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -77,7 +81,18 @@ struct Follow {
     /// The numbering of the last event delivered (`None`: never synced).
     epoch: Option<Epoch>,
     delivered: u64,
-    pending: VecDeque<(u64, Epoch, Bytes)>,
+    /// The `seq` the last sync found in Redis: a message up to it may arrive
+    /// after the sync (the two connections are not ordered); a message above it
+    /// and not above `delivered` means Redis went back (restored from an old
+    /// snapshot), and the topic syncs again.
+    synced_to: u64,
+    pending: VecDeque<Held>,
+    /// Messages were dropped at `PENDING_MAX`: sync again once live.
+    overflowed: bool,
+    /// Recoveries from a `seq` this host has not delivered yet, with when they came.
+    ahead: Vec<(SubscribeRequest, Instant)>,
+    /// Which follow this is (a topic left and followed again is a new one).
+    id: u64,
     /// When the last holder left; `None` while held.
     unused_since: Option<Instant>,
     /// The sync under way (its answer is the only one taken).
@@ -88,8 +103,21 @@ struct Follow {
 
 impl Follow {
     fn is_held(&self) -> bool {
-        self.present.iter().any(|&w| w != 0) || !self.waiting.is_empty() || self.reading > 0
+        self.present.iter().any(|&w| w != 0)
+            || !self.waiting.is_empty()
+            || self.reading > 0
+            || !self.ahead.is_empty()
     }
+}
+
+/// A message held while its topic is not live.
+struct Held {
+    seq: u64,
+    epoch: Epoch,
+    data: Bytes,
+    /// The last sync id issued anywhere when it arrived: a message that arrived
+    /// before a sync was issued was published before that sync's read.
+    arrived_after: u64,
 }
 
 /// What a recovery must read from Redis: the history from `from` on.
@@ -98,6 +126,8 @@ pub struct RecoveryRead {
     pub request: SubscribeRequest,
     pub from: u64,
     pub attempt: u32,
+    /// The topic's numbering when the read was asked for.
+    pub epoch: Epoch,
 }
 
 /// A sync to run: where `topic` stands in Redis, and its history from `from`
@@ -107,6 +137,10 @@ pub struct Sync {
     pub topic: Arc<str>,
     pub from: u64,
     pub id: u64,
+    /// Where this host stands (numbering, last delivered), if it ever synced:
+    /// Redis found behind it under the same numbering (restored from an old
+    /// snapshot) starts a new numbering.
+    pub host: Option<(Epoch, u64)>,
 }
 
 /// Gap and delivery counters, for `/metrics`.
@@ -138,10 +172,14 @@ pub struct Follows {
     history_ttl_secs: u64,
     link_up: bool,
     syncs: u64,
+    follows_made: u64,
+    /// Topics with recoveries waiting in `ahead`, by when they came.
+    ahead_queue: VecDeque<(Arc<str>, Instant)>,
     /// Followed topics that are live.
     live: usize,
     /// Work for the link: channels to subscribe and unsubscribe, topics to sync.
-    pub to_subscribe: Vec<Arc<str>>,
+    /// (topic, follow id): the answer names the follow it is for.
+    pub to_subscribe: Vec<(Arc<str>, u64)>,
     pub to_unsubscribe: Vec<Arc<str>>,
     pub to_sync: VecDeque<Sync>,
     pub to_read: Vec<RecoveryRead>,
@@ -168,11 +206,14 @@ impl Follows {
             unused_queue: VecDeque::new(),
             stalled: Vec::new(),
             touch_queue: VecDeque::new(),
-            touch_every,
+            // At least a second, whatever the TTL: the queue is walked by time.
+            touch_every: touch_every.max(Duration::from_secs(1)),
             history_size,
             history_ttl_secs: history_ttl.as_secs().max(1),
             link_up: false,
             syncs: 0,
+            follows_made: 0,
+            ahead_queue: VecDeque::new(),
             live: 0,
             to_subscribe: Vec::new(),
             to_unsubscribe: Vec::new(),
@@ -200,8 +241,10 @@ impl Follows {
                 Some((epoch, delivered, _)) => (Some(epoch), delivered),
                 None => (None, 0),
             };
+            self.follows_made += 1;
+            let id = self.follows_made;
             if self.link_up {
-                self.to_subscribe.push(topic.clone());
+                self.to_subscribe.push((topic.clone(), id));
             }
             let words = self.shards.len().div_ceil(64);
             self.topics.insert(
@@ -213,13 +256,23 @@ impl Follows {
                     phase: Phase::Subscribing,
                     epoch,
                     delivered,
+                    synced_to: delivered,
                     pending: VecDeque::new(),
+                    overflowed: false,
+                    ahead: Vec::new(),
+                    id,
                     unused_since: None,
                     sync: 0,
                     touched: now,
                 },
             );
             self.touch_queue.push_back((topic.clone(), now));
+            if self.touch_queue.len() > 2 * self.topics.len() + 1024 {
+                // Entries of topics no longer followed: drop them now.
+                let topics = &self.topics;
+                self.touch_queue
+                    .retain(|(t, at)| topics.get(t).is_some_and(|f| f.touched == *at));
+            }
         }
         self.topics.get_mut(topic).expect("just made")
     }
@@ -240,6 +293,7 @@ impl Follows {
             topic: topic.clone(),
             from,
             id: self.syncs,
+            host: f.epoch.map(|e| (e, f.delivered)),
         });
     }
 
@@ -295,7 +349,12 @@ impl Follows {
         } else if Epoch::parse(&since.epoch) != Some(epoch) {
             Recovery::EpochChanged
         } else if since.seq > delivered {
-            Recovery::Future
+            // From a host a little ahead: wait for this one to catch up.
+            let now = Instant::now();
+            self.ahead_queue.push_back((topic.clone(), now));
+            let f = self.topics.get_mut(&topic).expect("followed");
+            f.ahead.push((request, now));
+            return;
         } else if since.seq == delivered {
             Recovery::Recovered
         } else if delivered - since.seq > history_size {
@@ -307,6 +366,7 @@ impl Follows {
                 request,
                 from,
                 attempt: 1,
+                epoch,
             });
             return;
         };
@@ -321,12 +381,12 @@ impl Follows {
             .get_mut(&topic)
             .expect("a reading holds its topic");
         f.reading -= 1;
-        if f.phase != Phase::Live {
-            // The link or the numbering moved: answer once the topic is live again.
-            f.waiting.push(read.request);
-            return;
+        if f.phase != Phase::Live || f.epoch != Some(read.epoch) {
+            // The link or the numbering moved: judge the request afresh (it
+            // waits if the topic is not live).
+            return self.subscribe(read.request);
         }
-        let (epoch, delivered) = (f.epoch.expect("live"), f.delivered);
+        let (epoch, delivered) = (read.epoch, f.delivered);
         let standing = match result {
             Ok(s) => s,
             Err(e) => {
@@ -364,8 +424,12 @@ impl Follows {
         let Some(events) = standing.events_from(read.from, self.history_ttl_secs) else {
             return self.answer(read.request, delivered, epoch, Recovery::TooOld, vec![]);
         };
-        let wanted = (delivered + 1 - read.from) as usize;
-        let replay = events[..wanted]
+        // The numbering is the read's, so `from` is at most `delivered`.
+        let wanted = usize::try_from(delivered + 1 - read.from).expect("a short history");
+        let Some(events) = events.get(..wanted) else {
+            return self.answer(read.request, delivered, epoch, Recovery::TooOld, vec![]);
+        };
+        let replay = events
             .iter()
             .zip(read.from..)
             .map(|(data, seq)| event_frame(&topic, seq, EventData::Json(data)))
@@ -416,24 +480,46 @@ impl Follows {
             return; // Unsubscribed meanwhile.
         };
         let topic = topic.clone();
+        let arrived_after = self.syncs;
         let f = self.topics.get_mut(&topic).expect("followed");
         if f.phase != Phase::Live {
             if f.pending.len() < PENDING_MAX {
-                f.pending
-                    .push_back((seq, epoch, Bytes::copy_from_slice(data.as_bytes())));
+                f.pending.push_back(Held {
+                    seq,
+                    epoch,
+                    data: Bytes::copy_from_slice(data.as_bytes()),
+                    arrived_after,
+                });
+            } else {
+                f.overflowed = true;
             }
             return;
+        }
+        if f.epoch == Some(epoch) && seq > f.synced_to && seq <= f.delivered {
+            tracing::warn!(
+                topic = &*topic,
+                seq,
+                delivered = f.delivered,
+                "Redis numbered an event this host already delivered (restored from an old snapshot?): syncing"
+            );
+            return self.start_sync(&topic);
         }
         self.live_message(&topic, seq, epoch, data.as_bytes());
     }
 
     /// A message while live: delivered, dropped as a duplicate, or the start of a sync.
     fn live_message(&mut self, topic: &Arc<str>, seq: u64, epoch: Epoch, data: &[u8]) {
+        let arrived_after = self.syncs;
         let f = self.topics.get_mut(topic).expect("followed");
+        let held = Held {
+            seq,
+            epoch,
+            data: Bytes::copy_from_slice(data),
+            arrived_after,
+        };
         if f.epoch != Some(epoch) || seq > f.delivered + 1 {
             // A new numbering, or events this host did not get: sync from history.
-            f.pending
-                .push_back((seq, epoch, Bytes::copy_from_slice(data)));
+            f.pending.push_back(held);
             return self.start_sync(topic);
         }
         if seq <= f.delivered {
@@ -443,21 +529,37 @@ impl Follows {
         let frame = event_frame(topic, seq, EventData::Json(data));
         if deliver(&self.shards, topic, seq, frame) {
             f.delivered = seq;
+            if !f.ahead.is_empty() {
+                self.caught_up(topic);
+            }
         } else {
             set_phase(&mut self.live, f, Phase::Stalled);
-            f.pending
-                .push_back((seq, epoch, Bytes::copy_from_slice(data.as_bytes())));
+            f.pending.push_back(held);
             self.stalled.push(topic.clone());
         }
     }
 
+    /// Recoveries waiting for this host to deliver their `seq` that it now has.
+    fn caught_up(&mut self, topic: &Arc<str>) {
+        let f = self.topics.get_mut(topic).expect("followed");
+        let delivered = f.delivered;
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut f.ahead)
+            .into_iter()
+            .partition(|(r, _)| r.since.as_ref().is_some_and(|s| s.seq <= delivered));
+        f.ahead = still;
+        for (request, _) in ready {
+            self.subscribe(request);
+        }
+    }
+
     /// The channels of `topics` are subscribed: each syncs.
-    pub fn subscribed(&mut self, topics: &[Arc<str>]) {
-        for topic in topics {
+    pub fn subscribed(&mut self, topics: &[(Arc<str>, u64)]) {
+        for (topic, id) in topics {
             let Some(f) = self.topics.get_mut(topic) else {
                 continue; // Unused and dropped meanwhile; its UNSUBSCRIBE follows.
             };
-            if f.phase == Phase::Subscribing {
+            // A follow made since (left and followed again) waits for its own.
+            if f.id == *id && f.phase == Phase::Subscribing {
                 self.start_sync(topic);
             }
         }
@@ -521,10 +623,23 @@ impl Follows {
             }
         }
         set_phase(&mut self.live, f, Phase::Live);
+        f.synced_to = standing.seq;
         let pending = std::mem::take(&mut f.pending);
         let mut rest = pending.into_iter();
-        for (seq, epoch, data) in rest.by_ref() {
-            self.live_message(topic, seq, epoch, &data);
+        for held in rest.by_ref() {
+            // A message published before this sync's read that is not in what
+            // the read found is of an old numbering, or not a real event.
+            if held.arrived_after < sync.id
+                && (held.epoch != standing.epoch || held.seq > standing.seq)
+            {
+                tracing::warn!(
+                    topic = &**topic,
+                    seq = held.seq,
+                    "dropping a message Redis' standing does not know"
+                );
+                continue;
+            }
+            self.live_message(topic, held.seq, held.epoch, &held.data);
             if self.topics[topic].phase != Phase::Live {
                 break;
             }
@@ -534,15 +649,23 @@ impl Follows {
             f.pending.extend(rest);
             return;
         }
+        if std::mem::take(&mut f.overflowed) {
+            // Messages were dropped while syncing: the history has them.
+            return self.start_sync(topic);
+        }
         for request in std::mem::take(&mut f.waiting) {
             self.subscribe(request);
+        }
+        if !self.topics[topic].ahead.is_empty() {
+            self.caught_up(topic);
         }
     }
 
     /// The link is up (again): every followed topic subscribes and syncs.
     pub fn link_up(&mut self) {
         self.link_up = true;
-        self.to_subscribe.extend(self.topics.keys().cloned());
+        self.to_subscribe
+            .extend(self.topics.iter().map(|(t, f)| (t.clone(), f.id)));
     }
 
     /// The link is down: nothing arrives until it is up again.
@@ -603,6 +726,26 @@ impl Follows {
                     self.to_touch.push(topic.clone());
                 }
                 self.touch_queue.push_back((topic, now));
+            }
+        }
+        while let Some((topic, at)) = self.ahead_queue.front().cloned() {
+            if now.duration_since(at) < AHEAD_WAIT {
+                break;
+            }
+            self.ahead_queue.pop_front();
+            let Some(f) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            let (expired, still): (Vec<_>, Vec<_>) = std::mem::take(&mut f.ahead)
+                .into_iter()
+                .partition(|(_, came)| now.duration_since(*came) >= AHEAD_WAIT);
+            f.ahead = still;
+            let (epoch, delivered) = (f.epoch, f.delivered);
+            for (request, _) in expired {
+                match epoch {
+                    Some(epoch) => self.answer(request, delivered, epoch, Recovery::Future, vec![]),
+                    None => self.subscribe(request),
+                }
             }
         }
         while let Some((topic, at)) = self.forget_queue.front().cloned() {

@@ -50,6 +50,7 @@ pub fn topic_of_channel(channel: &str) -> Option<&str> {
 /// and a fresh epoch (used if the topic has no state).
 /// Returns {seq, epoch, hosts that received it} per event.
 pub const PUBLISH: &str = r"
+redis.replicate_commands()
 local size = tonumber(ARGV[1])
 local now = redis.call('TIME')[1]
 local answers = {}
@@ -76,14 +77,21 @@ return answers
 ";
 
 /// Where a topic stands, made if unknown (seq 0, the fresh epoch), and the
-/// history from a given `seq` on.
+/// history from a given `seq` on. A host that delivered further under the same
+/// epoch than Redis' `seq` (Redis restored from an old snapshot, a lagging
+/// replica promoted) means that numbering is broken: the topic starts a new one,
+/// so no `(seq, epoch)` names two events and every host sends a gap notice.
 /// KEYS: meta, history. ARGV: a fresh epoch, meta TTL (s), the first `seq`
-/// wanted (0: none).
+/// wanted (0: none), the asking host's epoch ("" if none) and last delivered `seq`.
 /// Returns {seq, epoch, Redis' clock (s), {entries from the first wanted}};
 /// fewer entries than `seq - first + 1` means the history no longer reaches it.
 pub const STANDING: &str = r"
+redis.replicate_commands()
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and seq and epoch == ARGV[4] and seq < tonumber(ARGV[5]) then
+  epoch = nil
+end
 if not epoch or not seq then
   seq = 0
   epoch = ARGV[1]

@@ -35,6 +35,10 @@ const CLIENT_PUBLISHES_INFLIGHT_MAX: usize = 1024;
 const UPSTREAM_BATCH: usize = 1024;
 /// How often unused topics are unsubscribed and stalled ones synced again.
 const TICK: Duration = Duration::from_millis(50);
+/// How often the pub/sub connection is pinged: a connection that died without
+/// a reset (a NAT's idle timeout, a host gone) is found within this plus
+/// `BROKER_TIMEOUT`, not when the next publish fails to arrive.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// What spawned work reports back to the link.
 enum Event {
@@ -46,7 +50,12 @@ enum Event {
     ConnectFailed(String),
     Subscribed {
         generation: u64,
-        topics: Vec<Arc<str>>,
+        topics: Vec<(Arc<str>, u64)>,
+        result: Result<(), String>,
+    },
+    /// The pub/sub connection answered a ping (or did not in time).
+    Pinged {
+        generation: u64,
         result: Result<(), String>,
     },
     Synced {
@@ -71,6 +80,9 @@ struct Link {
     /// The next reconnect delay.
     backoff: Duration,
     connecting: bool,
+    /// When the pub/sub connection was last pinged; whether a ping is out.
+    pinged_at: Instant,
+    ping_out: bool,
     reads_inflight: usize,
     reads_waiting: std::collections::VecDeque<Read>,
     client_publishes: Arc<Semaphore>,
@@ -85,7 +97,7 @@ pub async fn run(
     fleet: Arc<Fleet>,
     shards: Vec<ShardSender>,
     mut upstream: mpsc::Receiver<Upstream>,
-    mut broken: mpsc::UnboundedReceiver<()>,
+    mut broken: mpsc::UnboundedReceiver<u64>,
 ) {
     let (events, mut events_rx) = mpsc::unbounded_channel();
     let limits = fleet.limits;
@@ -103,6 +115,8 @@ pub async fn run(
         stream: None,
         backoff: RECONNECT_FIRST,
         connecting: false,
+        pinged_at: Instant::now(),
+        ping_out: false,
         reads_inflight: 0,
         reads_waiting: Default::default(),
         client_publishes: Arc::new(Semaphore::new(CLIENT_PUBLISHES_INFLIGHT_MAX)),
@@ -126,12 +140,16 @@ pub async fn run(
                 None => link.lost("the pub/sub connection closed"),
             },
             Some(event) = events_rx.recv() => link.event(event),
-            Some(()) = broken.recv() => {
-                if link.stream.is_some() {
+            Some(generation) = broken.recv() => {
+                // A late report about a connection already replaced is old news.
+                if generation == link.generation && link.stream.is_some() {
                     link.lost("a command failed on a broken connection");
                 }
             }
-            _ = tick.tick() => link.follows.tick(Instant::now()),
+            _ = tick.tick() => {
+                link.follows.tick(Instant::now());
+                link.ping_if_due();
+            }
         }
         link.flush();
     }
@@ -226,7 +244,9 @@ impl Link {
                     tracing::info!(broker = %self.fleet.shown_url, "broker link up again");
                 }
                 self.backoff = RECONNECT_FIRST;
-                *lock(&self.fleet.command) = Some(commands);
+                *lock(&self.fleet.command) = Some((self.generation, commands));
+                self.pinged_at = Instant::now();
+                self.ping_out = false;
                 self.sink = Some(sink);
                 self.stream = Some(stream);
                 self.fleet.figures.up.store(true, Ordering::Relaxed);
@@ -241,6 +261,17 @@ impl Link {
                     "cannot reach the broker: {why}; retrying in {delay:?}"
                 );
                 self.connect(delay);
+            }
+            Event::Pinged { generation, result } => {
+                if generation != self.generation {
+                    return;
+                }
+                self.ping_out = false;
+                if let Err(e) = result {
+                    self.lost(&format!(
+                        "the pub/sub connection did not answer a ping: {e}"
+                    ));
+                }
             }
             Event::Subscribed {
                 generation,
@@ -329,17 +360,17 @@ impl Link {
             .store(self.follows.live() as u64, Ordering::Relaxed);
         *lock(&self.fleet.figures.gaps) = self.follows.gaps;
         if let Some(sink) = &self.sink {
-            for (subscribe, topics) in [
-                (false, std::mem::take(&mut self.follows.to_unsubscribe)),
-                (true, std::mem::take(&mut self.follows.to_subscribe)),
-            ] {
-                for chunk in topics.chunks(CHANNELS_PER_COMMAND) {
-                    self.sink_command(sink.clone(), subscribe, chunk.to_vec());
-                }
+            let unsubscribe = std::mem::take(&mut self.follows.to_unsubscribe);
+            for chunk in unsubscribe.chunks(CHANNELS_PER_COMMAND) {
+                self.unsubscribe(sink.clone(), chunk);
+            }
+            let subscribe = std::mem::take(&mut self.follows.to_subscribe);
+            for chunk in subscribe.chunks(CHANNELS_PER_COMMAND) {
+                self.subscribe(sink.clone(), chunk.to_vec());
             }
         }
         let touch = std::mem::take(&mut self.follows.to_touch);
-        if let Some(commands) = lock(&self.fleet.command).clone() {
+        if let Some((_, commands)) = lock(&self.fleet.command).clone() {
             for chunk in touch.chunks(CHANNELS_PER_COMMAND) {
                 self.touch(commands.clone(), chunk);
             }
@@ -358,34 +389,59 @@ impl Link {
         }
     }
 
-    /// A SUBSCRIBE or UNSUBSCRIBE; the sink keeps the order they are made in.
-    fn sink_command(&self, mut sink: PubSubSink, subscribe: bool, topics: Vec<Arc<str>>) {
-        let channels: Vec<String> = topics.iter().map(|t| keys::channel(t)).collect();
+    /// SUBSCRIBE, answered to the link. The sink sends commands in the order
+    /// they are queued: queued when the task is first polled, and tasks are
+    /// first polled in the order they are spawned on this current-thread runtime.
+    fn subscribe(&self, mut sink: PubSubSink, topics: Vec<(Arc<str>, u64)>) {
+        let channels: Vec<String> = topics.iter().map(|(t, _)| keys::channel(t)).collect();
         let generation = self.generation;
         let events = self.events.clone();
-        // The command is queued on the sink when the future is first polled;
-        // spawned tasks are first polled in the order they were spawned.
         tokio::spawn(async move {
-            let result = if subscribe {
-                sink.subscribe(&channels).await
-            } else {
-                sink.unsubscribe(&channels).await
-            };
-            let result = result.map_err(|e| e.to_string());
-            if subscribe {
-                let _ = events.send(Event::Subscribed {
-                    generation,
-                    topics,
-                    result,
-                });
-            } else if let Err(e) = result {
+            let result = tokio::time::timeout(BROKER_TIMEOUT, sink.subscribe(&channels))
+                .await
+                .map_err(|_| "no answer in time".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let _ = events.send(Event::Subscribed {
+                generation,
+                topics,
+                result,
+            });
+        });
+    }
+
+    fn unsubscribe(&self, mut sink: PubSubSink, topics: &[Arc<str>]) {
+        let channels: Vec<String> = topics.iter().map(|t| keys::channel(t)).collect();
+        tokio::spawn(async move {
+            if let Err(e) = sink.unsubscribe(&channels).await {
                 tracing::debug!("UNSUBSCRIBE failed: {e}");
             }
         });
     }
 
+    /// Pings the pub/sub connection every `PING_EVERY`, one ping at a time.
+    fn ping_if_due(&mut self) {
+        let Some(sink) = &self.sink else {
+            return;
+        };
+        if self.ping_out || self.pinged_at.elapsed() < PING_EVERY {
+            return;
+        }
+        (self.ping_out, self.pinged_at) = (true, Instant::now());
+        let mut sink = sink.clone();
+        let generation = self.generation;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(BROKER_TIMEOUT, sink.ping::<String>())
+                .await
+                .map_err(|_| "no answer in time".to_string())
+                .and_then(|r| r.map(drop).map_err(|e| e.to_string()));
+            let _ = events.send(Event::Pinged { generation, result });
+        });
+    }
+
     /// Keeps the numbering of `topics` from expiring: one pipelined EXPIRE each.
     fn touch(&self, mut commands: MultiplexedConnection, topics: &[Arc<str>]) {
+        let (generation, broken) = (self.generation, self.fleet.broken.clone());
         let mut pipe = redis::pipe();
         for topic in topics {
             pipe.cmd("EXPIRE")
@@ -396,12 +452,15 @@ impl Link {
         tokio::spawn(async move {
             if let Err(e) = pipe.query_async::<()>(&mut commands).await {
                 tracing::debug!("keeping topics alive failed: {e}");
+                if super::is_broken(&e) {
+                    let _ = broken.send(generation);
+                }
             }
         });
     }
 
     fn start_read(&mut self, read: Read) {
-        let Some(mut commands) = lock(&self.fleet.command).clone() else {
+        let Some((_, mut commands)) = lock(&self.fleet.command).clone() else {
             // Down: syncs are void, recoveries wait for their topic.
             if let Read::Recovery(r) = read {
                 self.follows
@@ -410,9 +469,13 @@ impl Link {
             return;
         };
         self.reads_inflight += 1;
-        let (topic, from) = match &read {
-            Read::Sync(s) => (s.topic.clone(), s.from),
-            Read::Recovery(r) => (r.request.topic.clone(), r.from),
+        let (topic, from, host) = match &read {
+            Read::Sync(s) => (s.topic.clone(), s.from, s.host),
+            Read::Recovery(r) => (r.request.topic.clone(), r.from, None),
+        };
+        let (host_epoch, host_delivered) = match host {
+            Some((epoch, delivered)) => (epoch.to_string(), delivered),
+            None => (String::new(), 0),
         };
         let fleet = self.fleet.clone();
         let events = self.events.clone();
@@ -425,13 +488,15 @@ impl Link {
                 .arg(&*fleet.fresh_epoch())
                 .arg(fleet.meta_ttl_secs())
                 .arg(from)
+                .arg(host_epoch)
+                .arg(host_delivered)
                 .invoke_async(&mut commands)
                 .await;
             let result = match reply {
                 Ok(reply) => Standing::from_reply(reply),
                 Err(e) => {
                     if super::is_broken(&e) {
-                        let _ = fleet.broken.send(());
+                        let _ = fleet.broken.send(generation);
                     }
                     Err(e.to_string())
                 }

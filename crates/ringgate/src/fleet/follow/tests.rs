@@ -72,13 +72,18 @@ fn inbox(shard: &ShardSender) -> Vec<String> {
         .collect()
 }
 
+/// Confirms every SUBSCRIBE asked for; returns the topics.
+fn confirm(f: &mut Follows) -> Vec<Arc<str>> {
+    let asked = std::mem::take(&mut f.to_subscribe);
+    f.subscribed(&asked);
+    asked.into_iter().map(|(t, _)| t).collect()
+}
+
 /// Follows `topic` from shard 0 and syncs it at `seq` (epoch `EPOCH`).
 fn live(f: &mut Follows, topic: &str, seq: u64) {
     f.presence(0, Arc::from(topic), true, Instant::now());
     let topic: Arc<str> = Arc::from(topic);
-    assert_eq!(f.to_subscribe, vec![topic.clone()]);
-    f.to_subscribe.clear();
-    f.subscribed(&[topic]);
+    assert_eq!(confirm(f), vec![topic]);
     let sync = f.to_sync.pop_front().unwrap();
     assert_eq!(sync.from, 0, "never synced: no history wanted");
     f.synced(&sync, Ok(standing(seq, EPOCH, seq + 1)));
@@ -90,7 +95,7 @@ fn a_subscribe_waits_for_the_topic_to_be_live_and_is_answered_at_its_seq() {
     f.subscribe(request(1, "t", None));
     assert_eq!(f.to_subscribe.len(), 1);
     assert!(inbox(&shards[1]).is_empty(), "not live yet");
-    f.subscribed(&[Arc::from("t")]);
+    confirm(&mut f);
     // Messages while syncing are held, then delivered past the standing.
     f.message("t", 7, epoch(EPOCH), "7");
     f.message("t", 8, epoch(EPOCH), "8");
@@ -166,15 +171,10 @@ fn recoveries_read_the_history_and_answer_at_the_hosts_seq() {
     let (mut f, shards) = follows(1, 100);
     live(&mut f, "t", 5);
     f.subscribe(request(0, "t", Some((5, EPOCH))));
-    f.subscribe(request(0, "t", Some((9, EPOCH))));
     f.subscribe(request(0, "t", Some((1, OTHER_EPOCH))));
     assert_eq!(
         inbox(&shards[0]),
-        [
-            "answer 5 Recovered 0",
-            "answer 5 Future 0",
-            "answer 5 EpochChanged 0"
-        ]
+        ["answer 5 Recovered 0", "answer 5 EpochChanged 0"]
     );
     f.subscribe(request(0, "t", Some((2, EPOCH))));
     let read = f.to_read.pop().unwrap();
@@ -207,7 +207,7 @@ fn an_unused_topic_is_unsubscribed_after_the_grace_and_continues_if_it_returns()
     assert_eq!(f.len(), 0);
     // Back within REMEMBER_FOR: the sync starts after the last delivered.
     f.presence(0, Arc::from("t"), true, start + UNSUBSCRIBE_GRACE);
-    f.subscribed(&[Arc::from("t")]);
+    confirm(&mut f);
     let sync = f.to_sync.pop_front().unwrap();
     assert_eq!(sync.from, 5);
     f.synced(&sync, Ok(standing(6, EPOCH, 5)));
@@ -218,7 +218,7 @@ fn an_unused_topic_is_unsubscribed_after_the_grace_and_continues_if_it_returns()
     f.tick(later + UNSUBSCRIBE_GRACE);
     f.tick(later + UNSUBSCRIBE_GRACE + REMEMBER_FOR);
     f.presence(0, Arc::from("t"), true, later + REMEMBER_FOR * 2);
-    f.subscribed(&[Arc::from("t")]);
+    confirm(&mut f);
     assert_eq!(f.to_sync.pop_back().unwrap().from, 0);
 }
 
@@ -233,10 +233,9 @@ fn a_lost_link_resubscribes_and_resyncs_every_topic_and_drops_stale_answers() {
     assert_eq!(f.live(), 0);
     f.message("a", 3, epoch(EPOCH), "3");
     f.link_up();
-    let mut again = f.to_subscribe.clone();
+    let mut again = confirm(&mut f);
     again.sort();
     assert_eq!(again, vec![Arc::<str>::from("a"), Arc::from("b")]);
-    f.subscribed(&again);
     let syncs: Vec<_> = f.to_sync.drain(..).collect();
     let a = syncs.iter().find(|s| &*s.topic == "a").unwrap();
     assert_eq!(a.from, 3);
@@ -273,4 +272,91 @@ fn a_departure_without_an_announcement_is_a_bug() {
     f.presence(0, Arc::from("x"), true, Instant::now());
     f.presence(0, Arc::from("x"), false, Instant::now());
     f.presence(0, Arc::from("x"), false, Instant::now());
+}
+
+#[test]
+fn a_recovery_from_a_host_ahead_waits_for_this_one_then_says_future() {
+    let (mut f, shards) = follows(1, 100);
+    let start = Instant::now();
+    live(&mut f, "t", 5);
+    f.subscribe(request(0, "t", Some((6, EPOCH))));
+    f.subscribe(request(0, "t", Some((9, EPOCH))));
+    assert!(inbox(&shards[0]).is_empty(), "both wait");
+    f.message("t", 6, epoch(EPOCH), "6");
+    assert_eq!(inbox(&shards[0]), ["event 6", "answer 6 Recovered 0"]);
+    f.tick(start + AHEAD_WAIT * 2);
+    assert_eq!(inbox(&shards[0]), ["answer 6 Future 0"]);
+    f.tick(start + AHEAD_WAIT * 3);
+    assert_eq!(f.len(), 1, "still followed: shard 0 holds it");
+}
+
+#[test]
+fn redis_going_back_under_the_same_epoch_is_found_and_renumbered() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "t", 10);
+    // A late copy of an event the sync already covered is a plain duplicate.
+    f.message("t", 9, epoch(EPOCH), "9");
+    assert!(f.to_sync.is_empty());
+    f.message("t", 11, epoch(EPOCH), "11");
+    f.message("t", 12, epoch(EPOCH), "12");
+    assert_eq!(inbox(&shards[0]), ["event 11", "event 12"]);
+    // Redis restored from a snapshot at 10 numbers a new event 11 again.
+    f.message("t", 11, epoch(EPOCH), "11");
+    let sync = f.to_sync.pop_front().expect("a sync");
+    assert_eq!(sync.host, Some((epoch(EPOCH), 12)), "the script renumbers");
+    f.synced(&sync, Ok(standing(0, OTHER_EPOCH, 1)));
+    assert_eq!(inbox(&shards[0]), [format!("gap 0 {OTHER_EPOCH}")]);
+    f.message("t", 1, epoch(OTHER_EPOCH), "1");
+    assert_eq!(inbox(&shards[0]), ["event 1"]);
+}
+
+#[test]
+fn held_messages_redis_does_not_know_are_dropped_not_chased() {
+    let (mut f, shards) = follows(1, 100);
+    live(&mut f, "t", 2);
+    f.message("t", 5, epoch(EPOCH), "5");
+    // Meanwhile Redis lost the topic: the sync finds a new numbering, and the
+    // held message of the old one must not start another sync.
+    let sync = f.to_sync.pop_front().unwrap();
+    f.synced(&sync, Ok(standing(0, OTHER_EPOCH, 1)));
+    assert!(f.to_sync.is_empty(), "no endless resync");
+    assert_eq!(inbox(&shards[0]), [format!("gap 0 {OTHER_EPOCH}")]);
+    assert_eq!(f.live(), 1);
+}
+
+#[test]
+fn messages_dropped_at_the_cap_are_fetched_by_another_sync() {
+    let (mut f, shards) = follows(1, 10_000);
+    live(&mut f, "t", 0);
+    f.link_down();
+    f.link_up();
+    confirm(&mut f);
+    let sync = f.to_sync.pop_front().unwrap();
+    let total = PENDING_MAX as u64 + 5;
+    for seq in 1..=total {
+        f.message("t", seq, epoch(EPOCH), &seq.to_string());
+    }
+    // The read was sent before any of them was published.
+    f.synced(&sync, Ok(standing(0, EPOCH, 1)));
+    let again = f.to_sync.pop_front().expect("a sync for what was dropped");
+    assert_eq!(again.from, PENDING_MAX as u64 + 1);
+    f.synced(&again, Ok(standing(total, EPOCH, again.from)));
+    let got = inbox(&shards[0]);
+    assert_eq!(got.len() as u64, total);
+    assert_eq!(got.last().unwrap(), &format!("event {total}"));
+}
+
+#[test]
+fn a_late_confirmation_for_an_earlier_follow_is_not_taken() {
+    let (mut f, _) = follows(1, 100);
+    let start = Instant::now();
+    f.presence(0, Arc::from("t"), true, start);
+    let first = std::mem::take(&mut f.to_subscribe);
+    f.presence(0, Arc::from("t"), false, start);
+    f.tick(start + UNSUBSCRIBE_GRACE);
+    f.presence(0, Arc::from("t"), true, start + UNSUBSCRIBE_GRACE);
+    f.subscribed(&first);
+    assert!(f.to_sync.is_empty(), "the old SUBSCRIBE's answer");
+    confirm(&mut f);
+    assert_eq!(f.to_sync.len(), 1);
 }
