@@ -54,6 +54,9 @@ pub const REMEMBER_FOR: Duration = Duration::from_secs(30);
 /// Messages held per topic while it syncs; past it they are dropped and the
 /// next sync finds them in the history (or sends a gap notice).
 pub const PENDING_MAX: usize = 1024;
+/// Bytes of messages held over all topics, the same way: after a reconnect
+/// every followed topic holds what arrives while it syncs.
+pub const PENDING_BYTES_MAX: usize = 64 << 20;
 /// Times a recovery reads the history before giving up, when this host
 /// delivers faster than Redis answers.
 pub const RECOVERY_READS_MAX: u32 = 8;
@@ -173,6 +176,8 @@ pub struct Follows {
     link_up: bool,
     syncs: u64,
     follows_made: u64,
+    /// Bytes held in every topic's `pending`.
+    pending_bytes: usize,
     /// Topics with recoveries waiting in `ahead`, by when they came.
     ahead_queue: VecDeque<(Arc<str>, Instant)>,
     /// Followed topics that are live.
@@ -213,6 +218,7 @@ impl Follows {
             link_up: false,
             syncs: 0,
             follows_made: 0,
+            pending_bytes: 0,
             ahead_queue: VecDeque::new(),
             live: 0,
             to_subscribe: Vec::new(),
@@ -232,6 +238,23 @@ impl Follows {
     /// Followed topics that are live: subscribed and in step with Redis.
     pub fn live(&self) -> usize {
         self.live
+    }
+
+    /// Checks the running totals against the table (tests).
+    #[cfg(test)]
+    pub fn check(&self) {
+        let held: usize = self
+            .topics
+            .values()
+            .flat_map(|f| f.pending.iter().map(|h| h.data.len()))
+            .sum();
+        assert_eq!(held, self.pending_bytes);
+        let live = self
+            .topics
+            .values()
+            .filter(|f| f.phase == Phase::Live)
+            .count();
+        assert_eq!(live, self.live);
     }
 
     /// The topic's follow, made (from what was remembered) if new.
@@ -483,16 +506,13 @@ impl Follows {
         let arrived_after = self.syncs;
         let f = self.topics.get_mut(&topic).expect("followed");
         if f.phase != Phase::Live {
-            if f.pending.len() < PENDING_MAX {
-                f.pending.push_back(Held {
-                    seq,
-                    epoch,
-                    data: Bytes::copy_from_slice(data.as_bytes()),
-                    arrived_after,
-                });
-            } else {
-                f.overflowed = true;
-            }
+            let held = Held {
+                seq,
+                epoch,
+                data: Bytes::copy_from_slice(data.as_bytes()),
+                arrived_after,
+            };
+            hold(&mut self.pending_bytes, f, held);
             return;
         }
         if f.epoch == Some(epoch) && seq > f.synced_to && seq <= f.delivered {
@@ -519,7 +539,7 @@ impl Follows {
         };
         if f.epoch != Some(epoch) || seq > f.delivered + 1 {
             // A new numbering, or events this host did not get: sync from history.
-            f.pending.push_back(held);
+            hold(&mut self.pending_bytes, f, held);
             return self.start_sync(topic);
         }
         if seq <= f.delivered {
@@ -534,7 +554,7 @@ impl Follows {
             }
         } else {
             set_phase(&mut self.live, f, Phase::Stalled);
-            f.pending.push_back(held);
+            hold(&mut self.pending_bytes, f, held);
             self.stalled.push(topic.clone());
         }
     }
@@ -627,6 +647,7 @@ impl Follows {
         let pending = std::mem::take(&mut f.pending);
         let mut rest = pending.into_iter();
         for held in rest.by_ref() {
+            self.pending_bytes -= held.data.len();
             // A message published before this sync's read that is not in what
             // the read found is of an old numbering, or not a real event.
             if held.arrived_after < sync.id
@@ -677,7 +698,9 @@ impl Follows {
         self.stalled.clear();
         for f in self.topics.values_mut() {
             set_phase(&mut self.live, f, Phase::Subscribing);
-            f.pending.clear();
+            for held in f.pending.drain(..) {
+                self.pending_bytes -= held.data.len();
+            }
         }
     }
 
@@ -706,6 +729,7 @@ impl Follows {
             if f.phase == Phase::Live {
                 self.live -= 1;
             }
+            self.pending_bytes -= f.pending.iter().map(|h| h.data.len()).sum::<usize>();
             if self.link_up {
                 self.to_unsubscribe.push(topic.clone());
             }
@@ -758,6 +782,18 @@ impl Follows {
             }
         }
     }
+}
+
+/// Holds a message while the topic is not live, within `PENDING_MAX` per topic
+/// and `PENDING_BYTES_MAX` in all; past them it is dropped and the topic syncs
+/// once more when live (`overflowed`).
+fn hold(pending_bytes: &mut usize, f: &mut Follow, held: Held) {
+    if f.pending.len() >= PENDING_MAX || *pending_bytes + held.data.len() > PENDING_BYTES_MAX {
+        f.overflowed = true;
+        return;
+    }
+    *pending_bytes += held.data.len();
+    f.pending.push_back(held);
 }
 
 /// Moves a topic to `phase`, counting the live ones.
