@@ -68,8 +68,23 @@ fn config_errors_name_the_key_and_the_line() {
     let out = ringgate(&["check-config", bad_value.to_str().unwrap()], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
-    let _ = std::fs::remove_file(file);
-    let _ = std::fs::remove_file(bad_value);
+    let bad_broker = temp_file("bad-broker.toml", "broker = \"rediss://:pw@h/\"\n");
+    let out = ringgate(&["check-config", bad_broker.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("only redis://") && !err.contains("pw"),
+        "{err}"
+    );
+    let broker = temp_file("broker.toml", "broker = \"redis://127.0.0.1:1/\"\n");
+    let out = ringgate(&["check-config", broker.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "a fleet member's file checks without Redis"
+    );
+    for f in [file, bad_value, bad_broker, broker] {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 #[test]

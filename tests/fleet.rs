@@ -195,15 +195,6 @@ fn host(broker: &str, extra: &[&str]) -> Server {
     server
 }
 
-fn sub(s: &mut TcpStream, topic: &str, since: Option<(u64, &str)>) -> Value {
-    let op = match since {
-        None => json!({"op": "sub", "topic": topic}),
-        Some((seq, epoch)) => json!({"op": "sub", "topic": topic, "since": seq, "epoch": epoch}),
-    };
-    send_text(s, &op.to_string());
-    read_json(s)
-}
-
 /// Reads events of `topic` numbered `seqs`, in order, with the data published.
 fn read_events(s: &mut TcpStream, topic: &str, seqs: std::ops::RangeInclusive<u64>) {
     for seq in seqs {

@@ -15,17 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// Subscribes with `{"op":"sub"}` (recovering from `since` = (seq, epoch) if
-/// given) and returns the reply.
-fn sub(s: &mut TcpStream, topic: &str, since: Option<(u64, &str)>) -> Value {
-    let op = match since {
-        None => json!({"op": "sub", "topic": topic}),
-        Some((seq, epoch)) => json!({"op": "sub", "topic": topic, "since": seq, "epoch": epoch}),
-    };
-    send_text(s, &op.to_string());
-    read_json(s)
-}
-
 fn epoch_of(reply: &Value) -> String {
     reply["epoch"].as_str().expect("an epoch").to_string()
 }

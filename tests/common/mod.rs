@@ -370,3 +370,16 @@ pub fn read_json(s: &mut impl Read) -> Value {
 pub fn send_text(s: &mut TcpStream, text: &str) {
     s.write_all(&frame(FIN | TEXT, text.as_bytes())).unwrap();
 }
+
+/// Subscribes with `{"op":"sub"}` (recovering from `since` = (seq, epoch) if
+/// given) and returns the reply.
+pub fn sub(s: &mut TcpStream, topic: &str, since: Option<(u64, &str)>) -> Value {
+    let op = match since {
+        None => serde_json::json!({"op": "sub", "topic": topic}),
+        Some((seq, epoch)) => {
+            serde_json::json!({"op": "sub", "topic": topic, "since": seq, "epoch": epoch})
+        }
+    };
+    send_text(s, &op.to_string());
+    read_json(s)
+}

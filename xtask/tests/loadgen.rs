@@ -73,35 +73,13 @@ const SMALL_ECHO: &[&str] = &[
 
 /// Runs `xtask loadgen ARGS` against `server`; returns its JSON report.
 fn loadgen(server: &Ringgate, args: &[&str]) -> Value {
-    let json =
-        std::env::temp_dir().join(format!("loadgen-{}-{}.json", std::process::id(), args[0]));
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("loadgen")
-        .args(args)
-        .args([
-            "--target",
-            &format!("ws://{}", server.ws),
-            "--control",
-            &format!("http://{}", server.control),
-        ])
-        .args([
-            "--quiet",
-            "--timeout",
-            "60",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "loadgen {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (target, control) = (
+        format!("ws://{}", server.ws),
+        format!("http://{}", server.control),
     );
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(json);
-    report
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--target", &target, "--control", &control]);
+    loadgen_with(&all)
 }
 
 /// Runs `xtask loadgen ARGS` as given (targets included); returns its JSON report.

@@ -99,14 +99,7 @@ impl Fleet {
     /// Checks the URL; connects later (`spawn`), so a Redis down at start
     /// delays nothing but the fleet.
     pub fn new(url: &str, limits: FleetLimits, shards: Vec<ShardSender>) -> Result<Fleet, String> {
-        if !url.starts_with("redis://") {
-            return Err(format!(
-                "--broker {}: only redis://HOST:PORT/[DB] is supported",
-                hide_password(url)
-            ));
-        }
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("--broker {}: {e}", hide_password(url)))?;
+        let client = open(url)?;
         let (broken, broken_rx) = mpsc::unbounded_channel();
         Ok(Fleet {
             client,
@@ -274,6 +267,18 @@ impl Fleet {
         let h = h.get_or_insert_with(ringgate_shard::new_latency_histogram);
         let _ = h.record((took.as_micros() as u64).max(1));
     }
+}
+
+/// A client for `--broker URL`, or why the URL cannot be one (for start-up and
+/// `check-config`). Connects to nothing.
+pub fn open(url: &str) -> Result<redis::Client, String> {
+    if !url.starts_with("redis://") {
+        return Err(format!(
+            "--broker {}: only redis://HOST:PORT/[DB] is supported",
+            hide_password(url)
+        ));
+    }
+    redis::Client::open(url).map_err(|e| format!("--broker {}: {e}", hide_password(url)))
 }
 
 /// Whether an error means the connection is gone (not a refused command).

@@ -115,6 +115,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 .and_then(|cfg| cfg.validate())
                 .and_then(|()| history_limits(&loaded.cli).map(drop))
                 .and_then(|()| control_token(&loaded.cli).map(drop))
+                .and_then(|()| match &loaded.cli.broker {
+                    Some(url) => fleet::open(url).map(drop),
+                    None => Ok(()),
+                })
         }
         Err(config::LoadError::Clap(e)) => Err(first_line(&e.to_string())),
         Err(config::LoadError::File(msg)) => Err(msg),
