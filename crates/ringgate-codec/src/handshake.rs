@@ -35,6 +35,12 @@ pub struct Request<'a> {
     /// that is one of the caller's `protocols`. The 101 MUST carry it
     /// (4.2.2 /subprotocol/); `None`: the header is left out.
     pub protocol: Option<&'static str>,
+    /// The first offer in `Sec-WebSocket-Protocol` that `token_offer` accepts (a
+    /// raw token a browser sends there, since it cannot set headers); the 101
+    /// may answer it as the chosen subprotocol.
+    pub token_offer: Option<&'a str>,
+    /// `Authorization`, kept for token checks by the caller.
+    pub authorization: Option<&'a str>,
     /// Bytes the request head takes; any bytes after it are frames.
     pub head_len: usize,
 }
@@ -52,6 +58,16 @@ pub struct Request<'a> {
 pub fn parse_request<'a>(
     buf: &'a [u8],
     protocols: &[&'static str],
+) -> Result<Option<Request<'a>>, HandshakeError> {
+    parse_request_with(buf, protocols, |_| false)
+}
+
+/// [`parse_request`], also finding the first `Sec-WebSocket-Protocol` offer
+/// that `token_offer` takes for a token ([`Request::token_offer`]).
+pub fn parse_request_with<'a>(
+    buf: &'a [u8],
+    protocols: &[&'static str],
+    token_offer: fn(&str) -> bool,
 ) -> Result<Option<Request<'a>>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; REQUEST_HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
@@ -71,6 +87,8 @@ pub fn parse_request<'a>(
     let mut origin = None;
     let mut protocol: Option<(usize, &'static str)> = None;
     let mut offered = 0;
+    let mut token = None;
+    let mut authorization = None;
     for header in req.headers.iter() {
         let value = header.value;
         let name = header.name;
@@ -87,6 +105,8 @@ pub fn parse_request<'a>(
             version = Some(trim(value));
         } else if name.eq_ignore_ascii_case("origin") {
             origin = std::str::from_utf8(trim(value)).ok();
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization = std::str::from_utf8(trim(value)).ok();
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             // Offers may span several header lines; the client's order is its
             // preference, and the first offer we speak wins.
@@ -94,6 +114,9 @@ pub fn parse_request<'a>(
                 let ours = protocols.iter().find(|p| p.as_bytes() == offer);
                 if let (Some(&p), None) = (ours, protocol) {
                     protocol = Some((offered, p));
+                }
+                if token.is_none() {
+                    token = std::str::from_utf8(offer).ok().filter(|o| token_offer(o));
                 }
                 offered += 1;
             }
@@ -121,6 +144,8 @@ pub fn parse_request<'a>(
         upgrade: verdict,
         origin,
         protocol: protocol.map(|(_, p)| p),
+        token_offer: token,
+        authorization,
         head_len,
     }))
 }
@@ -211,6 +236,7 @@ pub fn write_error_response(status: u16, reason: &str, extra_headers: &str, out:
     use std::io::Write as _;
     let text = match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -384,6 +410,19 @@ mod tests {
             parse_request(req.as_bytes(), &[]),
             Err(HandshakeError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_token_offer_and_the_authorization_header_are_kept() {
+        let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ringgate.v1, a.b.c\r\nAuthorization: Bearer t0k\r\n\r\n";
+        let parsed = parse_request_with(req.as_bytes(), &["ringgate.v1"], |o| o == "a.b.c")
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.protocol, Some("ringgate.v1"));
+        assert_eq!(parsed.token_offer, Some("a.b.c"));
+        assert_eq!(parsed.authorization, Some("Bearer t0k"));
+        let parsed = parse_request(req.as_bytes(), &[]).unwrap().unwrap();
+        assert_eq!(parsed.token_offer, None, "no token taken by default");
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub use frame::{
     SERVER_HEADER_BYTES_MAX,
 };
 pub use handshake::{
-    parse_request, write_error_response, write_switching_protocols, Request, REQUEST_HEADERS_MAX,
+    parse_request, parse_request_with, write_error_response, write_switching_protocols, Request,
+    REQUEST_HEADERS_MAX,
 };
 pub use mask::apply_mask;
 pub use message::{DataKind, Event, Limits, MessageState};

@@ -89,6 +89,8 @@ pub struct ShardConfig {
     /// however it subscribed (not only once it matters, see `topics.rs`): a
     /// fleet member's broker subscribes to the topic on the bus then.
     pub announce_first_in: bool,
+    /// `--auth-*`: tokens required at the upgrade, and their topic ACLs.
+    pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
 
 impl ShardConfig {
@@ -254,6 +256,7 @@ pub(crate) fn test_config() -> ShardConfig {
         oneshot_tick: false,
         recycle_send_queues: true,
         announce_first_in: false,
+        auth: None,
     }
 }
 

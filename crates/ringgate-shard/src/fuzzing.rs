@@ -139,7 +139,8 @@ impl InputHarness {
 }
 
 /// The `/ws` op parser: `Ok((op, topic, extra))` or the reason sent back;
-/// `extra` is a publish's data, or a recovering subscribe's `seq@epoch`.
+/// `extra` is a publish's data, a recovering subscribe's `seq@epoch`, or a
+/// refresh's token (its topic is empty).
 pub fn parse_op(text: &[u8]) -> Result<(&'static str, String, Option<String>), String> {
     use crate::pubsub::Request;
     match crate::pubsub::parse_request(text) {
@@ -150,6 +151,7 @@ pub fn parse_op(text: &[u8]) -> Result<(&'static str, String, Option<String>), S
         )),
         Ok(Request::Unsub(t)) => Ok(("unsub", t.into_owned(), None)),
         Ok(Request::Pub { topic, data }) => Ok(("pub", topic.into_owned(), Some(data.into()))),
+        Ok(Request::Refresh(token)) => Ok(("refresh", String::new(), Some(token.into_owned()))),
         Err(reason) => Err(reason.into_owned()),
     }
 }

@@ -18,7 +18,7 @@
 
 use bytes::Bytes;
 use ringgate_codec::{
-    apply_mask, close_code, decode_header, encode_close_payload, encode_header, parse_request,
+    apply_mask, close_code, decode_header, encode_close_payload, encode_header, parse_request_with,
     write_error_response, write_switching_protocols, DataKind, Decoded, Event, FrameHeader,
     HandshakeError, Limits, OpCode, ProtocolError, Role,
 };
@@ -52,6 +52,8 @@ pub(crate) enum Upcall {
     Subscribe(Vec<String>),
     /// Recover these topics: (topic, last seq received, epoch), from `?recover=`.
     Recover(Vec<(String, u64, String)>),
+    /// The connection's token was checked (with `--auth-*`): its claims.
+    Authenticated(Box<crate::auth::Claims>),
     /// A complete text message on `/ws`.
     Text(Box<[u8]>),
     /// A complete binary message on `/ws` (not part of the protocol).
@@ -119,11 +121,12 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
         }
         None => data,
     };
-    let parsed = parse_request(head, &[PUBSUB_PROTOCOL]).and_then(|req| match req {
-        Some(req) if req.head_len > request_max => Err(HandshakeError::TooLarge),
-        None if head.len() >= request_max => Err(HandshakeError::TooLarge),
-        other => Ok(other),
-    });
+    let parsed = parse_request_with(head, &[PUBSUB_PROTOCOL], crate::auth::looks_like_jwt)
+        .and_then(|req| match req {
+            Some(req) if req.head_len > request_max => Err(HandshakeError::TooLarge),
+            None if head.len() >= request_max => Err(HandshakeError::TooLarge),
+            other => Ok(other),
+        });
     let request = match parsed {
         Ok(Some(req)) => req,
         Ok(None) => {
@@ -168,14 +171,9 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
             let max = env.cfg.subscriptions_max;
             let topics = crate::pubsub::query_topics(request.query, max);
             let recoveries = crate::pubsub::query_recoveries(request.query, max);
-            match (topics, recoveries) {
+            let (topics, recoveries) = match (topics, recoveries) {
                 (Ok(topics), Ok(recoveries)) if topics.len() + recoveries.len() <= max => {
-                    if !topics.is_empty() {
-                        env.upcalls.push(Upcall::Subscribe(topics));
-                    }
-                    if !recoveries.is_empty() {
-                        env.upcalls.push(Upcall::Recover(recoveries));
-                    }
+                    (topics, recoveries)
                 }
                 (Ok(_), Ok(_)) => {
                     let reason =
@@ -183,8 +181,47 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
                     return reject(conn, 400, reason, "", env);
                 }
                 (Err(reason), _) | (_, Err(reason)) => return reject(conn, 400, reason, "", env),
+            };
+            let mut protocol: Option<&str> = request.protocol;
+            if let Some(verifier) = &env.cfg.auth {
+                let token = query_value(request.query, "token")
+                    .or_else(|| {
+                        request
+                            .authorization
+                            .and_then(|a| a.strip_prefix("Bearer "))
+                            .map(str::trim)
+                    })
+                    .or(request.token_offer);
+                let Some(token) = token else {
+                    let reason = "a token is required: ?token=, Authorization: Bearer, or a Sec-WebSocket-Protocol entry";
+                    return reject(conn, 401, reason, "WWW-Authenticate: Bearer\r\n", env);
+                };
+                let claims = match verifier.verify(token) {
+                    Ok(claims) => claims,
+                    Err(why) => {
+                        return reject(conn, 401, &why, "WWW-Authenticate: Bearer\r\n", env)
+                    }
+                };
+                let named = topics.iter().chain(recoveries.iter().map(|r| &r.0));
+                if let Some(topic) = named.clone().find(|t| !claims.acl.may_subscribe(t)) {
+                    let reason = format!("the token does not allow subscribing to {topic}");
+                    tracing::info!(sub = claims.sub, topic, "upgrade refused: forbidden topic");
+                    return reject(conn, 403, &reason, "", env);
+                }
+                // A browser that sent its token as a subprotocol offer needs an
+                // offer answered: ours if it offered it, else that one.
+                if protocol.is_none() {
+                    protocol = request.token_offer;
+                }
+                env.upcalls.push(Upcall::Authenticated(Box::new(claims)));
             }
-            request.protocol
+            if !topics.is_empty() {
+                env.upcalls.push(Upcall::Subscribe(topics));
+            }
+            if !recoveries.is_empty() {
+                env.upcalls.push(Upcall::Recover(recoveries));
+            }
+            protocol
         }
         Route::Echo => None,
     };
@@ -200,6 +237,15 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
     if !rest.is_empty() {
         on_frame_bytes(conn, rest, env);
     }
+}
+
+/// The raw value of `name=` in a query string (tokens need no decoding: they
+/// are base64url and dots).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .filter(|v| !v.is_empty())
 }
 
 /// Answers an upgrade request with an HTTP error and drains the connection.

@@ -19,6 +19,7 @@
 //! This crate is the only one that performs I/O or holds `unsafe` code; the wire
 //! rules live in `ringgate-codec`.
 
+pub mod auth;
 mod bufring;
 mod config;
 mod conn;

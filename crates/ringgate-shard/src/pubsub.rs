@@ -54,6 +54,8 @@ pub(crate) enum Request<'a> {
         topic: Cow<'a, str>,
         data: &'a str,
     },
+    /// A later token for the connection (`--auth-*`).
+    Refresh(Cow<'a, str>),
 }
 
 /// The fields of a request, each at most once.
@@ -64,6 +66,7 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     since: Option<u64>,
     epoch: Option<Cow<'a, str>>,
+    token: Option<Cow<'a, str>>,
 }
 
 impl<'de> Deserialize<'de> for Wire<'de> {
@@ -103,9 +106,11 @@ impl<'de> Visitor<'de> for WireVisitor {
                 }
                 "epoch" if wire.epoch.is_some() => return Err(duplicate()),
                 "epoch" => wire.epoch = Some(map.next_value()?),
+                "token" if wire.token.is_some() => return Err(duplicate()),
+                "token" => wire.token = Some(map.next_value()?),
                 _ => {
                     return Err(de::Error::custom(format_args!(
-                        "unknown key \"{key}\" (expected op, topic, data, since, epoch)"
+                        "unknown key \"{key}\" (expected op, topic, data, since, epoch, token)"
                     )))
                 }
             }
@@ -185,6 +190,19 @@ pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, Reason> {
         _ => Cow::Borrowed("expected a JSON object like {\"op\":\"sub\",\"topic\":\"name\"}"),
     })?;
     let op = wire.op.ok_or("missing \"op\"")?;
+    if op == "refresh" {
+        if wire.topic.is_some()
+            || wire.data.is_some()
+            || wire.since.is_some()
+            || wire.epoch.is_some()
+        {
+            return Err("\"refresh\" takes only \"token\"".into());
+        }
+        return Ok(Request::Refresh(wire.token.ok_or("missing \"token\"")?));
+    }
+    if wire.token.is_some() {
+        return Err(format!("\"token\" is not part of \"{op}\"").into());
+    }
     let topic = wire.topic.ok_or("missing \"topic\"")?;
     if !valid_topic(&topic) {
         return Err("invalid topic name: 1-128 bytes of A-Z a-z 0-9 _ . : / -".into());
@@ -216,7 +234,7 @@ pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, Reason> {
             }
             Ok(Request::Pub { topic, data })
         }
-        _ => Err("unknown \"op\": expected sub, unsub or pub".into()),
+        _ => Err("unknown \"op\": expected sub, unsub, pub or refresh".into()),
     }
 }
 
@@ -427,6 +445,29 @@ pub fn gap_notice(topic: &str, seq: u64, epoch: &str) -> Bytes {
 pub(crate) fn reply(op: &str, topic: &str) -> Bytes {
     debug_assert!(valid_topic(topic), "topic names need no escaping");
     let body = format!("{{\"op\":\"{op}\",\"topic\":\"{topic}\"}}");
+    crate::input::frame(OpCode::Text, body.as_bytes())
+}
+
+/// `{"op":OP,"topic":T,"reason":R}` as a text frame (a subscription the
+/// server dropped, and why).
+pub(crate) fn reply_with_reason(op: &str, topic: &str, reason: &str) -> Bytes {
+    debug_assert!(valid_topic(topic), "topic names need no escaping");
+    let body = format!("{{\"op\":\"{op}\",\"topic\":\"{topic}\",\"reason\":\"{reason}\"}}");
+    crate::input::frame(OpCode::Text, body.as_bytes())
+}
+
+/// `{"op":"refreshed","exp":N}` as a text frame.
+pub(crate) fn refreshed_reply(exp: u64) -> Bytes {
+    let body = format!("{{\"op\":\"refreshed\",\"exp\":{exp}}}");
+    crate::input::frame(OpCode::Text, body.as_bytes())
+}
+
+/// `{"op":"error","code":"forbidden","topic":T,"msg":M}` as a text frame.
+pub(crate) fn forbidden_reply(topic: &str, msg: &str) -> Bytes {
+    debug_assert!(valid_topic(topic), "topic names need no escaping");
+    let msg = serde_json::to_string(msg).expect("a string serialises");
+    let body =
+        format!("{{\"op\":\"error\",\"code\":\"forbidden\",\"topic\":\"{topic}\",\"msg\":{msg}}}");
     crate::input::frame(OpCode::Text, body.as_bytes())
 }
 

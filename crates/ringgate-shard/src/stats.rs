@@ -64,6 +64,12 @@ pub struct ShardStats {
     pub rejected_table_full: Counter,
     /// Upgrades refused with 400 (malformed or not an upgrade).
     pub rejected_bad_request: Counter,
+    /// Upgrades refused with 401 (no token, or a bad one).
+    pub rejected_unauthorized: Counter,
+    /// Upgrades refused with 403 (`?topics=` outside the token's ACL).
+    pub rejected_forbidden: Counter,
+    /// Connections closed because their token expired (1008).
+    pub tokens_expired: Counter,
     /// Upgrades refused with 404 (unknown path).
     pub rejected_not_found: Counter,
     /// Upgrades refused with 405 (not GET).
@@ -165,6 +171,8 @@ impl ShardStats {
     /// Counts an upgrade refused with HTTP `status` (503s are counted apart).
     pub fn count_rejection(&self, status: u16) {
         match status {
+            401 => self.rejected_unauthorized.add(1),
+            403 => self.rejected_forbidden.add(1),
             404 => self.rejected_not_found.add(1),
             405 => self.rejected_method.add(1),
             426 => self.rejected_version.add(1),
@@ -181,6 +189,8 @@ impl ShardStats {
             + self.rejected_method.get()
             + self.rejected_version.get()
             + self.rejected_too_large.get()
+            + self.rejected_unauthorized.get()
+            + self.rejected_forbidden.get()
     }
 
     /// A copy of the delivery latency histogram (microseconds).

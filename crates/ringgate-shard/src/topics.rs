@@ -102,6 +102,14 @@ impl Subs {
         }
     }
 
+    /// The topic ids subscribed, in no order.
+    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let first = (self.first.topic != NO_TOPIC).then_some(self.first.topic);
+        first
+            .into_iter()
+            .chain(self.more.iter().flat_map(|m| m.iter().map(|s| s.topic)))
+    }
+
     /// Takes every subscription out, leaving the set empty.
     fn take_all(&mut self) -> Vec<Sub> {
         let mut all = Vec::with_capacity(self.len());
@@ -246,6 +254,18 @@ impl TopicIndex {
         conn.subs.push(Sub { topic: id, pos });
         self.subscriptions += 1;
         Subscribed::New
+    }
+
+    /// The names of the topics `key` is subscribed to.
+    pub fn topics_of<'a>(
+        &'a self,
+        conns: &'a Slab<Conn>,
+        key: usize,
+    ) -> impl Iterator<Item = Arc<str>> + 'a {
+        conns[key]
+            .subs
+            .ids()
+            .map(|id| self.topics[id as usize].name.clone())
     }
 
     /// Removes `key`'s subscription to `name`; false if it had none.

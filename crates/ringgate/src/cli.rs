@@ -226,6 +226,34 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
 
+    /// Require a JWT signed with HS256 and this secret to open /ws (from ?token=,
+    /// `Authorization: Bearer`, or a Sec-WebSocket-Protocol entry); its `topics` and `publish`
+    /// claims are the connection's ACL.
+    #[arg(long, env = "RINGGATE_AUTH_HS256_SECRET", value_name = "SECRET", conflicts_with_all = ["auth_hs256_secret_file", "auth_public_key"])]
+    pub auth_hs256_secret: Option<String>,
+
+    /// Like --auth-hs256-secret, the secret being the file's first line.
+    #[arg(
+        long,
+        env = "RINGGATE_AUTH_HS256_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "auth_public_key"
+    )]
+    pub auth_hs256_secret_file: Option<std::path::PathBuf>,
+
+    /// Require a JWT signed with the private half of this PEM public key: RS256 (RSA), ES256
+    /// (P-256) or EdDSA (Ed25519), by the key's kind.
+    #[arg(long, env = "RINGGATE_AUTH_PUBLIC_KEY", value_name = "FILE")]
+    pub auth_public_key: Option<std::path::PathBuf>,
+
+    /// With token checking on: the `aud` tokens must name.
+    #[arg(long, env = "RINGGATE_AUTH_AUDIENCE", value_name = "AUD")]
+    pub auth_audience: Option<String>,
+
+    /// With token checking on: the `iss` tokens must carry.
+    #[arg(long, env = "RINGGATE_AUTH_ISSUER", value_name = "ISS")]
+    pub auth_issuer: Option<String>,
+
     /// (testing) Tick with a re-armed one-shot timeout, as on kernels before 6.4.
     #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK", value_parser = BoolishValueParser::new())]
     pub oneshot_tick: bool,

@@ -190,8 +190,10 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     };
     // The token is a secret: /stats shows that one is set, not what it is.
     let mut shown = settings;
-    if shown.contains_key("control-token") {
-        shown.insert("control-token".into(), "<redacted>".into());
+    for secret in ["control-token", "auth-hs256-secret"] {
+        if shown.contains_key(secret) {
+            shown.insert(secret.into(), "<redacted>".into());
+        }
     }
     if let Some(url) = &cli.broker {
         shown.insert("broker".into(), fleet::hide_password(url).into());
@@ -401,6 +403,53 @@ fn address_is_free(addr: std::net::SocketAddr) -> Result<(), String> {
     }
 }
 
+/// HS256 secrets shorter than this are refused: a short one can be guessed
+/// offline from any token.
+const AUTH_SECRET_BYTES_MIN: usize = 32;
+
+/// The token checker of `--auth-*`, if token checking is on.
+fn auth_verifier(cli: &Cli) -> Result<Option<Arc<ringgate_shard::auth::Verifier>>, String> {
+    use ringgate_shard::auth::Verifier;
+    let secret = match (&cli.auth_hs256_secret, &cli.auth_hs256_secret_file) {
+        (Some(secret), _) => Some(secret.trim().to_string()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--auth-hs256-secret-file {}: {e}", path.display()))?;
+            Some(text.lines().next().unwrap_or("").trim().to_string())
+        }
+        (None, None) => None,
+    };
+    let verifier = match (secret, &cli.auth_public_key) {
+        (Some(secret), _) if secret.len() < AUTH_SECRET_BYTES_MIN => {
+            return Err(format!(
+                "the HS256 secret must be at least {AUTH_SECRET_BYTES_MIN} bytes"
+            ))
+        }
+        (Some(secret), _) => Verifier::hs256(secret.as_bytes())?,
+        (None, Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("--auth-public-key {}: {e}", path.display()))?;
+            Verifier::public_key(&pem)
+                .map_err(|e| format!("--auth-public-key {}: {e}", path.display()))?
+        }
+        (None, None) => {
+            if cli.auth_audience.is_some() || cli.auth_issuer.is_some() {
+                return Err("--auth-audience and --auth-issuer need --auth-hs256-secret or --auth-public-key".into());
+            }
+            return Ok(None);
+        }
+    };
+    let verifier = match &cli.auth_audience {
+        Some(aud) => verifier.with_audience(aud),
+        None => verifier,
+    };
+    let verifier = match &cli.auth_issuer {
+        Some(iss) => verifier.with_issuer(iss),
+        None => verifier,
+    };
+    Ok(Some(Arc::new(verifier)))
+}
+
 /// Tokens shorter than this are refused: they could be guessed.
 const CONTROL_TOKEN_BYTES_MIN: usize = 16;
 
@@ -505,5 +554,6 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         oneshot_tick: cli.oneshot_tick,
         recycle_send_queues: !cli.no_recycle,
         announce_first_in: cli.broker.is_some(),
+        auth: auth_verifier(cli)?,
     })
 }

@@ -73,6 +73,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.events_received,
     ),
     (
+        "ringgate_tokens_expired_total",
+        "counter",
+        "Connections closed with 1008 because their token expired (--auth-*).",
+        |s| &s.tokens_expired,
+    ),
+    (
         "ringgate_slow_consumer_total",
         "counter",
         "Subscribers closed with 1008 for not keeping up.",
@@ -205,6 +211,8 @@ const REJECTED: &[(&str, Field)] = &[
     ("limit", |s| &s.rejected_limit),
     ("table_full", |s| &s.rejected_table_full),
     ("bad_request", |s| &s.rejected_bad_request),
+    ("unauthorized", |s| &s.rejected_unauthorized),
+    ("forbidden", |s| &s.rejected_forbidden),
     ("not_found", |s| &s.rejected_not_found),
     ("method_not_allowed", |s| &s.rejected_method),
     ("unsupported_version", |s| &s.rejected_version),

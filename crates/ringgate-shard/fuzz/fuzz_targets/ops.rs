@@ -11,10 +11,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok((op, topic, payload)) = parse_op(data) else {
         return;
     };
-    assert!(valid_topic(&topic), "{topic:?}");
     let object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(data).expect("an accepted op is a JSON object");
     assert_eq!(object.get("op").and_then(|v| v.as_str()), Some(op));
+    if op == "refresh" {
+        assert_eq!(object.len(), 2, "a refresh is op and token only");
+        assert_eq!(object["token"].as_str(), payload.as_deref());
+        return;
+    }
+    assert!(valid_topic(&topic), "{topic:?}");
+    assert!(!object.contains_key("token"));
     match (op, payload) {
         ("pub", Some(payload)) => {
             let v: serde_json::Value = serde_json::from_str(&payload).expect("data is JSON");

@@ -15,6 +15,7 @@
 //! record is freed only when no operation on it is in flight. A completion for
 //! a record that is gone is a bug, and crashes.
 
+mod auth;
 mod commands;
 mod fanout;
 mod ops;
@@ -88,6 +89,8 @@ pub(crate) struct Shard {
     replays: HashMap<usize, Replay>,
     /// First-in/last-out changes the broker has not been told yet.
     presence: HashMap<Arc<str>, bool>,
+    /// Authenticated connections' token state (`--auth-*`).
+    tokens: auth::Tokens,
     /// Pub/sub work left by input handling, for the connection being handled.
     upcalls: Vec<Upcall>,
     /// Commands taken from the inbox this turn.
@@ -181,6 +184,7 @@ impl Shard {
             subscribes_waiting: VecDeque::new(),
             replays: HashMap::new(),
             presence: HashMap::new(),
+            tokens: auth::Tokens::default(),
             upcalls: Vec::new(),
             commands: Vec::new(),
             inbox_pending: false,

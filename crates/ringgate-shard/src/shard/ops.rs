@@ -329,6 +329,7 @@ impl Shard {
         self.end_replay(key);
         // Answers still on their way find the generation gone.
         self.outstanding.remove(&key);
+        self.forget_token(key);
         if self.conns[key].subs.len() > 0 {
             self.topics.unsubscribe_all(&mut self.conns, key);
             self.after_topic_changes();

@@ -74,6 +74,11 @@ impl Shard {
         if let Some(reason) = answer.refused {
             return self.error(key, "busy", reason);
         }
+        // A refresh may have narrowed the ACL while the broker answered.
+        if !self.may_subscribe(key, &answer.topic) {
+            let msg = "the token does not allow subscribing to this topic";
+            return self.reply(key, crate::pubsub::forbidden_reply(&answer.topic, msg));
+        }
         let mut recovery = answer.recovery;
         let mut replay = answer.replay;
         match self.subscribe_now(key, &answer.topic) {

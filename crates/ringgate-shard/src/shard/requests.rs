@@ -51,6 +51,7 @@ impl Shard {
                 break;
             }
             match upcall {
+                Upcall::Authenticated(claims) => self.authenticated(key, *claims),
                 Upcall::Subscribe(topics) => {
                     for topic in &topics {
                         // The count was checked against the limit at the upgrade.
@@ -153,12 +154,17 @@ impl Shard {
                 self.reply(key, pubsub::reply("unsubscribed", &topic));
             }
             Request::Pub { topic, data } => self.client_publish(key, topic, data),
+            Request::Refresh(token) => self.refresh(key, &token),
         }
     }
 
     /// Asks the broker where `topic` stands (and, recovering, for what the
     /// client missed); the answer subscribes the connection (`on_subscribed`).
     fn forward_subscribe(&mut self, key: usize, topic: Arc<str>, since: Option<Since>) {
+        if !self.may_subscribe(key, &topic) {
+            let msg = "the token does not allow subscribing to this topic";
+            return self.reply(key, pubsub::forbidden_reply(&topic, msg));
+        }
         let conn = &self.conns[key];
         let generation = conn.generation;
         let held = conn.subs.len()
@@ -218,13 +224,12 @@ impl Shard {
     }
 
     fn client_publish(&mut self, key: usize, topic: Cow<'_, str>, data: &str) {
-        let allowed = self
-            .cfg
-            .client_publish
-            .as_deref()
-            .is_some_and(|p| pubsub::publish_allowed(p, &topic));
+        let allowed = self.may_publish(key, &topic);
         let Some(upstream) = self.upstream.as_ref().filter(|_| allowed) else {
-            return self.error(key, "forbidden", "clients may not publish to this topic");
+            return self.reply(
+                key,
+                pubsub::forbidden_reply(&topic, "clients may not publish to this topic"),
+            );
         };
         let request = Upstream::Publish(ClientPublish {
             topic: topic.into_owned(),

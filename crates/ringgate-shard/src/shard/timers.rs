@@ -59,6 +59,7 @@ impl Shard {
             self.arm_accept();
         }
         self.sweep();
+        self.expire_tokens();
         // Whatever the broker's channel had no room for last time, and
         // presence changes left by requests run from a send completion.
         self.flush_subscribes();
