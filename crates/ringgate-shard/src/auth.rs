@@ -194,6 +194,81 @@ impl Acl {
     }
 }
 
+/// `--allowed-origins`: which browser pages may open WebSockets here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origins {
+    /// Exact origins (`https://app.example.com`), lowercase.
+    exact: Vec<String>,
+    /// `*.example.com` forms: (scheme or `None` for any, `.example.com`).
+    suffixes: Vec<(Option<String>, String)>,
+    /// Let requests without `Origin` in (non-browser clients).
+    pub allow_missing: bool,
+}
+
+impl Origins {
+    /// Parses a comma-separated list of `scheme://host[:port]` and
+    /// `[scheme://]*.domain` forms.
+    pub fn parse(list: &str, allow_missing: bool) -> Result<Origins, String> {
+        let mut origins = Origins {
+            exact: Vec::new(),
+            suffixes: Vec::new(),
+            allow_missing,
+        };
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let lower = item.to_ascii_lowercase();
+            let (scheme, host) = match lower.split_once("://") {
+                Some((scheme, host)) => (Some(scheme.to_string()), host.to_string()),
+                None => (None, lower.clone()),
+            };
+            if host.is_empty() || host.contains('/') {
+                return Err(format!(
+                    "--allowed-origins {item:?}: expected scheme://host[:port] or *.domain"
+                ));
+            }
+            match host.strip_prefix('*') {
+                Some(suffix)
+                    if suffix.starts_with('.') && suffix.len() > 1 && !suffix.contains('*') =>
+                {
+                    origins.suffixes.push((scheme, suffix.to_string()))
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "--allowed-origins {item:?}: a wildcard is *.domain"
+                    ))
+                }
+                None if scheme.is_some() && !host.contains('*') => origins.exact.push(lower),
+                None => return Err(format!(
+                    "--allowed-origins {item:?}: an exact origin has its scheme (https://{host})"
+                )),
+            }
+        }
+        if origins.exact.is_empty() && origins.suffixes.is_empty() {
+            return Err("--allowed-origins lists no origin".into());
+        }
+        Ok(origins)
+    }
+
+    /// Whether a request's `Origin` (or its absence) is let in.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        let Some(origin) = origin else {
+            return self.allow_missing;
+        };
+        let origin = origin.to_ascii_lowercase();
+        if self.exact.contains(&origin) {
+            return true;
+        }
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        let host = host.split(':').next().unwrap_or("");
+        self.suffixes.iter().any(|(s, suffix)| {
+            s.as_deref().is_none_or(|s| s == scheme)
+                && host.len() > suffix.len()
+                && host.ends_with(suffix.as_str())
+        })
+    }
+}
+
 /// Seconds since the Unix epoch now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -242,6 +317,44 @@ mod tests {
         assert!(claim.may_publish("chat.1", Some("chat.*")));
         assert!(!claim.may_publish("chat.2", Some("chat.*")), "narrowing");
         assert!(!claim.may_publish("chat.1", Some("other.*")), "never wider");
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let o = Origins::parse(
+            "https://app.example.com, *.example.org, https://*.example.net",
+            false,
+        )
+        .unwrap();
+        assert!(o.allows(Some("https://app.example.com")));
+        assert!(o.allows(Some("HTTPS://APP.EXAMPLE.COM")));
+        assert!(
+            !o.allows(Some("http://app.example.com")),
+            "the scheme counts"
+        );
+        assert!(!o.allows(Some("https://app.example.com.evil.com")));
+        assert!(o.allows(Some("http://a.example.org")));
+        assert!(o.allows(Some("https://a.b.example.org:8443")));
+        assert!(
+            !o.allows(Some("https://example.org")),
+            "a subdomain, not the domain"
+        );
+        assert!(!o.allows(Some("https://badexample.org")));
+        assert!(o.allows(Some("https://x.example.net")));
+        assert!(!o.allows(Some("http://x.example.net")));
+        assert!(!o.allows(Some("null")));
+        assert!(!o.allows(None));
+        assert!(Origins::parse("*.x.com", true).unwrap().allows(None));
+        for bad in [
+            "app.example.com",
+            "https://",
+            "*",
+            "*example.com",
+            "https://a/b",
+            "",
+        ] {
+            assert!(Origins::parse(bad, false).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -91,6 +91,11 @@ pub struct ShardConfig {
     pub announce_first_in: bool,
     /// `--auth-*`: tokens required at the upgrade, and their topic ACLs.
     pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
+    /// `--allowed-origins`: browser origins let in (all when `None`).
+    pub origins: Option<std::sync::Arc<crate::auth::Origins>>,
+    /// `--max-messages-per-sec`: messages a `/ws` client may send a second,
+    /// with bursts of as many (0: no limit).
+    pub messages_per_sec_max: u32,
 }
 
 impl ShardConfig {
@@ -257,6 +262,8 @@ pub(crate) fn test_config() -> ShardConfig {
         recycle_send_queues: true,
         announce_first_in: false,
         auth: None,
+        origins: None,
+        messages_per_sec_max: 0,
     }
 }
 

@@ -166,6 +166,16 @@ fn on_request_bytes(conn: &mut Conn, data: &mut [u8], env: &mut Env) {
         Ok(key) => key,
         Err(e) => return reject(conn, e.status(), e.reason(), e.extra_headers(), env),
     };
+    if let Some(origins) = &env.cfg.origins {
+        if !origins.allows(request.origin) {
+            let reason = match request.origin {
+                Some(_) => "this Origin is not allowed (--allowed-origins)",
+                None => "no Origin header (--allow-missing-origin lets clients without one in)",
+            };
+            env.stats.rejected_origin.add(1);
+            return refuse(conn, 403, reason, "", env);
+        }
+    }
     let protocol = match route {
         Route::PubSub => {
             let max = env.cfg.subscriptions_max;
@@ -256,6 +266,12 @@ pub(crate) fn reject(
     extra_headers: &str,
     env: &mut Env,
 ) {
+    env.stats.count_rejection(status);
+    refuse(conn, status, reason, extra_headers, env);
+}
+
+/// [`reject`] for a refusal the caller counted itself.
+fn refuse(conn: &mut Conn, status: u16, reason: &str, extra_headers: &str, env: &mut Env) {
     let mut response = Vec::with_capacity(160 + reason.len());
     write_error_response(status, reason, extra_headers, &mut response);
     conn.queue(Bytes::from(response), env.pool);
@@ -263,7 +279,6 @@ pub(crate) fn reject(
     conn.partial = None;
     conn.state = State::Draining;
     conn.since = env.now;
-    env.stats.count_rejection(status);
     tracing::debug!(status, reason, "upgrade refused");
 }
 

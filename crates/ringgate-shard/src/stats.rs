@@ -68,6 +68,10 @@ pub struct ShardStats {
     pub rejected_unauthorized: Counter,
     /// Upgrades refused with 403 (`?topics=` outside the token's ACL).
     pub rejected_forbidden: Counter,
+    /// Upgrades refused with 403 for their `Origin` (`--allowed-origins`).
+    pub rejected_origin: Counter,
+    /// Connections closed for sending more than `--max-messages-per-sec` (1008).
+    pub rate_limited: Counter,
     /// Connections closed because their token expired (1008).
     pub tokens_expired: Counter,
     /// Upgrades refused with 404 (unknown path).
@@ -191,6 +195,7 @@ impl ShardStats {
             + self.rejected_too_large.get()
             + self.rejected_unauthorized.get()
             + self.rejected_forbidden.get()
+            + self.rejected_origin.get()
     }
 
     /// A copy of the delivery latency histogram (microseconds).

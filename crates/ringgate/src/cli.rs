@@ -246,6 +246,27 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_AUTH_PUBLIC_KEY", value_name = "FILE")]
     pub auth_public_key: Option<std::path::PathBuf>,
 
+    /// Messages a /ws client may send per second (bursts of as many); past it the connection is
+    /// closed with 1008 [default: no limit].
+    #[arg(
+        long,
+        env = "RINGGATE_MAX_MESSAGES_PER_SEC",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub max_messages_per_sec: u32,
+
+    /// Browser origins allowed to open WebSockets, comma-separated: exact
+    /// (`https://app.example.com`) or by subdomain (`*.example.com`, `https://*.example.com`);
+    /// others get 403 [default: any origin].
+    #[arg(long, env = "RINGGATE_ALLOWED_ORIGINS", value_name = "LIST")]
+    pub allowed_origins: Option<String>,
+
+    /// With --allowed-origins: let requests without an Origin header in (non-browser clients).
+    #[arg(long, env = "RINGGATE_ALLOW_MISSING_ORIGIN", value_parser = BoolishValueParser::new(), requires = "allowed_origins")]
+    pub allow_missing_origin: bool,
+
     /// With token checking on: the `aud` tokens must name.
     #[arg(long, env = "RINGGATE_AUTH_AUDIENCE", value_name = "AUD")]
     pub auth_audience: Option<String>,

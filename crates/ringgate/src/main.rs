@@ -555,5 +555,13 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         recycle_send_queues: !cli.no_recycle,
         announce_first_in: cli.broker.is_some(),
         auth: auth_verifier(cli)?,
+        messages_per_sec_max: cli.max_messages_per_sec,
+        origins: match &cli.allowed_origins {
+            Some(list) => Some(Arc::new(ringgate_shard::auth::Origins::parse(
+                list,
+                cli.allow_missing_origin,
+            )?)),
+            None => None,
+        },
     })
 }

@@ -73,6 +73,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.events_received,
     ),
     (
+        "ringgate_rate_limited_total",
+        "counter",
+        "Connections closed with 1008 for sending more than --max-messages-per-sec.",
+        |s| &s.rate_limited,
+    ),
+    (
         "ringgate_tokens_expired_total",
         "counter",
         "Connections closed with 1008 because their token expired (--auth-*).",
@@ -213,6 +219,7 @@ const REJECTED: &[(&str, Field)] = &[
     ("bad_request", |s| &s.rejected_bad_request),
     ("unauthorized", |s| &s.rejected_unauthorized),
     ("forbidden", |s| &s.rejected_forbidden),
+    ("origin", |s| &s.rejected_origin),
     ("not_found", |s| &s.rejected_not_found),
     ("method_not_allowed", |s| &s.rejected_method),
     ("unsupported_version", |s| &s.rejected_version),

@@ -19,6 +19,7 @@ mod auth;
 mod commands;
 mod fanout;
 mod ops;
+mod rate;
 mod replay;
 mod requests;
 mod timers;
@@ -91,6 +92,8 @@ pub(crate) struct Shard {
     presence: HashMap<Arc<str>, bool>,
     /// Authenticated connections' token state (`--auth-*`).
     tokens: auth::Tokens,
+    /// Message-rate buckets of the clients that sent lately.
+    buckets: rate::Buckets,
     /// Pub/sub work left by input handling, for the connection being handled.
     upcalls: Vec<Upcall>,
     /// Commands taken from the inbox this turn.
@@ -185,6 +188,7 @@ impl Shard {
             replays: HashMap::new(),
             presence: HashMap::new(),
             tokens: auth::Tokens::default(),
+            buckets: rate::Buckets::default(),
             upcalls: Vec::new(),
             commands: Vec::new(),
             inbox_pending: false,

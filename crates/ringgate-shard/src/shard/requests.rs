@@ -69,7 +69,12 @@ impl Shard {
                         self.forward_subscribe(key, Arc::from(topic), since);
                     }
                 }
-                Upcall::Text(text) => self.handle_or_defer(key, text),
+                Upcall::Text(text) => {
+                    if !self.within_rate(key) {
+                        break;
+                    }
+                    self.handle_or_defer(key, text)
+                }
                 Upcall::Binary => {
                     self.bad_request(key, "binary messages are not part of the /ws protocol")
                 }

@@ -60,6 +60,7 @@ impl Shard {
         }
         self.sweep();
         self.expire_tokens();
+        self.prune_buckets();
         // Whatever the broker's channel had no room for last time, and
         // presence changes left by requests run from a send completion.
         self.flush_subscribes();
