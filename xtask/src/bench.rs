@@ -52,6 +52,11 @@ enum Kind {
 }
 
 fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
+    start_with(kind, cpu, &[])
+}
+
+/// [`start`] with more arguments for the server.
+fn start_with(kind: Kind, cpu: usize, extra: &[&str]) -> Result<Server, String> {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release"));
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &cpu.to_string()]);
@@ -80,6 +85,7 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
     if kind == Kind::RinggateNoRecycle {
         cmd.arg("--no-recycle");
     }
+    cmd.args(extra);
     let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -146,6 +152,8 @@ pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool
         targets: None,
         publishers: 8,
         batch: 1,
+        token_secret: None,
+        token_key: None,
         conns: 0,
         ramp: None,
         hold: 2.0,
@@ -431,6 +439,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             theirs / ours
         );
     }
+    auth(args)?;
     let echo = crate::floor_echo::measure(100, 64, if args.quick { 3.0 } else { 10.0 })?;
     println!(
         "echo floor (the plainest epoll server: one recv() and one send() per message, no WebSocket work): {} us per echo",
@@ -441,6 +450,99 @@ pub fn run(args: &Args) -> Result<(), String> {
             "echo, server CPU per message over that: ringgate {:.2}x, baseline {:.2}x",
             ours / echo.us_per_echo,
             theirs / echo.us_per_echo
+        );
+    }
+    Ok(())
+}
+
+/// Tokens at the upgrade (issue 13): the connect scenario again, each client
+/// with its own token (`sub` its own, `topics` the shared topic, so one ACL is
+/// shared), against ringgate without auth, with HS256 and with ES256.
+fn auth(args: &Args) -> Result<(), String> {
+    const SECRET: &str = "bench-hs256-secret-bench-hs256-secret";
+    let dir = std::env::temp_dir().join(format!("ringgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (private, public) = (dir.join("ec.pem"), dir.join("ec.pub.pem"));
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ],
+        vec!["pkey", "-pubout", "-in"],
+    ] {
+        let mut cmd = Command::new("openssl");
+        cmd.args(&args);
+        if args[0] == "pkey" {
+            cmd.arg(&private).arg("-out").arg(&public);
+        } else {
+            cmd.arg(&private);
+        }
+        let ok = cmd.status().map_err(|e| format!("openssl: {e}"))?.success();
+        if !ok {
+            return Err("openssl could not make a P-256 key pair".into());
+        }
+    }
+    let public = public.to_str().expect("a UTF-8 temp path").to_string();
+    let mut figures = Vec::new();
+    for (name, server_args, secret, key) in [
+        ("none", vec![], None, None),
+        (
+            "HS256",
+            vec!["--auth-hs256-secret", SECRET],
+            Some(SECRET),
+            None,
+        ),
+        (
+            "ES256",
+            vec!["--auth-public-key", public.as_str()],
+            None,
+            Some(private.clone()),
+        ),
+    ] {
+        let server = start_with(Kind::Ringgate, args.server_cpu, &server_args)?;
+        warm_up(&server, args.loadgen_cpu)?;
+        let mut a = args_for(
+            Scenario::Connect,
+            &server,
+            args.quick,
+            args.loadgen_cpu,
+            false,
+        );
+        a.token_secret = secret.map(str::to_string);
+        a.token_key = key;
+        let r = loadgen::run(&a)?;
+        eprintln!("bench: connect with tokens ({name}): done");
+        figures.push((
+            name,
+            r.rss_per_connection,
+            r.connects_per_second,
+            r.server_cpu_us_per_message,
+        ));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let (_, base_rss, base_rate, _) = figures[0];
+    println!("tokens at the upgrade: the connect scenario, one token per client, one shared ACL");
+    println!(
+        "{:<10} {:>16} {:>16} {:>14} {:>18}",
+        "auth", "RSS / idle conn", "more than none", "connects/s", "vs none"
+    );
+    for (name, rss, rate, _cpu) in &figures {
+        let more = rss
+            .zip(base_rss)
+            .map_or("-".into(), |(a, b)| format!("{:+.1} B", a - b));
+        let ratio = rate
+            .zip(base_rate)
+            .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b));
+        println!(
+            "{name:<10} {:>16} {:>16} {:>14} {:>18}",
+            rss.map_or("-".into(), |v| format!("{v:.1} B")),
+            more,
+            rate.map_or("-".into(), |v| format!("{v:.0} /s")),
+            ratio
         );
     }
     Ok(())

@@ -237,9 +237,11 @@ impl Origins {
                     ))
                 }
                 None if scheme.is_some() && !host.contains('*') => origins.exact.push(lower),
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "--allowed-origins {item:?}: an exact origin has its scheme (https://{host})"
-                )),
+                ))
+                }
             }
         }
         if origins.exact.is_empty() && origins.suffixes.is_empty() {
@@ -266,6 +268,17 @@ impl Origins {
                 && host.len() > suffix.len()
                 && host.ends_with(suffix.as_str())
         })
+    }
+}
+
+impl Acl {
+    /// An ACL granting `subscribe` (tests of other modules).
+    #[cfg(test)]
+    pub fn for_tests(subscribe: &[&str]) -> Acl {
+        Acl {
+            subscribe: subscribe.iter().map(|s| Box::from(*s)).collect(),
+            publish: None,
+        }
     }
 }
 

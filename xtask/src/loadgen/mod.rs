@@ -14,13 +14,14 @@ pub mod reconnect;
 pub mod recover;
 pub mod report;
 pub mod soak;
+pub mod tokens;
 pub mod wire;
 pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -99,6 +100,14 @@ pub struct Args {
     /// through all of them, and each one's /stats is read.
     #[arg(long, default_value = "http://127.0.0.1:9090")]
     pub control: String,
+    /// Mint a token per connection (?token=) signed with HS256 and this secret, for a server
+    /// with --auth-hs256-secret.
+    #[arg(long)]
+    pub token_secret: Option<String>,
+    /// Mint a token per connection signed with this private PEM key (ES256, EdDSA or RS256 by
+    /// kind), for a server with --auth-public-key.
+    #[arg(long)]
+    pub token_key: Option<PathBuf>,
     /// publish: concurrent publishers, each with its own HTTP connection.
     #[arg(long, default_value_t = 8)]
     pub publishers: usize,
@@ -303,9 +312,11 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let server_pid = pid_listening_on(target.port());
     let mut http = Http::connect(control).ok();
     let stats_before = http.as_mut().and_then(|h| h.stats().ok());
+    // Tokens are minted before the clock starts: signing is the client's cost.
+    let tokens = tokens::mint_for(args)?;
     let before = Sample::take(server_pid);
     let started = Instant::now();
-    let mut workers = spawn_workers(args, &hosts.targets, &sources)?;
+    let mut workers = spawn_workers(args, &hosts.targets, &sources, tokens.as_deref())?;
     let rx = worker_lines(&mut workers);
     let progress = Progress::new(args);
     let deadline = started + Duration::from_secs_f64(args.timeout + 10.0);
@@ -315,7 +326,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let mut stats_after = None;
     // connect: the server's cost while the connections sit idle, sampled just
     // before the workers let go (closing would be counted otherwise).
-    let mut hold_until = None;
+    let mut hold_until: Option<Instant> = None;
     let mut held = None;
     let mut published = Published::default();
     let mut results: Vec<Option<WorkerResult>> = (0..workers.len()).map(|_| None).collect();
@@ -584,6 +595,7 @@ pub(crate) fn spawn_workers(
     args: &Args,
     targets: &[SocketAddr],
     sources: &[IpAddr],
+    tokens: Option<&Path>,
 ) -> Result<Vec<Child>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let procs = args.procs;
@@ -622,6 +634,7 @@ pub(crate) fn spawn_workers(
             burst_every_s: args.burst_every,
             down_s: args.down,
             window_s: args.window,
+            tokens: tokens.map(Path::to_path_buf),
         };
         first += conns;
         let child = Command::new(&exe)

@@ -114,7 +114,7 @@ fn run(args: &Args) -> Result<ReconnectReport, String> {
     }
     let mut stats = Http::connect(control)?;
     let before = stats.stats()?;
-    let mut workers = super::spawn_workers(args, &[target], &sources)?;
+    let mut workers = super::spawn_workers(args, &[target], &sources, None)?;
     let rx = super::worker_lines(&mut workers);
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     let mut ready = 0;

@@ -95,7 +95,7 @@ fn run(args: &Args) -> Result<SoakReport, String> {
     }
     let pid = pid_listening_on(target.port());
     let mut http = Http::connect(control)?;
-    let mut workers = super::spawn_workers(args, &[target], &sources)?;
+    let mut workers = super::spawn_workers(args, &[target], &sources, None)?;
     let rx = super::worker_lines(&mut workers);
     let mut watch = Watch::new(workers.len());
     // Phase 1: the population comes up.

@@ -56,6 +56,10 @@ pub struct Job {
     pub down_s: f64,
     #[serde(default)]
     pub window_s: f64,
+    /// A file of tokens, one per line by global connection index (`?token=`),
+    /// minted by the parent for servers with `--auth-*`.
+    #[serde(default)]
+    pub tokens: Option<std::path::PathBuf>,
 }
 
 /// What one worker measured.
@@ -194,6 +198,8 @@ struct Worker {
     /// reconnect: connections waiting to come back, in order, with when.
     returns: std::collections::VecDeque<(usize, Instant)>,
     recover_us: Histogram<u64>,
+    /// Tokens by connection index (minted before connecting).
+    tokens: Vec<String>,
 }
 
 fn now_ns() -> u64 {
@@ -224,7 +230,18 @@ impl Worker {
         };
         epoll_add(epoll, 0, STDIN_KEY, libc::EPOLLIN as u32)?;
         let hist = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        let tokens = match &job.tokens {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .lines()
+                .skip(job.first)
+                .take(job.conns)
+                .map(String::from)
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Worker {
+            tokens,
             conns: Vec::with_capacity(job.conns),
             job,
             epoll,
@@ -546,6 +563,13 @@ impl Worker {
                     Scenario::Reconnect if conn.track.phase == Phase::Subscribing => "/ws".into(),
                     Scenario::Reconnect => conn.track.recover_path(&topic_name(conn.topic)),
                     _ => format!("/ws?topics={}", topic_name(conn.topic)),
+                };
+                let path = match self.tokens.get(i) {
+                    Some(token) => format!(
+                        "{path}{}token={token}",
+                        if path.contains('?') { '&' } else { '?' }
+                    ),
+                    None => path,
                 };
                 if stream.write_all(upgrade_request(&path).as_bytes()).is_err() {
                     return self.fail(i, "reset".into());

@@ -2,14 +2,21 @@
 //! ACL, kept beside the connection table (the 48-byte record holds none of
 //! it), the expiry schedule the tick walks, and the `refresh` op.
 //!
-//! ACLs are shared: connections whose tokens grant the same topics hold one
-//! `Arc<Acl>` (`acls` interns them while any connection holds one). A token
-//! expiring closes its connection with 1008 "token expired" at the first tick
-//! after `exp` (within a second), unless a `refresh` with a later token came
-//! first: same `sub`, a later `exp`; its ACL replaces the old one and the
-//! subscriptions it no longer allows are dropped, each reported.
+//! Per connection: 24 bytes in a vector indexed like the table (generation,
+//! `exp`, the shared ACL, a keyed hash of `sub` for refreshes), reserved for
+//! the table's capacity up front (only pages in use are resident); the tick
+//! walks it for expiries, as the sweep walks the table. ACLs are shared: connections whose tokens grant the same
+//! topics hold one `Arc<Acl>` (`acls` interns them while any connection holds
+//! one). `sub` itself is logged when the connection is authenticated, with its
+//! key and generation, which the later log lines about it carry.
+//!
+//! A token expiring closes its connection with 1008 "token expired" at the
+//! first tick at or after `exp` (within a second), unless a `refresh` with a
+//! later token came first: same `sub`, a later `exp`; its ACL replaces the old
+//! one and the subscriptions it no longer allows are dropped, each reported.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Weak};
 
 use ringgate_codec::close_code;
@@ -23,29 +30,53 @@ use crate::pubsub;
 /// A connection's token state.
 pub(super) struct ConnAuth {
     generation: u32,
-    exp: u64,
+    /// Seconds since the Unix epoch (a u32 lasts until 2106).
+    exp: u32,
     acl: Arc<Acl>,
-    /// The token's `sub`, for logs.
-    sub: Box<str>,
+    /// A keyed hash of the token's `sub`: a refresh must carry the same.
+    sub: u64,
 }
 
 /// Every authenticated connection's token state on a shard.
 #[derive(Default)]
 pub(super) struct Tokens {
-    by_key: HashMap<u32, ConnAuth>,
-    /// `exp` -> connections whose token expires then (key, generation).
-    expiries: BTreeMap<u64, Vec<(u32, u32)>>,
+    /// By connection key (the table's keys are dense and reused).
+    by_key: Vec<Option<ConnAuth>>,
+    authenticated: usize,
     /// One `Arc` per distinct ACL in use.
     acls: HashMap<Arc<Acl>, Weak<Acl>>,
+    /// The key of the `sub` hashes (random per process).
+    hasher: RandomState,
 }
 
 impl Tokens {
+    /// Room for `connections` reserved up front: the vector never moves or
+    /// doubles, and only the pages of keys in use become resident.
+    pub(super) fn with_capacity(connections: usize) -> Tokens {
+        Tokens {
+            by_key: Vec::with_capacity(connections),
+            ..Tokens::default()
+        }
+    }
+
+    fn get(&self, key: u32) -> Option<&ConnAuth> {
+        self.by_key.get(key as usize)?.as_ref()
+    }
+
+    fn remove(&mut self, key: u32) {
+        if let Some(slot) = self.by_key.get_mut(key as usize) {
+            if slot.take().is_some() {
+                self.authenticated -= 1;
+            }
+        }
+    }
+
     fn intern(&mut self, acl: Arc<Acl>) -> Arc<Acl> {
         if let Some(shared) = self.acls.get(&acl).and_then(Weak::upgrade) {
             return shared;
         }
         self.acls.insert(acl.clone(), Arc::downgrade(&acl));
-        if self.acls.len() > 2 * self.by_key.len() + 64 {
+        if self.acls.len() > 2 * self.authenticated + 64 {
             self.acls.retain(|_, w| w.strong_count() > 0);
         }
         acl
@@ -53,24 +84,26 @@ impl Tokens {
 
     fn insert(&mut self, key: u32, generation: u32, claims: Claims) {
         let acl = self.intern(claims.acl);
-        self.expiries
-            .entry(claims.exp)
-            .or_default()
-            .push((key, generation));
-        self.by_key.insert(
-            key,
-            ConnAuth {
-                generation,
-                exp: claims.exp,
-                acl,
-                sub: claims.sub.into_boxed_str(),
-            },
-        );
+        let exp = u32::try_from(claims.exp).unwrap_or(u32::MAX);
+        let sub = self.hasher.hash_one(&claims.sub);
+        let index = key as usize;
+        if self.by_key.len() <= index {
+            self.by_key.resize_with(index + 1, || None);
+        }
+        let entry = ConnAuth {
+            generation,
+            exp,
+            acl,
+            sub,
+        };
+        if self.by_key[index].replace(entry).is_none() {
+            self.authenticated += 1;
+        }
     }
 
     /// The connection's ACL, if it is authenticated.
     fn acl(&self, key: usize, generation: u32) -> Option<&Acl> {
-        let auth = self.by_key.get(&(key as u32))?;
+        let auth = self.get(u32::try_from(key).ok()?)?;
         (auth.generation == generation).then_some(&*auth.acl)
     }
 }
@@ -81,6 +114,8 @@ impl Shard {
         let generation = self.conns[key].generation;
         tracing::debug!(
             shard = self.id,
+            key,
+            generation,
             sub = claims.sub,
             exp = claims.exp,
             "authenticated"
@@ -127,10 +162,11 @@ impl Shard {
     }
 
     fn log_refusal(&self, key: usize, what: &str, topic: &str) {
-        let sub = self.tokens.by_key.get(&(key as u32)).map_or("", |a| &a.sub);
+        let generation = self.conns[key].generation;
         tracing::info!(
             shard = self.id,
-            sub,
+            key,
+            generation,
             topic,
             "{what} refused by the token's ACL"
         );
@@ -139,15 +175,14 @@ impl Shard {
     /// Forgets a connection's token state (it is closing).
     pub(super) fn forget_token(&mut self, key: usize) {
         let generation = self.conns[key].generation;
-        let k = key as u32;
+        let k = u32::try_from(key).expect("keys fit in 32 bits");
         if self
             .tokens
-            .by_key
-            .get(&k)
+            .get(k)
             .is_some_and(|a| a.generation == generation)
         {
             // Its expiry entry stays until its time; it finds no match then.
-            self.tokens.by_key.remove(&k);
+            self.tokens.remove(k);
         }
     }
 
@@ -156,44 +191,41 @@ impl Shard {
         if self.cfg.auth.is_none() {
             return;
         }
-        let now = unix_now();
-        while let Some(entry) = self.tokens.expiries.first_entry() {
-            if *entry.key() > now {
-                break;
+        let now = u32::try_from(unix_now()).unwrap_or(u32::MAX);
+        let expired: Vec<(usize, u32)> = self
+            .tokens
+            .by_key
+            .iter()
+            .enumerate()
+            .filter_map(|(key, a)| {
+                a.as_ref()
+                    .filter(|a| a.exp <= now)
+                    .map(|a| (key, a.generation))
+            })
+            .collect();
+        for (key, generation) in expired {
+            self.tokens.remove(key as u32);
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.generation != generation || conn.state != State::Open {
+                continue;
             }
-            let exp = *entry.key();
-            for (key, generation) in entry.remove() {
-                let current = self
-                    .tokens
-                    .by_key
-                    .get(&key)
-                    .is_some_and(|a| a.generation == generation && a.exp == exp);
-                if !current {
-                    continue; // Refreshed, or gone.
-                }
-                let auth = self.tokens.by_key.remove(&key).expect("just found");
-                let key = key as usize;
-                let Some(conn) = self.conns.get_mut(key) else {
-                    continue;
-                };
-                if conn.generation != generation || conn.state != State::Open {
-                    continue;
-                }
-                tracing::info!(
-                    shard = self.id,
-                    sub = &*auth.sub,
-                    "token expired: closing with 1008"
-                );
-                self.stats.tokens_expired.add(1);
-                input::start_close(
-                    conn,
-                    close_code::POLICY_VIOLATION,
-                    "token expired",
-                    self.now,
-                    &mut self.pool,
-                );
-                self.drive(key);
-            }
+            tracing::info!(
+                shard = self.id,
+                key,
+                generation,
+                "token expired: closing with 1008"
+            );
+            self.stats.tokens_expired.add(1);
+            input::start_close(
+                conn,
+                close_code::POLICY_VIOLATION,
+                "token expired",
+                self.now,
+                &mut self.pool,
+            );
+            self.drive(key);
         }
     }
 
@@ -208,28 +240,24 @@ impl Shard {
             Err(why) => return self.error(key, "unauthorized", &why),
         };
         let generation = self.conns[key].generation;
-        let k = key as u32;
-        let Some(old) = self
-            .tokens
-            .by_key
-            .get(&k)
-            .filter(|a| a.generation == generation)
-        else {
+        let k = u32::try_from(key).expect("keys fit in 32 bits");
+        let Some(old) = self.tokens.get(k).filter(|a| a.generation == generation) else {
             return self.error(
                 key,
                 "unauthorized",
                 "this connection has no token to refresh",
             );
         };
-        if *old.sub != claims.sub {
+        if old.sub != self.tokens.hasher.hash_one(&claims.sub) {
             return self.error(key, "unauthorized", "the new token is for another sub");
         }
-        if claims.exp <= old.exp {
+        if claims.exp <= u64::from(old.exp) {
             return self.error(key, "unauthorized", "the new token does not expire later");
         }
         let exp = claims.exp;
+        tracing::debug!(shard = self.id, key, generation, exp, "token refreshed");
         self.tokens.insert(k, generation, claims);
-        let acl = self.tokens.by_key[&k].acl.clone();
+        let acl = self.tokens.get(k).expect("just refreshed").acl.clone();
         let dropped: Vec<Arc<str>> = self
             .topics
             .topics_of(&self.conns, key)
@@ -246,5 +274,41 @@ impl Shard {
             self.after_topic_changes();
         }
         self.reply(key, pubsub::refreshed_reply(exp));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str, exp: u64, topics: &[&str]) -> Claims {
+        Claims {
+            sub: sub.into(),
+            exp,
+            acl: Arc::new(Acl::for_tests(topics)),
+        }
+    }
+
+    #[test]
+    fn acls_are_shared_and_slots_are_reused() {
+        let mut t = Tokens::with_capacity(3000);
+        for key in 0..3000u32 {
+            t.insert(key, 1, claims(&format!("u{key}"), 2_000_000_000, &["news"]));
+        }
+        let first = t.get(0).unwrap().acl.clone();
+        assert!(
+            Arc::ptr_eq(&first, &t.get(2999).unwrap().acl),
+            "one ACL for all"
+        );
+        for round in 0..10u32 {
+            for key in 0..3000u32 {
+                t.remove(key);
+                t.insert(key, round + 2, claims("x", 2_000_000_000, &["news", "x"]));
+            }
+        }
+        assert_eq!(t.authenticated, 3000);
+        assert_eq!(t.by_key.len(), 3000);
+        assert!(t.acls.len() <= 2 * t.authenticated + 64);
+        assert_eq!(std::mem::size_of::<Option<ConnAuth>>(), 24, "the budget");
     }
 }

@@ -170,6 +170,11 @@ impl Shard {
         let tick_multishot = multishot_timeout && !cfg.oneshot_tick;
         let pool = SendPool::new(cfg.recycle_send_queues);
         let topics = TopicIndex::new(cfg.announce_first_in);
+        let tokens = if cfg.auth.is_some() {
+            auth::Tokens::with_capacity(cfg.connections_max as usize)
+        } else {
+            auth::Tokens::default()
+        };
         Ok(Shard {
             ring,
             bufs: Some(bufs),
@@ -187,7 +192,7 @@ impl Shard {
             subscribes_waiting: VecDeque::new(),
             replays: HashMap::new(),
             presence: HashMap::new(),
-            tokens: auth::Tokens::default(),
+            tokens,
             buckets: rate::Buckets::default(),
             upcalls: Vec::new(),
             commands: Vec::new(),
