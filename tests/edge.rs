@@ -8,7 +8,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -88,4 +88,33 @@ fn a_client_over_the_message_rate_is_closed_with_1008() {
     }
     assert_eq!(read_close_code(&mut flood), 1008);
     assert_eq!(server.total("rate_limited_total"), 1);
+}
+
+#[test]
+fn a_connection_storm_is_spread_over_seconds_while_served_clients_go_on() {
+    let server = Server::start(&["--shards", "1", "--max-accepts-per-sec", "20"]);
+    let mut served = raw_upgrade(&server, "/ws");
+    let started = Instant::now();
+    let storm: Vec<TcpStream> = (0..80)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.ws).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(upgrade_request("/ws", "").as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    // The client already served is answered at once, storm or not.
+    send_text(&mut served, r#"{"op":"unsub","topic":"t"}"#);
+    assert_eq!(read_json(&mut served)["op"], "unsubscribed");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for mut s in storm {
+        let head = read_head(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "80 connections at 20 a second need three ticks past the first: {took:?}"
+    );
+    assert!(server.total("accepts_paused_total") >= 2);
 }

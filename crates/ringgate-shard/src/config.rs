@@ -96,6 +96,9 @@ pub struct ShardConfig {
     /// `--max-messages-per-sec`: messages a `/ws` client may send a second,
     /// with bursts of as many (0: no limit).
     pub messages_per_sec_max: u32,
+    /// `--max-accepts-per-sec`, this shard's share: connections it accepts a
+    /// second before it stops accepting until the next tick (0: no limit).
+    pub accepts_per_sec_max: u32,
 }
 
 impl ShardConfig {
@@ -264,6 +267,7 @@ pub(crate) fn test_config() -> ShardConfig {
         auth: None,
         origins: None,
         messages_per_sec_max: 0,
+        accepts_per_sec_max: 0,
     }
 }
 

@@ -70,6 +70,8 @@ pub struct ShardStats {
     pub rejected_forbidden: Counter,
     /// Upgrades refused with 403 for their `Origin` (`--allowed-origins`).
     pub rejected_origin: Counter,
+    /// Times a shard stopped accepting until its next tick (`--max-accepts-per-sec`).
+    pub accepts_paused: Counter,
     /// Connections closed for sending more than `--max-messages-per-sec` (1008).
     pub rate_limited: Counter,
     /// Connections closed because their token expired (1008).

@@ -246,6 +246,18 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_AUTH_PUBLIC_KEY", value_name = "FILE")]
     pub auth_public_key: Option<std::path::PathBuf>,
 
+    /// New connections accepted per second over all shards; past it the shards stop accepting
+    /// until their next tick and new clients wait in the listen backlog, so a reconnect storm
+    /// cannot starve the connections already served [default: no limit].
+    #[arg(
+        long,
+        env = "RINGGATE_MAX_ACCEPTS_PER_SEC",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub max_accepts_per_sec: u32,
+
     /// Messages a /ws client may send per second (bursts of as many); past it the connection is
     /// closed with 1008 [default: no limit].
     #[arg(

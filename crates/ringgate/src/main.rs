@@ -556,6 +556,11 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         announce_first_in: cli.broker.is_some(),
         auth: auth_verifier(cli)?,
         messages_per_sec_max: cli.max_messages_per_sec,
+        // Each shard takes its share, at least one a second.
+        accepts_per_sec_max: match cli.max_accepts_per_sec {
+            0 => 0,
+            n => n.div_ceil(u32::try_from(shards).unwrap_or(u32::MAX)).max(1),
+        },
         origins: match &cli.allowed_origins {
             Some(list) => Some(Arc::new(ringgate_shard::auth::Origins::parse(
                 list,

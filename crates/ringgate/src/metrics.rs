@@ -73,6 +73,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.events_received,
     ),
     (
+        "ringgate_accepts_paused_total",
+        "counter",
+        "Times a shard stopped accepting until its next tick, at its share of --max-accepts-per-sec.",
+        |s| &s.accepts_paused,
+    ),
+    (
         "ringgate_rate_limited_total",
         "counter",
         "Connections closed with 1008 for sending more than --max-messages-per-sec.",

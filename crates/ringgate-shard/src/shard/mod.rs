@@ -139,6 +139,10 @@ pub(crate) struct Shard {
     now: u32,
     next_generation: u32,
     accept_armed: bool,
+    /// Connections accepted since the last tick, and whether accepting waits
+    /// for the next one (`--max-accepts-per-sec`).
+    accepted_this_tick: u32,
+    accept_paused: bool,
     shutdown_deadline: Option<Instant>,
 }
 
@@ -216,6 +220,8 @@ impl Shard {
             now: 0,
             next_generation: 0,
             accept_armed: false,
+            accepted_this_tick: 0,
+            accept_paused: false,
             shutdown_deadline: None,
         })
     }

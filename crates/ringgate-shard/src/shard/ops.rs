@@ -29,10 +29,22 @@ impl Shard {
         let Some(listener) = &self.listener else {
             return;
         };
-        let sqe = opcode::AcceptMulti::new(Fd(sys::raw(listener)))
-            .allocate_file_index(true)
+        // With an accept rate limit, one accept at a time: a multishot accept
+        // takes everything in the backlog before the shard could stop it.
+        let sqe = if self.cfg.accepts_per_sec_max > 0 {
+            opcode::Accept::new(
+                Fd(sys::raw(listener)),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .file_index(Some(io_uring::types::DestinationSlot::auto_target()))
             .build()
-            .user_data(Token::shard(Op::Accept).encode());
+        } else {
+            opcode::AcceptMulti::new(Fd(sys::raw(listener)))
+                .allocate_file_index(true)
+                .build()
+        }
+        .user_data(Token::shard(Op::Accept).encode());
         self.staged.push(sqe);
         self.accept_armed = true;
     }
@@ -58,10 +70,27 @@ impl Shard {
             }
         } else {
             self.admit(result as u32);
+            self.count_accept();
         }
-        if !self.accept_armed && self.shutdown_deadline.is_none() {
+        if !self.accept_armed && self.shutdown_deadline.is_none() && !self.accept_paused {
             self.arm_accept();
         }
+    }
+
+    /// `--max-accepts-per-sec`: past this shard's share in the current tick,
+    /// stop accepting until the next (new clients wait in the listen backlog;
+    /// a reconnect storm is spread over seconds instead of starving the
+    /// connections already served).
+    fn count_accept(&mut self) {
+        let max = self.cfg.accepts_per_sec_max;
+        self.accepted_this_tick += 1;
+        if max == 0 || self.accepted_this_tick < max || self.accept_paused {
+            return;
+        }
+        // The accept was one-shot (`arm_accept`): not re-arming it is enough.
+        assert!(!self.accept_armed, "a rate-limited accept is one-shot");
+        self.accept_paused = true;
+        self.stats.accepts_paused.add(1);
     }
 
     fn admit(&mut self, slot: u32) {
