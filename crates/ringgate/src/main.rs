@@ -407,18 +407,32 @@ fn address_is_free(addr: std::net::SocketAddr) -> Result<(), String> {
 /// offline from any token.
 const AUTH_SECRET_BYTES_MIN: usize = 32;
 
+/// A secret given as a flag, or as the first line of a file (`file_flag` names
+/// it in errors); trimmed.
+fn secret_from(
+    value: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+    file_flag: &str,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(value), _) => Ok(Some(value.trim().to_string())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{file_flag} {}: {e}", path.display()))?;
+            Ok(Some(text.lines().next().unwrap_or("").trim().to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// The token checker of `--auth-*`, if token checking is on.
 fn auth_verifier(cli: &Cli) -> Result<Option<Arc<ringgate_shard::auth::Verifier>>, String> {
     use ringgate_shard::auth::Verifier;
-    let secret = match (&cli.auth_hs256_secret, &cli.auth_hs256_secret_file) {
-        (Some(secret), _) => Some(secret.trim().to_string()),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--auth-hs256-secret-file {}: {e}", path.display()))?;
-            Some(text.lines().next().unwrap_or("").trim().to_string())
-        }
-        (None, None) => None,
-    };
+    let secret = secret_from(
+        &cli.auth_hs256_secret,
+        &cli.auth_hs256_secret_file,
+        "--auth-hs256-secret-file",
+    )?;
     let verifier = match (secret, &cli.auth_public_key) {
         (Some(secret), _) if secret.len() < AUTH_SECRET_BYTES_MIN => {
             return Err(format!(
@@ -456,15 +470,11 @@ const CONTROL_TOKEN_BYTES_MIN: usize = 16;
 /// The control plane's token, from `--control-token` or the first line of
 /// `--control-token-file`; a control address off the loopback range needs one.
 fn control_token(cli: &Cli) -> Result<Option<String>, String> {
-    let token = match (&cli.control_token, &cli.control_token_file) {
-        (Some(token), _) => Some(token.trim().to_string()),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--control-token-file {}: {e}", path.display()))?;
-            Some(text.lines().next().unwrap_or("").trim().to_string())
-        }
-        (None, None) => None,
-    };
+    let token = secret_from(
+        &cli.control_token,
+        &cli.control_token_file,
+        "--control-token-file",
+    )?;
     match &token {
         Some(t) if t.len() < CONTROL_TOKEN_BYTES_MIN => Err(format!(
             "the control token must be at least {CONTROL_TOKEN_BYTES_MIN} characters"
