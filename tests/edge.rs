@@ -1,13 +1,14 @@
 //! End to end: the edge limits of issue 13 that a browser page or a flooding
 //! client meets: `--allowed-origins` (exact and subdomain forms, a missing
 //! Origin with and without `--allow-missing-origin`) and
-//! `--max-messages-per-sec` (a token bucket; over it, 1008), each counted by
-//! reason.
+//! `--max-messages-per-sec` (a token bucket; over it, 1008),
+//! `--max-accepts-per-sec` and `--max-connections-per-ip` (429, counted over
+//! every shard), each counted by reason.
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -117,4 +118,72 @@ fn a_connection_storm_is_spread_over_seconds_while_served_clients_go_on() {
         "80 connections at 20 a second need three ticks past the first: {took:?}"
     );
     assert!(server.total("accepts_paused_total") >= 2);
+}
+
+/// Opens a TCP connection from `source` (a loopback address) and sends an
+/// upgrade request; returns the socket and the answer's status.
+fn upgrade_from(server: &Server, source: &str) -> (TcpStream, u16) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&server.ws.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(upgrade_request("/ws", "").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    if status != 101 {
+        assert!(
+            head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Retry-After: 5"), "{head}");
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert_eq!(body, "too many connections from your address\n");
+    }
+    (s, status)
+}
+
+#[test]
+fn an_address_holds_at_most_its_connections_over_every_shard() {
+    // Two shards: SO_REUSEPORT spreads one address's connections over both,
+    // and the limit holds for the address, not per shard.
+    let server = Server::start(&["--shards", "2", "--max-connections-per-ip", "4"]);
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let (s, status) = upgrade_from(&server, "127.0.0.1");
+            assert_eq!(status, 101);
+            s
+        })
+        .collect();
+    // Refused on whichever shard the kernel hands them to (until both shards
+    // have had some: the hash of the source port decides).
+    let mut refused = 0;
+    while refused < 6 || server.per_shard("connections_accepted_total").contains(&0) {
+        assert_eq!(upgrade_from(&server, "127.0.0.1").1, 429);
+        refused += 1;
+        assert!(refused < 200, "SO_REUSEPORT gave one shard everything");
+    }
+    // Another address is not affected.
+    let (_other, status) = upgrade_from(&server, "127.0.0.2");
+    assert_eq!(status, 101);
+    assert_eq!(server.total("connections_rejected_per_ip_total"), refused);
+    // A connection that ends gives its place back, whichever shard held it.
+    for _ in 0..2 {
+        let mut gone = held.pop().unwrap();
+        gone.write_all(&frame(0x88, &1000u16.to_be_bytes()))
+            .unwrap();
+        assert_eq!(read_close_code(&mut gone), 1000);
+        assert!(reaches_eof(&mut gone));
+    }
+    server.wait_for("two connections ended", Duration::from_secs(10), |s| {
+        s.total("connections") == 3
+    });
+    for _ in 0..2 {
+        let (s, status) = upgrade_from(&server, "127.0.0.1");
+        assert_eq!(status, 101);
+        held.push(s);
+    }
+    assert_eq!(upgrade_from(&server, "127.0.0.1").1, 429);
 }

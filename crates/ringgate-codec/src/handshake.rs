@@ -242,6 +242,7 @@ pub fn write_error_response(status: u16, reason: &str, extra_headers: &str, out:
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",

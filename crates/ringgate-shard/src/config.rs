@@ -99,6 +99,8 @@ pub struct ShardConfig {
     /// `--max-accepts-per-sec`, this shard's share: connections it accepts a
     /// second before it stops accepting until the next tick (0: no limit).
     pub accepts_per_sec_max: u32,
+    /// `--max-connections-per-ip`: the process-wide counts (no limit when `None`).
+    pub peers: Option<std::sync::Arc<crate::peers::PeerCounts>>,
 }
 
 impl ShardConfig {
@@ -268,6 +270,7 @@ pub(crate) fn test_config() -> ShardConfig {
         origins: None,
         messages_per_sec_max: 0,
         accepts_per_sec_max: 0,
+        peers: None,
     }
 }
 

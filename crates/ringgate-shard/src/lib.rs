@@ -29,6 +29,7 @@ mod inbox;
 mod input;
 mod kernel;
 pub mod limits;
+pub mod peers;
 mod pubsub;
 mod sendq;
 mod shard;

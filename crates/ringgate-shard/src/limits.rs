@@ -53,6 +53,20 @@ pub const BUFFERS_MAX: u32 = 32768;
 /// limit can still be accepted and answered 503 instead of being reset.
 pub const REJECT_SLOTS: u32 = 64;
 
+/// One-shot accepts a shard keeps armed when it must see each client's
+/// address (`--max-connections-per-ip`; a multishot accept into the fixed-file
+/// table reports none). Each has its own address buffer, so a connect storm
+/// is still taken several per loop turn. With `--max-accepts-per-sec`, one.
+pub const ACCEPTS_ARMED_MAX: usize = 16;
+
+/// Stripes of the process-wide per-address connection counts: shards accepting
+/// at once rarely meet on one lock.
+pub const PEER_STRIPES: usize = 64;
+
+/// Accepts armed when the table fills each still find a fixed-file slot to be
+/// answered 503 in.
+const _: () = assert!(ACCEPTS_ARMED_MAX <= REJECT_SLOTS as usize);
+
 /// How often the shard's sweep runs (timeouts are whole ticks).
 pub const TICK: Duration = Duration::from_secs(1);
 

@@ -70,6 +70,9 @@ pub struct ShardStats {
     pub rejected_forbidden: Counter,
     /// Upgrades refused with 403 for their `Origin` (`--allowed-origins`).
     pub rejected_origin: Counter,
+    /// Connections refused with 429: their address holds
+    /// `--max-connections-per-ip` already.
+    pub rejected_per_ip: Counter,
     /// Times a shard stopped accepting until its next tick (`--max-accepts-per-sec`).
     pub accepts_paused: Counter,
     /// Connections closed for sending more than `--max-messages-per-sec` (1008).
@@ -182,6 +185,7 @@ impl ShardStats {
             404 => self.rejected_not_found.add(1),
             405 => self.rejected_method.add(1),
             426 => self.rejected_version.add(1),
+            429 => self.rejected_per_ip.add(1),
             431 => self.rejected_too_large.add(1),
             503 => {}
             _ => self.rejected_bad_request.add(1),
@@ -198,6 +202,7 @@ impl ShardStats {
             + self.rejected_unauthorized.get()
             + self.rejected_forbidden.get()
             + self.rejected_origin.get()
+            + self.rejected_per_ip.get()
     }
 
     /// A copy of the delivery latency histogram (microseconds).

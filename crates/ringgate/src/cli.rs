@@ -258,6 +258,17 @@ pub struct Cli {
     )]
     pub max_accepts_per_sec: u32,
 
+    /// Connections one client address may hold open, over all shards (IPv6: per /64); past it
+    /// the next is answered 429 [default: no limit].
+    #[arg(
+        long,
+        env = "RINGGATE_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub max_connections_per_ip: u32,
+
     /// Messages a /ws client may send per second (bursts of as many); past it the connection is
     /// closed with 1008 [default: no limit].
     #[arg(

@@ -571,6 +571,11 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
             0 => 0,
             n => n.div_ceil(u32::try_from(shards).unwrap_or(u32::MAX)).max(1),
         },
+        peers: (cli.max_connections_per_ip > 0).then(|| {
+            Arc::new(ringgate_shard::peers::PeerCounts::new(
+                cli.max_connections_per_ip,
+            ))
+        }),
         origins: match &cli.allowed_origins {
             Some(list) => Some(Arc::new(ringgate_shard::auth::Origins::parse(
                 list,

@@ -226,6 +226,7 @@ const REJECTED: &[(&str, Field)] = &[
     ("unauthorized", |s| &s.rejected_unauthorized),
     ("forbidden", |s| &s.rejected_forbidden),
     ("origin", |s| &s.rejected_origin),
+    ("per_ip", |s| &s.rejected_per_ip),
     ("not_found", |s| &s.rejected_not_found),
     ("method_not_allowed", |s| &s.rejected_method),
     ("unsupported_version", |s| &s.rejected_version),

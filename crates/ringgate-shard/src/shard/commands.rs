@@ -10,7 +10,7 @@ use std::io;
 use std::time::Instant;
 
 use io_uring::opcode;
-use io_uring::types::{CancelBuilder, Fd};
+use io_uring::types::Fd;
 use ringgate_codec::close_code;
 
 use super::Shard;
@@ -105,14 +105,7 @@ impl Shard {
         }
         tracing::info!(shard = self.id, connections = self.conns.len(), "draining");
         self.shutdown_deadline = Some(deadline);
-        if self.accept_armed {
-            let cancel = opcode::AsyncCancel2::new(CancelBuilder::user_data(
-                Token::shard(Op::Accept).encode(),
-            ))
-            .build()
-            .user_data(Token::shard(Op::Cancel).encode());
-            self.staged.push(cancel);
-        }
+        self.cancel_accepts();
         // The armed accept holds its own reference to the socket until the
         // cancel completes (a turn from now); then closing ours takes this shard
         // out of the SO_REUSEPORT group. Whatever it accepts meanwhile is

@@ -15,6 +15,7 @@
 //! record is freed only when no operation on it is in flight. A completion for
 //! a record that is gone is a bug, and crashes.
 
+mod accept;
 mod auth;
 mod commands;
 mod fanout;
@@ -138,11 +139,7 @@ pub(crate) struct Shard {
     start: Instant,
     now: u32,
     next_generation: u32,
-    accept_armed: bool,
-    /// Connections accepted since the last tick, and whether accepting waits
-    /// for the next one (`--max-accepts-per-sec`).
-    accepted_this_tick: u32,
-    accept_paused: bool,
+    accepting: accept::Accepting,
     shutdown_deadline: Option<Instant>,
 }
 
@@ -158,6 +155,7 @@ impl Shard {
             multishot_timeout,
         } = init;
         let ring = build_ring()?;
+        let accepting = accept::Accepting::new(&cfg);
         ring.submitter()
             .register_files_sparse(cfg.fixed_files())
             .map_err(|e| io::Error::new(e.kind(), format!(
@@ -219,9 +217,7 @@ impl Shard {
             start: Instant::now(),
             now: 0,
             next_generation: 0,
-            accept_armed: false,
-            accepted_this_tick: 0,
-            accept_paused: false,
+            accepting,
             shutdown_deadline: None,
         })
     }
@@ -298,7 +294,7 @@ impl Shard {
 
     fn dispatch(&mut self, token: Token, result: i32, flags: u32) {
         match token.op {
-            Op::Accept => self.on_accept(result, flags),
+            Op::Accept => self.on_accept(token.key as usize, result, flags),
             Op::Tick => self.on_tick(result, flags),
             Op::Doorbell => self.on_doorbell(result),
             Op::Cancel => {}
@@ -421,6 +417,9 @@ impl Shard {
         // The doorbell read stays armed to the end: the kernel cancels it only
         // after the ring is closed, so its 8-byte target is never freed.
         std::mem::forget(std::mem::replace(&mut self.doorbell_buf, Box::new(0)));
+        // So may accepts (cancelled at the drain, but not necessarily done):
+        // their address slots are leaked too.
+        self.accepting.leak_addrs();
         if self.conns.is_empty() && result.is_ok() {
             tracing::info!(shard = self.id, "stopped");
             // Nothing is in flight on connections; the only armed operations

@@ -1,4 +1,4 @@
-//! A connection's operations: accept, receive, send, shutdown, close; and
+//! A connection's operations: receive, send, shutdown, close; and
 //! `drive`, which stages whatever a record's state calls for next.
 //!
 //! Sends take one of `--send-slots` (`SENDS_INFLIGHT_MAX`) slots; a connection
@@ -10,113 +10,18 @@
 
 use std::io;
 
-use io_uring::types::{CancelBuilder, Fd, Fixed};
+use io_uring::types::{CancelBuilder, Fixed};
 use io_uring::{cqueue, opcode};
 
 use super::{Shard, BGID};
-use crate::conn::{flag, Conn, State};
+use crate::conn::{flag, State};
 use crate::input;
 use crate::limits::SCRATCH_KEEP;
 use crate::sendq::NextSend;
 use crate::stats::{clock_ns, LATENCY_MAX_US};
-use crate::sys;
 use crate::token::{Op, Token};
 
 impl Shard {
-    // ---- accept -------------------------------------------------------------
-
-    pub(super) fn arm_accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
-        // With an accept rate limit, one accept at a time: a multishot accept
-        // takes everything in the backlog before the shard could stop it.
-        let sqe = if self.cfg.accepts_per_sec_max > 0 {
-            opcode::Accept::new(
-                Fd(sys::raw(listener)),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-            .file_index(Some(io_uring::types::DestinationSlot::auto_target()))
-            .build()
-        } else {
-            opcode::AcceptMulti::new(Fd(sys::raw(listener)))
-                .allocate_file_index(true)
-                .build()
-        }
-        .user_data(Token::shard(Op::Accept).encode());
-        self.staged.push(sqe);
-        self.accept_armed = true;
-    }
-
-    pub(super) fn on_accept(&mut self, result: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accept_armed = false;
-        }
-        if result < 0 {
-            match -result {
-                libc::ENFILE => {
-                    // The fixed-file table is full: the kernel closed the socket.
-                    // Accepting again waits for the next tick.
-                    self.stats.rejected_table_full.add(1);
-                    return;
-                }
-                libc::ECANCELED => return,
-                errno => tracing::warn!(
-                    shard = self.id,
-                    "accept failed: {}",
-                    io::Error::from_raw_os_error(errno)
-                ),
-            }
-        } else {
-            self.admit(result as u32);
-            self.count_accept();
-        }
-        if !self.accept_armed && self.shutdown_deadline.is_none() && !self.accept_paused {
-            self.arm_accept();
-        }
-    }
-
-    /// `--max-accepts-per-sec`: past this shard's share in the current tick,
-    /// stop accepting until the next (new clients wait in the listen backlog;
-    /// a reconnect storm is spread over seconds instead of starving the
-    /// connections already served).
-    fn count_accept(&mut self) {
-        let max = self.cfg.accepts_per_sec_max;
-        self.accepted_this_tick += 1;
-        if max == 0 || self.accepted_this_tick < max || self.accept_paused {
-            return;
-        }
-        // The accept was one-shot (`arm_accept`): not re-arming it is enough.
-        assert!(!self.accept_armed, "a rate-limited accept is one-shot");
-        self.accept_paused = true;
-        self.stats.accepts_paused.add(1);
-    }
-
-    fn admit(&mut self, slot: u32) {
-        self.stats.accepted.add(1);
-        self.stats.direct_descriptors.add(1);
-        self.stats.connections.add(1);
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1) & crate::token::GENERATION_MASK;
-        let full = self.conns.len() >= self.cfg.connections_max as usize;
-        let draining = self.shutdown_deadline.is_some();
-        let key = self.conns.insert(Conn::new(slot, generation, self.now));
-        if full || draining {
-            // Accepted before the listener's accept was cancelled: a draining
-            // shard serves no new client.
-            let reason = if draining {
-                "server shutting down, try another"
-            } else {
-                self.stats.rejected_limit.add(1);
-                "server at its connection limit, try again later"
-            };
-            let (conns, mut env) = self.env_parts();
-            input::reject(&mut conns[key], 503, reason, "Retry-After: 1\r\n", &mut env);
-        }
-        self.drive(key);
-    }
-
     // ---- receive ------------------------------------------------------------
 
     pub(super) fn on_recv(&mut self, key: usize, result: i32, flags: u32) {
@@ -359,6 +264,7 @@ impl Shard {
         // Answers still on their way find the generation gone.
         self.outstanding.remove(&key);
         self.forget_token(key);
+        self.release_peer(key);
         if self.conns[key].subs.len() > 0 {
             self.topics.unsubscribe_all(&mut self.conns, key);
             self.after_topic_changes();

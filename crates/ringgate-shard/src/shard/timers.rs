@@ -55,11 +55,7 @@ impl Shard {
         if !more {
             self.arm_tick();
         }
-        self.accepted_this_tick = 0;
-        self.accept_paused = false;
-        if !self.accept_armed && self.shutdown_deadline.is_none() {
-            self.arm_accept();
-        }
+        self.accept_tick();
         self.sweep();
         self.expire_tokens();
         self.prune_buckets();
