@@ -16,14 +16,16 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU128;
 use std::sync::Mutex;
 
 use crate::limits::PEER_STRIPES;
 
 /// A client's address as counted: an IPv4 address as its IPv4-mapped IPv6
-/// form, an IPv6 address cut to its /64. Never 0 (`::` is no TCP peer).
+/// form, an IPv6 address cut to its /64; 16 bytes with or without an
+/// `Option` around it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PeerKey(u128);
+pub struct PeerKey(NonZeroU128);
 
 impl PeerKey {
     pub fn of(ip: IpAddr) -> PeerKey {
@@ -34,7 +36,10 @@ impl PeerKey {
                 None => Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)),
             },
         };
-        PeerKey(u128::from(mapped))
+        // An IPv4-mapped address has its 0xffff bits set; an IPv6 /64 of all
+        // zeros is `::/64`, which holds no address a TCP peer can have but
+        // `::1` (loopback), counted as the one block it is.
+        PeerKey(NonZeroU128::new(u128::from(mapped)).unwrap_or(NonZeroU128::MIN))
     }
 
     /// The address an `accept` wrote, if it is an IPv4 or IPv6 one.
@@ -151,6 +156,12 @@ mod tests {
         assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
         assert_ne!(key("::ffff:10.0.0.1"), key("::ffff:10.0.0.2"));
         assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
+    }
+
+    #[test]
+    fn a_key_is_16_bytes_optional_or_not() {
+        assert_eq!(std::mem::size_of::<Option<PeerKey>>(), 16);
+        assert_eq!(key("::1"), key("::2"), "::/64 is one block");
     }
 
     #[test]
