@@ -191,6 +191,8 @@ fn the_acl_decides_topics_at_connect_and_per_op() {
     let (mut s, _) = upgrade(&server, &format!("/ws?token={bare}"), "");
     send_text(&mut s, r#"{"op":"sub","topic":"user.42"}"#);
     assert_eq!(read_json(&mut s)["code"], "forbidden");
+    // Two subscribes and one publish were answered forbidden.
+    assert_eq!(server.total("ops_forbidden_total"), 3);
 }
 
 #[test]

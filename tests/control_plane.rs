@@ -44,6 +44,7 @@ fn publishing_needs_the_control_token() {
     );
     let (status, body) = publish_with(server.control, "t", Some(&format!("Bearer {TOKEN}")));
     assert_eq!(status, 200, "{body}");
+    assert_eq!(server.total("control_unauthorized_total"), 3);
     // Reading stays open; the token is not shown.
     let stats = server.stats();
     assert_eq!(stats["settings"]["control-token"], "<redacted>");

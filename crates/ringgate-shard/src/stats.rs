@@ -79,6 +79,9 @@ pub struct ShardStats {
     pub rate_limited: Counter,
     /// Connections closed because their token expired (1008).
     pub tokens_expired: Counter,
+    /// Client subscribes and publishes answered `forbidden` (the token's ACL,
+    /// `--client-publish`).
+    pub ops_forbidden: Counter,
     /// Upgrades refused with 404 (unknown path).
     pub rejected_not_found: Counter,
     /// Upgrades refused with 405 (not GET).

@@ -75,6 +75,8 @@ pub struct Control {
     pub connections: AtomicU64,
     /// Connections refused at the cap.
     pub refused: AtomicU64,
+    /// Publishes refused (401) for a missing or wrong `--control-token`.
+    pub unauthorized: AtomicU64,
 }
 
 /// What `GET /` on the control address answers: its endpoints.
@@ -211,11 +213,20 @@ fn answer(status: StatusCode, body: Value) -> Answer {
     (status, Json(body))
 }
 
-/// Whether `headers` carry `Authorization: Bearer TOKEN` for the configured token.
+/// Whether `headers` carry `Authorization: Bearer TOKEN` for the configured
+/// token; a refusal is counted.
 fn authorized(control: &Control, headers: &axum::http::HeaderMap) -> bool {
     let Some(token) = &control.token else {
         return true;
     };
+    let ok = bearer_matches(token, headers);
+    if !ok {
+        control.unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+fn bearer_matches(token: &str, headers: &axum::http::HeaderMap) -> bool {
     let offered = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -410,6 +421,10 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
         "control_refused_total".into(),
         json!(control.refused.load(relaxed)),
     );
+    totals.insert(
+        "control_unauthorized_total".into(),
+        json!(control.unauthorized.load(relaxed)),
+    );
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
@@ -453,6 +468,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
         })
     }
 

@@ -233,6 +233,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         timeout: cli.control_timeout,
         connections: AtomicU64::new(0),
         refused: AtomicU64::new(0),
+        unauthorized: AtomicU64::new(0),
     });
     control::spawn(control_listener, metrics_listener, control, upstream_rx)
         .map_err(|e| format!("cannot start the control plane: {e}"))?;

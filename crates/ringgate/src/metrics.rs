@@ -85,6 +85,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.rate_limited,
     ),
     (
+        "ringgate_ops_forbidden_total",
+        "counter",
+        "Client subscribes and publishes refused (forbidden) by the token's ACL or --client-publish.",
+        |s| &s.ops_forbidden,
+    ),
+    (
         "ringgate_tokens_expired_total",
         "counter",
         "Connections closed with 1008 because their token expired (--auth-*).",
@@ -482,6 +488,13 @@ pub fn render(control: &Control) -> String {
         "counter",
         "Control-plane connections refused (503) at the connection cap.",
         control.refused.load(relaxed),
+    );
+    single(
+        &mut out,
+        "ringgate_control_unauthorized_total",
+        "counter",
+        "Publishes refused (401) without the --control-token.",
+        control.unauthorized.load(relaxed),
     );
     latency(&mut out, control);
     publish_latency(&mut out, control);

@@ -77,6 +77,7 @@ impl Shard {
         // A refresh may have narrowed the ACL while the broker answered.
         if !self.may_subscribe(key, &answer.topic) {
             let msg = "the token does not allow subscribing to this topic";
+            self.stats.ops_forbidden.add(1);
             return self.reply(key, crate::pubsub::forbidden_reply(&answer.topic, msg));
         }
         let mut recovery = answer.recovery;

@@ -168,6 +168,7 @@ impl Shard {
     fn forward_subscribe(&mut self, key: usize, topic: Arc<str>, since: Option<Since>) {
         if !self.may_subscribe(key, &topic) {
             let msg = "the token does not allow subscribing to this topic";
+            self.stats.ops_forbidden.add(1);
             return self.reply(key, pubsub::forbidden_reply(&topic, msg));
         }
         let conn = &self.conns[key];
@@ -231,6 +232,7 @@ impl Shard {
     fn client_publish(&mut self, key: usize, topic: Cow<'_, str>, data: &str) {
         let allowed = self.may_publish(key, &topic);
         let Some(upstream) = self.upstream.as_ref().filter(|_| allowed) else {
+            self.stats.ops_forbidden.add(1);
             return self.reply(
                 key,
                 pubsub::forbidden_reply(&topic, "clients may not publish to this topic"),
