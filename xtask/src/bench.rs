@@ -24,6 +24,9 @@ pub struct Args {
     server_cpu: usize,
     #[arg(long, default_value_t = 1)]
     loadgen_cpu: usize,
+    /// Run one section only: `auth` (the connect scenario with tokens). The full run has them all.
+    #[arg(long, value_parser = ["auth"])]
+    only: Option<String>,
 }
 
 struct Server {
@@ -319,6 +322,9 @@ pub fn run(args: &Args) -> Result<(), String> {
         "-p",
         "ringgate-baseline",
     ])?;
+    if args.only.as_deref() == Some("auth") {
+        return auth(args);
+    }
     let mut table: Vec<(Row, Option<f64>)> = Vec::new();
     let mut steady_cpu = Vec::new();
     let mut echo_cpu = Vec::new();

@@ -2,8 +2,8 @@
 //! ACL, kept beside the connection table (the 48-byte record holds none of
 //! it), the expiry schedule the tick walks, and the `refresh` op.
 //!
-//! Per connection: 24 bytes in a vector indexed like the table (generation,
-//! `exp`, the shared ACL, a keyed hash of `sub` for refreshes), reserved for
+//! Per connection: 16 bytes in a vector indexed like the table (`exp`, the
+//! shared ACL, a keyed hash of `sub` for refreshes), reserved for
 //! the table's capacity up front (only pages in use are resident); the tick
 //! walks it for expiries, as the sweep walks the table. ACLs are shared: connections whose tokens grant the same
 //! topics hold one `Arc<Acl>` (`acls` interns them while any connection holds
@@ -28,14 +28,22 @@ use crate::input;
 use crate::pubsub;
 
 /// A connection's token state.
+///
+/// An entry lives exactly as long as its connection's record holds the key:
+/// made at the upgrade, removed when the connection is finished
+/// (`forget_token`), so it needs no generation of its own.
 pub(super) struct ConnAuth {
-    generation: u32,
     /// Seconds since the Unix epoch (a u32 lasts until 2106).
     exp: u32,
+    /// A keyed hash of the token's `sub` (random key per process): a refresh
+    /// must carry the same. 32 bits are enough: a refresh token is verified
+    /// first, so swapping `sub`s would need a valid token of the other `sub`,
+    /// which could open a connection of its own.
+    sub: u32,
     acl: Arc<Acl>,
-    /// A keyed hash of the token's `sub`: a refresh must carry the same.
-    sub: u64,
 }
+
+const _: () = assert!(std::mem::size_of::<Option<ConnAuth>>() == 16);
 
 /// Every authenticated connection's token state on a shard.
 #[derive(Default)]
@@ -82,29 +90,27 @@ impl Tokens {
         acl
     }
 
-    fn insert(&mut self, key: u32, generation: u32, claims: Claims) {
+    fn sub_hash(&self, sub: &str) -> u32 {
+        self.hasher.hash_one(sub) as u32
+    }
+
+    fn insert(&mut self, key: u32, claims: Claims) {
         let acl = self.intern(claims.acl);
         let exp = u32::try_from(claims.exp).unwrap_or(u32::MAX);
-        let sub = self.hasher.hash_one(&claims.sub);
+        let sub = self.sub_hash(&claims.sub);
         let index = key as usize;
         if self.by_key.len() <= index {
             self.by_key.resize_with(index + 1, || None);
         }
-        let entry = ConnAuth {
-            generation,
-            exp,
-            acl,
-            sub,
-        };
+        let entry = ConnAuth { exp, sub, acl };
         if self.by_key[index].replace(entry).is_none() {
             self.authenticated += 1;
         }
     }
 
     /// The connection's ACL, if it is authenticated.
-    fn acl(&self, key: usize, generation: u32) -> Option<&Acl> {
-        let auth = self.get(u32::try_from(key).ok()?)?;
-        (auth.generation == generation).then_some(&*auth.acl)
+    fn acl(&self, key: usize) -> Option<&Acl> {
+        Some(&*self.get(u32::try_from(key).ok()?)?.acl)
     }
 }
 
@@ -120,11 +126,12 @@ impl Shard {
             exp = claims.exp,
             "authenticated"
         );
-        self.tokens.insert(
-            u32::try_from(key).expect("keys fit in 32 bits"),
-            generation,
-            claims,
+        let k = u32::try_from(key).expect("keys fit in 32 bits");
+        assert!(
+            self.tokens.get(k).is_none(),
+            "key {key} authenticated twice"
         );
+        self.tokens.insert(k, claims);
     }
 
     /// Whether `key` may subscribe to `topic` (always, without token checking).
@@ -132,10 +139,9 @@ impl Shard {
         if self.cfg.auth.is_none() {
             return true;
         }
-        let generation = self.conns[key].generation;
         let allowed = self
             .tokens
-            .acl(key, generation)
+            .acl(key)
             .is_some_and(|acl| acl.may_subscribe(topic));
         if !allowed {
             self.log_refusal(key, "subscribe", topic);
@@ -150,10 +156,9 @@ impl Shard {
         if self.cfg.auth.is_none() {
             return flag.is_some_and(|p| pubsub::publish_allowed(p, topic));
         }
-        let generation = self.conns[key].generation;
         let allowed = self
             .tokens
-            .acl(key, generation)
+            .acl(key)
             .is_some_and(|acl| acl.may_publish(topic, flag));
         if !allowed {
             self.log_refusal(key, "publish", topic);
@@ -174,16 +179,8 @@ impl Shard {
 
     /// Forgets a connection's token state (it is closing).
     pub(super) fn forget_token(&mut self, key: usize) {
-        let generation = self.conns[key].generation;
-        let k = u32::try_from(key).expect("keys fit in 32 bits");
-        if self
-            .tokens
-            .get(k)
-            .is_some_and(|a| a.generation == generation)
-        {
-            // Its expiry entry stays until its time; it finds no match then.
-            self.tokens.remove(k);
-        }
+        self.tokens
+            .remove(u32::try_from(key).expect("keys fit in 32 bits"));
     }
 
     /// Closes the connections whose token has expired; once a tick.
@@ -192,23 +189,22 @@ impl Shard {
             return;
         }
         let now = u32::try_from(unix_now()).unwrap_or(u32::MAX);
-        let expired: Vec<(usize, u32)> = self
+        let expired: Vec<usize> = self
             .tokens
             .by_key
             .iter()
             .enumerate()
-            .filter_map(|(key, a)| {
-                a.as_ref()
-                    .filter(|a| a.exp <= now)
-                    .map(|a| (key, a.generation))
-            })
+            .filter(|(_, a)| a.as_ref().is_some_and(|a| a.exp <= now))
+            .map(|(key, _)| key)
             .collect();
-        for (key, generation) in expired {
+        for key in expired {
             self.tokens.remove(key as u32);
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if conn.generation != generation || conn.state != State::Open {
+            let conn = self
+                .conns
+                .get_mut(key)
+                .expect("a token entry outlives no connection record");
+            let generation = conn.generation;
+            if conn.state != State::Open {
                 continue;
             }
             tracing::info!(
@@ -241,14 +237,14 @@ impl Shard {
         };
         let generation = self.conns[key].generation;
         let k = u32::try_from(key).expect("keys fit in 32 bits");
-        let Some(old) = self.tokens.get(k).filter(|a| a.generation == generation) else {
+        let Some(old) = self.tokens.get(k) else {
             return self.error(
                 key,
                 "unauthorized",
                 "this connection has no token to refresh",
             );
         };
-        if old.sub != self.tokens.hasher.hash_one(&claims.sub) {
+        if old.sub != self.tokens.sub_hash(&claims.sub) {
             return self.error(key, "unauthorized", "the new token is for another sub");
         }
         if claims.exp <= u64::from(old.exp) {
@@ -256,7 +252,7 @@ impl Shard {
         }
         let exp = claims.exp;
         tracing::debug!(shard = self.id, key, generation, exp, "token refreshed");
-        self.tokens.insert(k, generation, claims);
+        self.tokens.insert(k, claims);
         let acl = self.tokens.get(k).expect("just refreshed").acl.clone();
         let dropped: Vec<Arc<str>> = self
             .topics
@@ -293,22 +289,21 @@ mod tests {
     fn acls_are_shared_and_slots_are_reused() {
         let mut t = Tokens::with_capacity(3000);
         for key in 0..3000u32 {
-            t.insert(key, 1, claims(&format!("u{key}"), 2_000_000_000, &["news"]));
+            t.insert(key, claims(&format!("u{key}"), 2_000_000_000, &["news"]));
         }
         let first = t.get(0).unwrap().acl.clone();
         assert!(
             Arc::ptr_eq(&first, &t.get(2999).unwrap().acl),
             "one ACL for all"
         );
-        for round in 0..10u32 {
+        for _round in 0..10 {
             for key in 0..3000u32 {
                 t.remove(key);
-                t.insert(key, round + 2, claims("x", 2_000_000_000, &["news", "x"]));
+                t.insert(key, claims("x", 2_000_000_000, &["news", "x"]));
             }
         }
         assert_eq!(t.authenticated, 3000);
         assert_eq!(t.by_key.len(), 3000);
         assert!(t.acls.len() <= 2 * t.authenticated + 64);
-        assert_eq!(std::mem::size_of::<Option<ConnAuth>>(), 24, "the budget");
     }
 }
