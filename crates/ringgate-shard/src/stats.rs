@@ -124,6 +124,11 @@ pub struct ShardStats {
     pub subscriptions: Counter,
     /// Provided buffers the kernel or the shard holds now (not in the ring).
     pub buffer_ring_in_use: Counter,
+    /// The buffer ring's size (`--buffers`), set once at start.
+    pub buffer_ring_size: Counter,
+    /// Connections this shard may hold (its share of `--max-connections`),
+    /// set once at start.
+    pub connections_max: Counter,
     /// Direct descriptors (sockets) open now.
     pub direct_descriptors: Counter,
     /// Times a silent connection traded its recv for a poll (--park-after).

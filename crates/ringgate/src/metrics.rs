@@ -25,6 +25,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.connections,
     ),
     (
+        "ringgate_connections_max",
+        "gauge",
+        "Connections the shard may hold (its share of --max-connections); past it new ones get 503.",
+        |s| &s.connections_max,
+    ),
+    (
         "ringgate_direct_descriptors",
         "gauge",
         "Sockets open now as io_uring direct descriptors.",
@@ -137,6 +143,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         "counter",
         "Times a connection's reads paused on a full send queue.",
         |s| &s.reads_paused,
+    ),
+    (
+        "ringgate_buffer_ring_size",
+        "gauge",
+        "Receive buffers in the shard's provided-buffer ring (--buffers).",
+        |s| &s.buffer_ring_size,
     ),
     (
         "ringgate_buffer_ring_in_use",

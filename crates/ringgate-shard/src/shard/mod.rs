@@ -168,6 +168,8 @@ impl Shard {
             multishot_timeout,
             "ring ready"
         );
+        stats.connections_max.set(u64::from(cfg.connections_max));
+        stats.buffer_ring_size.set(u64::from(cfg.buffers));
         let timeouts = Timeouts::new(&cfg);
         let tick_multishot = multishot_timeout && !cfg.oneshot_tick;
         let pool = SendPool::new(cfg.recycle_send_queues);
