@@ -176,6 +176,7 @@ pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool
         allow_remote: false,
         timeout: 120.0,
         quiet: true,
+        thresholds: Vec::new(),
         spin: false,
         churn: 0.0,
         burst: 0,

@@ -117,7 +117,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e}");
-            ExitCode::FAILURE
+            if e.starts_with(loadgen::thresholds::CROSSED) {
+                ExitCode::from(loadgen::thresholds::EXIT_THRESHOLDS_CROSSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -474,3 +474,111 @@ fn remote_targets_are_refused_without_allow_remote() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
 }
+
+/// Runs loadgen without `--quiet`, its stderr not a terminal; returns (exit
+/// status, stdout, stderr, the JSON written).
+fn loadgen_raw(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, Value) {
+    let json = std::env::temp_dir().join(format!("loadgen-{}-raw.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("loadgen")
+        .args(args)
+        .args(["--target", &format!("ws://{}", server.ws)])
+        .args(["--control", &format!("http://{}", server.control)])
+        .args(["--timeout", "60", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(json);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+        report,
+    )
+}
+
+#[test]
+fn thresholds_set_the_exit_status_and_a_run_reports_as_it_goes() {
+    let server = Ringgate::start(&["--echo"]);
+    // Six seconds without a terminal: a plain progress line at 5 s.
+    let echo = ["echo", "--conns", "10", "--duration", "6"];
+    let mut args = echo.to_vec();
+    args.extend(["--threshold", "p99<10s", "--threshold", "lost==0"]);
+    let (status, stdout, stderr, report) = loadgen_raw(&server, &args);
+    assert_eq!(status, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("loadgen echo: 10 connections over 1 process(es), 6."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("--conns 10 --inflight 1 --size 64 --duration 6"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("server CPU / message"), "{stdout}");
+    assert!(stdout.contains("✓ p99<10s"), "{stdout}");
+    assert!(stdout.contains("✓ lost==0"), "{stdout}");
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("loadgen "))
+        .collect();
+    assert_eq!(progress.len(), 1, "one line every 5 s: {stderr}");
+    assert!(
+        progress[0].contains("10 connected") && progress[0].contains("echoes ("),
+        "{stderr}"
+    );
+    assert_eq!(report["meta"]["passed"], true);
+    assert_eq!(report["meta"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(report["meta"]["arguments"]
+        .as_array()
+        .unwrap()
+        .contains(&"p99<10s".into()));
+    assert_eq!(report["thresholds"][0]["passed"], true);
+    let series = report["series"].as_array().unwrap();
+    assert!(
+        (5..=7).contains(&series.len()),
+        "a point a second: {series:?}"
+    );
+    assert!(
+        series
+            .iter()
+            .all(|p| p["per_second"].as_f64().unwrap() > 0.0),
+        "{series:?}"
+    );
+
+    // A crossed threshold: exit status 99, named in the summary and the JSON.
+    let args = [
+        "echo",
+        "--conns",
+        "5",
+        "--duration",
+        "1",
+        "--threshold",
+        "rate>1e12",
+    ];
+    let (status, stdout, stderr, report) = loadgen_raw(&server, &args);
+    assert_eq!(status, Some(99), "{stdout}\n{stderr}");
+    assert!(stdout.contains("✗ rate>1e12"), "{stdout}");
+    assert!(stderr.contains("thresholds crossed: rate>1e12"), "{stderr}");
+    assert_eq!(report["meta"]["passed"], false);
+    assert_eq!(report["thresholds"][0]["passed"], false);
+    // A threshold the parser cannot read stops the run before it starts.
+    let (status, _, stderr, _) = loadgen_raw_no_json(&server, &["echo", "--threshold", "p42<1"]);
+    assert_eq!(status, Some(1));
+    assert!(stderr.contains("unknown figure"), "{stderr}");
+}
+
+fn loadgen_raw_no_json(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, ()) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("loadgen")
+        .args(args)
+        .args(["--target", &format!("ws://{}", server.ws)])
+        .args(["--control", &format!("http://{}", server.control)])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+        (),
+    )
+}

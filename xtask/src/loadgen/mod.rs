@@ -14,6 +14,7 @@ pub mod reconnect;
 pub mod recover;
 pub mod report;
 pub mod soak;
+pub mod thresholds;
 pub mod tokens;
 pub mod wire;
 pub mod worker;
@@ -85,6 +86,31 @@ pub enum Scenario {
     Soak,
     Reconnect,
     Publish,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Connect => "connect",
+            Scenario::Fanout => "fanout",
+            Scenario::Echo => "echo",
+            Scenario::Churn => "churn",
+            Scenario::Soak => "soak",
+            Scenario::Reconnect => "reconnect",
+            Scenario::Publish => "publish",
+        }
+    }
+
+    /// What the server's CPU is charged per in this scenario's report.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Scenario::Connect => "connection",
+            Scenario::Fanout | Scenario::Soak | Scenario::Reconnect => "delivery",
+            Scenario::Echo => "message",
+            Scenario::Churn => "connection cycled",
+            Scenario::Publish => "event",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -195,6 +221,12 @@ pub struct Args {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Pass/fail criterion, k6's form, repeatable: `p99<50ms`, `lost==0`, `rate>=10000`. FIGURE OP
+    /// VALUE with OP one of < <= > >= == !=; figures: p50, p90, p99, p99.9, max (ms; us and s
+    /// allowed), rate, lost, duplicates, out_of_order, failed, cpu_per_unit (us), rss_per_conn (B).
+    /// A crossed one ends the run with exit status 99 (connect, fanout, echo, churn).
+    #[arg(long = "threshold", value_name = "EXPR")]
+    pub thresholds: Vec<String>,
     /// Workers poll for input without ever sleeping. The server is then not
     /// charged for waking them (on loopback a wake-up runs in the sender's
     /// context), which is closer to clients on other machines. Each worker
@@ -204,6 +236,17 @@ pub struct Args {
 }
 
 pub fn main(args: &Args) -> Result<(), String> {
+    let thresholds = thresholds::parse_all(&args.thresholds)?;
+    let simple = matches!(
+        args.scenario,
+        Scenario::Connect | Scenario::Fanout | Scenario::Echo | Scenario::Churn
+    );
+    if !thresholds.is_empty() && !simple {
+        return Err(format!(
+            "--threshold applies to connect, fanout, echo and churn; {:?} has its own verdict",
+            args.scenario
+        ));
+    }
     if args.scenario == Scenario::Soak {
         return soak::main(args);
     }
@@ -215,11 +258,14 @@ pub fn main(args: &Args) -> Result<(), String> {
     }
     let report = run(args)?;
     report.print();
-    write_json(args, &report)?;
+    let outcomes: Vec<thresholds::Outcome> = thresholds.iter().map(|t| t.check(&report)).collect();
+    thresholds::print(&outcomes);
+    write_json(args, &report::Output::new(args, &outcomes, &report))?;
     if let Some(path) = &args.plot {
         report::plot(&report, path)?;
     }
-    report.verdict()
+    report.verdict()?;
+    thresholds::verdict(&outcomes)
 }
 
 /// The WebSocket target, the control plane and the source addresses of a run;
@@ -330,7 +376,8 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let mut held = None;
     let mut published = Published::default();
     let mut results: Vec<Option<WorkerResult>> = (0..workers.len()).map(|_| None).collect();
-    let mut progress_by_worker = vec![(0u64, 0u64, 0u64); workers.len()];
+    let mut progress_by_worker = vec![Snapshot::default(); workers.len()];
+    let mut series: Vec<report::Point> = Vec::new();
     while results.iter().any(Option::is_none) {
         let now = Instant::now();
         if hold_until.is_some_and(|u| now >= u) {
@@ -352,10 +399,22 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 connected,
                 failed,
                 received,
+                gaps,
+                duplicates,
+                out_of_order,
+                p99_us,
                 ..
             } => {
-                progress_by_worker[i] = (connected, failed, received);
-                progress.update(&progress_by_worker);
+                progress_by_worker[i] = Snapshot {
+                    connected,
+                    failed,
+                    received,
+                    losses: gaps + duplicates + out_of_order,
+                    p99_us,
+                };
+                if let Some(point) = progress.update(&progress_by_worker) {
+                    series.push(point);
+                }
             }
             Line::Ready => {
                 ready += 1;
@@ -381,7 +440,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
                             .iter()
                             .enumerate()
                             .filter(|(w, _)| w % hosts.targets.len() == h)
-                            .map(|(_, p)| p.0)
+                            .map(|(_, p)| p.connected)
                             .sum();
                         wait_for_subscriptions(http, subscribers)?;
                     }
@@ -468,13 +527,10 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 })
             }),
     };
-    Ok(Report::build(
-        args,
-        &results,
-        &published,
-        connected_at,
-        figures,
-    ))
+    let mut report = Report::build(args, &results, &published, connected_at, figures);
+    report.elapsed_seconds = started.elapsed().as_secs_f64();
+    report.series = series;
+    Ok(report)
 }
 
 /// The workers' lines, each with its worker's index, on one channel (a reader
@@ -693,7 +749,31 @@ pub(crate) fn proc_kib(path: &str, key: &str) -> Option<u64> {
 }
 
 /// utime + stime of a process, in seconds.
+/// CPU time a process has used, all its threads (those gone included), in
+/// seconds: from its CPU-time clock (nanoseconds), else from /proc in 10 ms
+/// ticks.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_clock_seconds(pid).or_else(|| cpu_tick_seconds(pid))
+}
+
+fn cpu_clock_seconds(pid: u32) -> Option<f64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
+        return None;
+    }
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write.
+    if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+        return None;
+    }
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
+}
+
+fn cpu_tick_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
@@ -789,12 +869,33 @@ pub(crate) fn pin_to(cpu: usize) {
 /// The live progress line.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// Without a terminal: print a plain line this often (CI logs).
+    plain_every: Option<Duration>,
+    started: Instant,
+    /// The last second sampled: (seconds since start, events received).
+    last: std::cell::Cell<(u64, u64)>,
+    last_plain: std::cell::Cell<Instant>,
     scenario: Scenario,
 }
 
+/// One worker's latest progress.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
+    connected: u64,
+    failed: u64,
+    received: u64,
+    losses: u64,
+    p99_us: u64,
+}
+
+/// How often a run without a terminal prints its progress line.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 impl Progress {
     fn new(args: &Args) -> Progress {
-        let bar = (!args.quiet).then(|| {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (!args.quiet && terminal).then(|| {
             let bar = indicatif::ProgressBar::new(args.conns as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -807,23 +908,71 @@ impl Progress {
         });
         Progress {
             bar,
+            plain_every: (!args.quiet && !terminal).then_some(PLAIN_PROGRESS_EVERY),
+            started: Instant::now(),
+            last: std::cell::Cell::new((0, 0)),
+            last_plain: std::cell::Cell::new(Instant::now()),
             scenario: args.scenario,
         }
     }
 
-    fn update(&self, workers: &[(u64, u64, u64)]) {
-        let Some(bar) = &self.bar else { return };
-        let (c, f, r) = workers
-            .iter()
-            .fold((0, 0, 0), |a, w| (a.0 + w.0, a.1 + w.1, a.2 + w.2));
-        bar.set_position(c);
+    /// Shows the workers' progress; once a second, returns a point of the
+    /// run's time series.
+    fn update(&self, workers: &[Snapshot]) -> Option<report::Point> {
+        let mut t = Snapshot::default();
+        for w in workers {
+            t.connected += w.connected;
+            t.failed += w.failed;
+            t.received += w.received;
+            t.losses += w.losses;
+            t.p99_us = t.p99_us.max(w.p99_us);
+        }
         let what = match self.scenario {
-            Scenario::Fanout | Scenario::Soak | Scenario::Reconnect => "events received",
+            Scenario::Fanout | Scenario::Soak | Scenario::Reconnect => "events",
             Scenario::Echo => "echoes",
-            Scenario::Churn => "connections cycled",
+            Scenario::Churn => "cycles",
             Scenario::Connect | Scenario::Publish => "",
         };
-        bar.set_message(format!("{f} failed  {r} {what}"));
+        let elapsed = self.started.elapsed();
+        let second = elapsed.as_secs();
+        let (last_second, last_received) = self.last.get();
+        let point = (second > last_second).then(|| {
+            self.last.set((second, t.received));
+            report::Point {
+                t_s: second,
+                connected: t.connected,
+                failed: t.failed,
+                received: t.received,
+                per_second: (t.received - last_received.min(t.received)) as f64
+                    / (second - last_second) as f64,
+                p99_ms: t.p99_us as f64 / 1000.0,
+                losses: t.losses,
+            }
+        });
+        let rate = point.as_ref().map_or(0.0, |p| p.per_second);
+        let line = format!(
+            "{} failed  {} {what} ({rate:.0}/s)  p99 {:.2} ms  lost/dup/reordered {}",
+            t.failed,
+            t.received,
+            t.p99_us as f64 / 1000.0,
+            t.losses
+        );
+        if let Some(bar) = &self.bar {
+            bar.set_position(t.connected);
+            if point.is_some() {
+                bar.set_message(line);
+            }
+        } else if let Some(every) = self.plain_every {
+            if point.is_some() && self.last_plain.get().elapsed() >= every {
+                self.last_plain.set(Instant::now());
+                eprintln!(
+                    "loadgen {:>6.1}s  {} connected  {line}",
+                    elapsed.as_secs_f64(),
+                    t.connected
+                );
+            }
+        }
+        point
     }
 
     fn finish(&self) {

@@ -12,6 +12,94 @@ use serde::Serialize;
 use super::worker::WorkerResult;
 use super::{percentiles, Args, Published, Scenario};
 
+/// A second of a run, for `--json`'s time series.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub t_s: u64,
+    pub connected: u64,
+    pub failed: u64,
+    /// Events (fanout), echoes (echo) or cycles (churn) received so far.
+    pub received: u64,
+    /// ... and in the last second.
+    pub per_second: f64,
+    /// The worst worker's latency p99 so far.
+    pub p99_ms: f64,
+    /// Gaps, duplicates and reorderings seen so far.
+    pub losses: u64,
+}
+
+/// What `--json` writes for connect, fanout, echo and churn: when, against
+/// what, with which arguments and version, the thresholds' outcomes, then
+/// every figure of the report.
+#[derive(Debug, Serialize)]
+pub struct Output<'a> {
+    pub meta: Meta,
+    pub thresholds: &'a [super::thresholds::Outcome],
+    #[serde(flatten)]
+    pub report: &'a Report,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Meta {
+    /// Seconds since the Unix epoch at the end of the run.
+    pub time: u64,
+    pub target: String,
+    pub control: String,
+    pub arguments: Vec<String>,
+    pub version: &'static str,
+    pub passed: bool,
+}
+
+impl<'a> Output<'a> {
+    pub fn new(
+        args: &Args,
+        thresholds: &'a [super::thresholds::Outcome],
+        report: &'a Report,
+    ) -> Output<'a> {
+        Output {
+            meta: Meta {
+                time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                target: args.targets.clone().unwrap_or_else(|| args.target.clone()),
+                control: args.control.clone(),
+                arguments: std::env::args().skip(1).collect(),
+                version: env!("CARGO_PKG_VERSION"),
+                passed: report.verdict().is_ok() && thresholds.iter().all(|o| o.passed),
+            },
+            thresholds,
+            report,
+        }
+    }
+}
+
+/// The parameters that shape a scenario, as the flags that set them.
+pub fn params(a: &Args) -> String {
+    let rate = a.rate.map_or(String::new(), |r| format!(" --rate {r}"));
+    match a.scenario {
+        Scenario::Connect => format!(
+            "--conns {} --procs {} --hold {}{}",
+            a.conns,
+            a.procs,
+            a.hold,
+            a.ramp.map_or(String::new(), |r| format!(" --ramp {r}"))
+        ),
+        Scenario::Fanout => format!(
+            "--conns {} --topics {} --events {} --size {}{rate} --procs {}",
+            a.conns, a.topics, a.events, a.size, a.procs
+        ),
+        Scenario::Echo => format!(
+            "--conns {} --inflight {} --size {} --duration {} --procs {}",
+            a.conns, a.inflight, a.size, a.duration, a.procs
+        ),
+        Scenario::Churn => format!(
+            "--conns {} --duration {}{rate} --procs {}",
+            a.conns, a.duration, a.procs
+        ),
+        _ => format!("--conns {} --procs {}", a.conns, a.procs),
+    }
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Percentiles {
@@ -81,6 +169,12 @@ pub struct HoldFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: Scenario,
+    /// The scenario's parameters, as flags.
+    pub params: String,
+    /// From the workers' start to the last result.
+    pub elapsed_seconds: f64,
+    /// One point a second while the run went.
+    pub series: Vec<Point>,
     pub procs: usize,
     pub conns: usize,
     pub connected: u64,
@@ -171,6 +265,9 @@ impl Report {
             .flatten();
         Report {
             scenario: args.scenario,
+            params: params(args),
+            elapsed_seconds: 0.0,
+            series: Vec::new(),
             procs: args.procs,
             conns: args.conns,
             connected,
@@ -250,9 +347,13 @@ impl Report {
     pub fn print(&self) {
         let row = |k: &str, v: String| println!("  {k:<28} {v}");
         println!(
-            "loadgen {:?}: {} connections over {} process(es)",
-            self.scenario, self.conns, self.procs
+            "loadgen {}: {} connections over {} process(es), {:.1} s",
+            self.scenario.name(),
+            self.conns,
+            self.procs,
+            self.elapsed_seconds
         );
+        row("parameters", self.params.clone());
         row(
             "connected",
             format!(
@@ -349,7 +450,10 @@ impl Report {
             }
         }
         if let Some(c) = self.server_cpu_us_per_message {
-            row("server CPU / unit", format!("{c:.2} us"));
+            row(
+                &format!("server CPU / {}", self.scenario.unit()),
+                format!("{c:.2} us"),
+            );
         }
         if let Some(l) = self.leaked_connections {
             row("connections leaked", l.to_string());

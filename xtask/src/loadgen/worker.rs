@@ -111,6 +111,10 @@ pub enum Line {
         out_of_order: u64,
         #[serde(default)]
         reconnects: u64,
+        /// The scenario's latency p99 so far in this worker, microseconds
+        /// (publish-to-receive, round trip, or handshake for connect/churn).
+        #[serde(default)]
+        p99_us: u64,
         /// reconnect: subscribers live (before the storm, or back after it).
         #[serde(default)]
         settled: u64,
@@ -324,6 +328,7 @@ impl Worker {
                     duplicates: self.result.duplicates,
                     out_of_order: self.result.out_of_order,
                     reconnects: self.result.reconnects,
+                    p99_us: self.p99_us(),
                     settled: self
                         .conns
                         .iter()
@@ -882,6 +887,21 @@ impl Worker {
         self.result.handshake_us = recorded(&self.handshake);
         self.result.latency_us = recorded(&self.latency);
         emit(&Line::Result(Box::new(std::mem::take(&mut self.result))));
+    }
+}
+
+impl Worker {
+    /// The scenario's latency p99 so far (0 before the first sample).
+    fn p99_us(&self) -> u64 {
+        let h = match self.job.scenario {
+            Scenario::Connect | Scenario::Churn => &self.handshake,
+            _ => &self.latency,
+        };
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(0.99)
+        }
     }
 }
 
