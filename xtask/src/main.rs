@@ -71,6 +71,14 @@ enum Task {
     },
     /// Drive load at a running ringgate: connect | fanout | echo | churn | soak | reconnect | publish (see --help).
     Loadgen(Box<loadgen::Args>),
+    /// Overlay the latency distributions of loadgen runs (their --json files) in one SVG.
+    Plot {
+        /// loadgen --json files.
+        files: Vec<std::path::PathBuf>,
+        /// The SVG to write.
+        #[arg(short, long, default_value = "plot.svg")]
+        output: std::path::PathBuf,
+    },
     /// (internal) One load generator worker process.
     #[command(hide = true)]
     LoadgenWorker { job: String },
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         Task::Density(a) => density::run(&a),
         Task::HistoryMemory(a) => history_memory::run(&a),
         Task::Loadgen(a) => loadgen::main(&a),
+        Task::Plot { files, output } => loadgen::report::plot_files(&files, &output),
         Task::Bench(a) => bench::run(&a),
         Task::FleetBench(a) => fleet_bench::run(&a),
         Task::Floor(a) => floor::run(&a),

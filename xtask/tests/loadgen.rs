@@ -84,8 +84,12 @@ fn loadgen(server: &Ringgate, args: &[&str]) -> Value {
 
 /// Runs `xtask loadgen ARGS` as given (targets included); returns its JSON report.
 fn loadgen_with(args: &[&str]) -> Value {
+    // Tests run in parallel threads of one process (two may run the same
+    // scenario): a file per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let json = std::env::temp_dir().join(format!(
-        "loadgen-{}-{}-with.json",
+        "loadgen-{}-{}-with-{call}.json",
         std::process::id(),
         args[0]
     ));
@@ -478,7 +482,10 @@ fn remote_targets_are_refused_without_allow_remote() {
 /// Runs loadgen without `--quiet`, its stderr not a terminal; returns (exit
 /// status, stdout, stderr, the JSON written).
 fn loadgen_raw(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, Value) {
-    let json = std::env::temp_dir().join(format!("loadgen-{}-raw.json", std::process::id()));
+    // Tests run in parallel threads of one process: a file per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!("loadgen-{}-raw-{call}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("loadgen")
         .args(args)
@@ -581,4 +588,71 @@ fn loadgen_raw_no_json(server: &Ringgate, args: &[&str]) -> (Option<i32>, String
         String::from_utf8_lossy(&out.stderr).into(),
         (),
     )
+}
+
+#[test]
+fn plots_mark_the_percentiles_and_runs_overlay() {
+    let server = Ringgate::start(&["--echo"]);
+    let dir = std::env::temp_dir().join(format!("loadgen-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    // A connect run plots its handshake latency, with its parameters.
+    let connect_svg = path("connect.svg");
+    let (status, out, err, _) = loadgen_raw(
+        &server,
+        &[
+            "connect",
+            "--conns",
+            "30",
+            "--hold",
+            "0.2",
+            "--plot",
+            &connect_svg,
+        ],
+    );
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let svg = std::fs::read_to_string(&connect_svg).unwrap();
+    assert!(
+        svg.contains("connect: handshake latency by percentile"),
+        "{svg}"
+    );
+    assert!(svg.contains("--conns 30 --procs 1 --hold 0.2"));
+    for mark in ["p50 ", "p99 ", "p99.9 ", "max "] {
+        assert!(svg.contains(mark), "{mark} is marked");
+    }
+    // Two echo runs, overlaid by `xtask plot`.
+    for (name, conns) in [("small", "5"), ("large", "15")] {
+        let (status, out, err, report) =
+            loadgen_raw(&server, &["echo", "--conns", conns, "--duration", "1"]);
+        assert_eq!(status, Some(0), "{out}\n{err}");
+        std::fs::write(path(&format!("{name}.json")), report.to_string()).unwrap();
+    }
+    let cmp = path("cmp.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["plot", &path("small.json"), &path("large.json"), "-o", &cmp])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&cmp).unwrap();
+    for label in ["small", "large", "--conns 5 ", "--conns 15 "] {
+        assert!(svg.contains(label), "{label} is in the overlay");
+    }
+    assert_eq!(
+        svg.matches("p99.9 ").count(),
+        2,
+        "each run's p99.9 is marked"
+    );
+    // A file that is no loadgen run is named in the error.
+    std::fs::write(path("bad.json"), "{}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["plot", &path("bad.json"), "-o", &cmp])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.json"));
+    let _ = std::fs::remove_dir_all(dir);
 }

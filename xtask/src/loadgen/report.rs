@@ -498,23 +498,78 @@ fn failures_text(f: &BTreeMap<String, u64>) -> String {
 /// Draws the latency percentile distribution (x: percentile on a "nines"
 /// scale, y: milliseconds) to an SVG file.
 pub fn plot(report: &Report, path: &Path) -> Result<(), String> {
-    use plotters::prelude::*;
-    let Some(p) = &report.latency_ms else {
+    let (p, what) = match report.scenario {
+        Scenario::Connect | Scenario::Churn => (&report.handshake_ms, "handshake"),
+        Scenario::Echo => (&report.latency_ms, "round trip"),
+        _ => (&report.latency_ms, "publish to receive"),
+    };
+    let Some(p) = p else {
         return Err("no latencies to plot".into());
     };
+    let run = PlotRun {
+        label: report.scenario.name().to_string(),
+        curve: p.curve.clone(),
+        marks: marks(p),
+    };
+    let title = format!("{}: {what} latency by percentile", report.scenario.name());
+    let subtitle = format!("{}, {:.1} s", report.params, report.elapsed_seconds);
+    plot_runs(&[run], &title, &subtitle, path)
+}
+
+/// One run's latency distribution, for [`plot_runs`].
+pub struct PlotRun {
+    pub label: String,
+    /// (percentile, milliseconds).
+    pub curve: Vec<(f64, f64)>,
+    /// (name, percentile, milliseconds) of p50, p99, p99.9 and max.
+    pub marks: Vec<(&'static str, f64, f64)>,
+}
+
+pub fn marks(p: &Percentiles) -> Vec<(&'static str, f64, f64)> {
+    let top = p.curve.last().map_or(99.99, |(q, _)| *q);
+    vec![
+        ("p50", 50.0, p.p50),
+        ("p99", 99.0, p.p99),
+        ("p99.9", 99.9, p.p999),
+        ("max", top, p.max),
+    ]
+}
+
+/// Draws runs' latency distributions on one chart (percentiles in "nines"
+/// on x), each with its p50, p99, p99.9 and max marked and labelled.
+pub fn plot_runs(runs: &[PlotRun], title: &str, subtitle: &str, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
     let nines = |pct: f64| -(1.0 - pct / 100.0).max(1e-6).log10();
-    let x_max = p.curve.iter().map(|(q, _)| nines(*q)).fold(1.0, f64::max);
-    let y_max = p.curve.iter().map(|(_, ms)| *ms).fold(0.001, f64::max) * 1.1;
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let title = format!("{:?}: latency by percentile", report.scenario);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let points = || runs.iter().flat_map(|r| r.curve.iter());
+    let x_max = points().map(|(q, _)| nines(*q)).fold(1.0, f64::max);
+    let y_max = runs
+        .iter()
+        .flat_map(|r| {
+            r.curve
+                .iter()
+                .map(|p| p.1)
+                .chain(r.marks.iter().map(|m| m.2))
+        })
+        .fold(0.001, f64::max)
+        * 1.15;
+    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (head, body) = root.split_vertically(56);
+    head.draw(&Text::new(title.to_string(), (20, 8), ("sans-serif", 22)))
+        .map_err(|e| err(&e))?;
+    head.draw(&Text::new(
+        subtitle.to_string(),
+        (20, 34),
+        ("sans-serif", 14).into_font().color(&RGBColor(90, 90, 90)),
+    ))
+    .map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&body)
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_labels(x_max.ceil() as usize + 1)
@@ -527,13 +582,101 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), String> {
                 .to_string()
         })
         .draw()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| err(&e))?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, run) in runs.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(
+                run.curve.iter().map(|(q, ms)| (nines(*q), *ms)),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?
+            .label(run.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        for &(name, q, ms) in &run.marks {
+            let at = (nines(q), ms);
+            chart
+                .draw_series([Circle::new(at, 4, colour.filled())])
+                .map_err(|e| err(&e))?;
+            // Labels of the max sit left of their point (it is at the right
+            // edge); each run's labels a little higher than the last run's.
+            let dx = if name == "max" {
+                -x_max * 0.09
+            } else {
+                x_max * 0.005
+            };
+            let label_at = (at.0 + dx, at.1 + y_max * 0.035 * i as f64);
+            chart
+                .draw_series([Text::new(
+                    format!("{name} {ms:.2}"),
+                    label_at,
+                    ("sans-serif", 12).into_font().color(&colour),
+                )])
+                .map_err(|e| err(&e))?;
+        }
+    }
     chart
-        .draw_series(LineSeries::new(
-            p.curve.iter().map(|(q, ms)| (nines(*q), *ms)),
-            &BLUE,
-        ))
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())?;
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// `cargo xtask plot A.json B.json -o cmp.svg`: overlays the latency
+/// distributions of runs written by `loadgen --json`.
+pub fn plot_files(files: &[std::path::PathBuf], out: &Path) -> Result<(), String> {
+    if files.is_empty() {
+        return Err("name at least one --json file of a loadgen run".into());
+    }
+    let mut runs = Vec::new();
+    let mut subtitles = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+        let scenario = v["scenario"].as_str().unwrap_or("run");
+        let key = if matches!(scenario, "connect" | "churn") {
+            "handshake_ms"
+        } else {
+            "latency_ms"
+        };
+        let p = &v[key];
+        let curve: Vec<(f64, f64)> = p["curve"]
+            .as_array()
+            .ok_or_else(|| {
+                format!(
+                    "{}: no {key} distribution (a loadgen --json file?)",
+                    file.display()
+                )
+            })?
+            .iter()
+            .filter_map(|pt| Some((pt[0].as_f64()?, pt[1].as_f64()?)))
+            .collect();
+        let num = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        let top = curve.last().map_or(99.99, |c| c.0);
+        let name = file
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+        subtitles.push(format!(
+            "{name}: {} {}",
+            scenario,
+            v["params"].as_str().unwrap_or("")
+        ));
+        runs.push(PlotRun {
+            label: name,
+            curve,
+            marks: vec![
+                ("p50", 50.0, num("p50")),
+                ("p99", 99.0, num("p99")),
+                ("p99.9", 99.9, num("p999")),
+                ("max", top, num("max")),
+            ],
+        });
+    }
+    plot_runs(&runs, "latency by percentile", &subtitles.join("; "), out)
 }
