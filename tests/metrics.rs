@@ -275,3 +275,51 @@ fn process_metrics_and_build_info_are_exported() {
         "{body}"
     );
 }
+
+#[test]
+fn a_backlog_shows_its_bytes_its_clients_and_its_age_then_drains() {
+    let server = Server::start(&["--shards", "1", "--send-queue-limit", "64MiB"]);
+    // A subscriber with a small receive buffer that does not read.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.ws.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::Write;
+    s.write_all(upgrade_request("/ws?topics=big", "").as_bytes())
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
+    // 12 MB of events: more than the kernel's socket buffers hold.
+    let event = format!("\"{}\"", "x".repeat(512 * 1024));
+    for _ in 0..24 {
+        let (status, body) = post(server.control, "/publish/big", event.as_bytes());
+        assert_eq!(status, 200, "{body}");
+    }
+    server.wait_for("a backlog", Duration::from_secs(10), |s| {
+        s.total("send_queue_connections") == 1 && s.total("send_queue_oldest_microseconds") > 0
+    });
+    let first = server.total("send_queue_oldest_microseconds");
+    server.wait_for("the backlog to age", Duration::from_secs(10), |s| {
+        s.total("send_queue_oldest_microseconds") >= first + 1_000_000
+    });
+    let m = Metrics::scrape(&server);
+    assert!(m.sum("ringgate_send_queue_bytes", &[]) > 1_000_000.0);
+    assert_eq!(
+        m.sum("ringgate_send_queue_connections", &[("shard", "0")]),
+        1.0
+    );
+    assert!(m.sum("ringgate_send_queue_oldest_seconds", &[("shard", "0")]) >= 1.0);
+    // The client reads everything: the backlog is gone at the next tick.
+    let mut got = 0;
+    while got < 24 {
+        let (b0, _) = read_frame(&mut s).expect("an event");
+        if b0 & 0x0f == 1 {
+            got += 1;
+        }
+    }
+    server.wait_for("the backlog to drain", Duration::from_secs(10), |s| {
+        s.total("send_queue_connections") == 0
+            && s.total("send_queue_oldest_microseconds") == 0
+            && s.total("send_queue_bytes") == 0
+    });
+}

@@ -39,7 +39,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn the_alert_rules_are_valid_and_each_fires_when_it_should() {
     let checked = promtool(&["check", "rules", "ringgate-alerts.yml"]);
-    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "ringgate-alerts.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -219,7 +219,7 @@ fn prometheus_scrapes_ringgate_and_every_rule_and_dashboard_query_works() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap().clone())
             .collect();
-        assert_eq!(rules.len(), 9, "{rules:?}");
+        assert_eq!(rules.len(), 10, "{rules:?}");
         for rule in &rules {
             assert_ne!(rule["health"], "err", "{rule}");
         }

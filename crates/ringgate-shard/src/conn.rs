@@ -181,6 +181,11 @@ impl Conn {
         self.sendq.as_ref().map_or(0, |q| q.bytes())
     }
 
+    /// The publish time of the oldest event waiting for this client, if any.
+    pub fn oldest_queued_event_ns(&self) -> Option<u64> {
+        self.sendq.as_ref().and_then(|q| q.oldest_event_ns())
+    }
+
     /// Gives an emptied send queue back to the pool.
     pub fn release_queue(&mut self, pool: &mut SendPool) {
         if self

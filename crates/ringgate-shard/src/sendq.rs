@@ -239,6 +239,15 @@ impl SendQueue {
         self.in_flight = 0;
     }
 
+    /// When the oldest event still queued was published (its stamp), if any.
+    /// Events are queued in publish order, so it is the first event frame.
+    pub fn oldest_event_ns(&self) -> Option<u64> {
+        self.frames
+            .iter()
+            .map(|&(_, stamp)| stamp)
+            .find(|&stamp| stamp > STAMP_PONG)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }

@@ -112,6 +112,11 @@ pub struct ShardStats {
     pub reads_paused: Counter,
     /// Bytes waiting in send queues now.
     pub send_queue_bytes: Counter,
+    /// Connections with something queued to send (updated every tick).
+    pub send_queue_connections: Counter,
+    /// Microseconds the oldest event still queued has waited since its
+    /// publish; 0 with none queued (updated every tick).
+    pub send_queue_oldest_us: Counter,
     /// Published events this shard received for fanout.
     pub events_received: Counter,
     /// Subscribers closed with 1008 for not keeping up.

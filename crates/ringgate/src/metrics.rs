@@ -169,6 +169,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.send_queue_bytes,
     ),
     (
+        "ringgate_send_queue_connections",
+        "gauge",
+        "Connections with bytes waiting in their send queue (updated every second).",
+        |s| &s.send_queue_connections,
+    ),
+    (
         "ringgate_loop_ticks_total",
         "counter",
         "Ticks the shard's loop has handled (one a second): its liveness.",
@@ -283,6 +289,10 @@ pub fn shard_counters(s: &ShardStats) -> Vec<(String, u64)> {
             counter.get(),
         ));
     }
+    out.push((
+        "send_queue_oldest_microseconds".into(),
+        s.send_queue_oldest_us.get(),
+    ));
     out
 }
 
@@ -451,6 +461,17 @@ pub fn render(control: &Control) -> String {
         for (id, shard) in control.shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {}", field(shard).get());
         }
+    }
+    let name = "ringgate_send_queue_oldest_seconds";
+    header(
+        &mut out,
+        name,
+        "gauge",
+        "How long the oldest event still queued for a client has waited since its publish (0 with none; updated every second): a backlog's age.",
+    );
+    for (id, shard) in control.shards.iter().enumerate() {
+        let seconds = shard.send_queue_oldest_us.get() as f64 / 1e6;
+        let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {seconds}");
     }
     header(
         &mut out,

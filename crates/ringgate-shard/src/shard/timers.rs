@@ -71,10 +71,17 @@ impl Shard {
     fn sweep(&mut self) {
         let mut due = std::mem::take(&mut self.due);
         let mut queued = 0;
+        let mut backlogged = 0;
+        let mut oldest_ns = u64::MAX;
         let mut unfinished = 0;
         let mut replaying = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
-            queued += conn.queued_bytes() as u64;
+            let bytes = conn.queued_bytes() as u64;
+            if bytes > 0 {
+                queued += bytes;
+                backlogged += 1;
+                oldest_ns = oldest_ns.min(conn.oldest_queued_event_ns().unwrap_or(u64::MAX));
+            }
             if conn.has(flag::REPLAYING) && conn.state == State::Open {
                 replaying.push(key);
             }
@@ -98,6 +105,15 @@ impl Shard {
             }
         }
         self.stats.send_queue_bytes.set(queued);
+        self.stats.send_queue_connections.set(backlogged);
+        // How long the oldest event still queued for a client has waited
+        // since its publish: the backlog's age, which the delivery latency
+        // (recorded only when a send completes) cannot show while it grows.
+        let age_us = match oldest_ns {
+            u64::MAX => 0,
+            ns => crate::stats::clock_ns().saturating_sub(ns) / 1000,
+        };
+        self.stats.send_queue_oldest_us.set(age_us);
         self.stats.unfinished_bytes.set(unfinished as u64);
         self.stats.merge_latency(&mut self.latency);
         for (key, d) in due.drain(..) {
