@@ -181,6 +181,14 @@ impl Conn {
         self.sendq.as_ref().map_or(0, |q| q.bytes())
     }
 
+    /// Heap bytes this record owns outside the table: its further
+    /// subscriptions, its send queue, its unfinished input.
+    pub fn heap_bytes(&self) -> usize {
+        self.subs.heap_bytes()
+            + self.sendq.as_ref().map_or(0, |q| q.heap_bytes())
+            + self.partial.as_ref().map_or(0, |p| p.held_bytes())
+    }
+
     /// The publish time of the oldest event waiting for this client, if any.
     pub fn oldest_queued_event_ns(&self) -> Option<u64> {
         self.sendq.as_ref().and_then(|q| q.oldest_event_ns())

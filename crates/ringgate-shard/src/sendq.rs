@@ -239,6 +239,17 @@ impl SendQueue {
         self.in_flight = 0;
     }
 
+    /// Heap bytes this queue holds, the box included (frames are shared, so
+    /// their bytes are counted where they are made, not here).
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<SendQueue>()
+            + self.frames.capacity() * std::mem::size_of::<(Bytes, u64)>()
+            + self
+                .gather
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<Gather>())
+    }
+
     /// When the oldest event still queued was published (its stamp), if any.
     /// Events are queued in publish order, so it is the first event frame.
     pub fn oldest_event_ns(&self) -> Option<u64> {

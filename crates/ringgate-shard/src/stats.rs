@@ -112,6 +112,9 @@ pub struct ShardStats {
     pub reads_paused: Counter,
     /// Bytes waiting in send queues now.
     pub send_queue_bytes: Counter,
+    /// User-space bytes the shard's connections hold, fixed per-shard costs
+    /// apart (updated every tick; see `Shard::connection_bytes`).
+    pub connection_bytes: Counter,
     /// Connections with something queued to send (updated every tick).
     pub send_queue_connections: Counter,
     /// Microseconds the oldest event still queued has waited since its

@@ -53,6 +53,14 @@ impl Default for Subs {
 }
 
 impl Subs {
+    /// Heap bytes this set holds beyond the record (its array of further
+    /// subscriptions).
+    pub fn heap_bytes(&self) -> usize {
+        self.more.as_ref().map_or(0, |m| {
+            std::mem::size_of::<Vec<Sub>>() + m.capacity() * std::mem::size_of::<Sub>()
+        })
+    }
+
     pub fn len(&self) -> usize {
         if self.first.topic == NO_TOPIC {
             0
@@ -170,6 +178,22 @@ pub(crate) struct TopicIndex {
 }
 
 impl TopicIndex {
+    /// Bytes the index holds: its name table, its topic table, and each
+    /// topic's name and subscriber array (allocator headers left out). A walk
+    /// over the topics, made once a tick.
+    pub fn heap_bytes(&self) -> usize {
+        let table = self.ids.capacity() * (std::mem::size_of::<(Arc<str>, u32)>() + 1)
+            + self.topics.capacity() * std::mem::size_of::<Topic>();
+        let topics: usize = self
+            .topics
+            .iter()
+            .map(|(_, t)| {
+                2 * std::mem::size_of::<usize>() + t.name.len() + 4 * t.subscribers.capacity()
+            })
+            .sum();
+        table + topics
+    }
+
     pub fn new(announce_first_in: bool) -> Self {
         TopicIndex {
             announce_first_in,

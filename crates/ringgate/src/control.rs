@@ -63,6 +63,8 @@ pub struct Control {
     pub bus: Arc<Bus>,
     /// RSS when the shards were ready: the base of the per-connection figure.
     pub rss_at_start: u64,
+    /// The host's slab and TCP buffer bytes at start (`metrics::kernel_bytes`).
+    pub kernel_at_start: u64,
     /// The effective configuration, for `/stats` (secrets redacted).
     pub settings: Value,
     /// `--control-token`: what `POST /publish` must present as a bearer token.
@@ -402,12 +404,16 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
         })
         .collect();
     let rss = crate::metrics::rss_bytes().unwrap_or(0);
-    let (user, kernel) = crate::metrics::memory_per_connection(&control, rss);
+    let m = crate::metrics::memory_per_connection(&control, rss);
     totals.insert("process_resident_memory_bytes".into(), json!(rss));
-    totals.insert("memory_bytes_per_connection_user".into(), json!(user));
+    totals.insert("memory_bytes_per_connection_user".into(), json!(m.user));
     totals.insert(
-        "memory_bytes_per_connection_kernel_estimate".into(),
-        json!(kernel),
+        "memory_bytes_per_connection_rss_growth".into(),
+        json!(m.rss_growth),
+    );
+    totals.insert(
+        "memory_bytes_per_connection_kernel_host".into(),
+        json!(m.kernel_host),
     );
     for (name, _, _, value) in crate::metrics::broker_figures(&control) {
         totals.insert(name.trim_start_matches("ringgate_").into(), json!(value));
@@ -462,6 +468,7 @@ mod tests {
                 },
             )))),
             rss_at_start: 0,
+            kernel_at_start: 0,
             settings: Value::Null,
             token: None,
             message_bytes_max: 1024,

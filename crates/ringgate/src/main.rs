@@ -227,6 +227,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         started: Instant::now(),
         bus: bus.clone(),
         rss_at_start: metrics::rss_bytes().unwrap_or(0),
+        kernel_at_start: metrics::kernel_bytes().unwrap_or(0),
         settings: serde_json::to_value(&shown).map_err(|e| e.to_string())?,
         token,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),

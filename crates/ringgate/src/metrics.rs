@@ -169,6 +169,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.send_queue_bytes,
     ),
     (
+        "ringgate_connection_bytes",
+        "gauge",
+        "User-space bytes the shard's connections hold (the table, each record's heap, the topic index, token, address and rate tables), fixed per-shard costs apart (updated every second).",
+        |s| &s.connection_bytes,
+    ),
+    (
         "ringgate_send_queue_connections",
         "gauge",
         "Connections with bytes waiting in their send queue (updated every second).",
@@ -539,21 +545,23 @@ pub fn render(control: &Control) -> String {
         "Resident set size of the process.",
         rss,
     );
-    let (user, kernel) = memory_per_connection(control, rss);
+    let m = memory_per_connection(control, rss);
     header(
         &mut out,
         "ringgate_memory_bytes_per_connection",
         "gauge",
-        "Memory per connection: user = RSS growth since start / connections; kernel_estimate = measured per-socket kernel costs.",
+        "Memory per connection (0 with none). user: user-space bytes the shards' connections hold (the table, each record's heap, the topic index, token, address and rate tables), fixed per-shard costs apart; rss_growth: RSS growth since start / connections, fixed costs included; kernel_host: the host's slab and TCP buffer memory growth since start / connections, measured here (meaningful when ringgate is the host's main tenant; loopback clients count too).",
     );
-    let _ = writeln!(
-        out,
-        "ringgate_memory_bytes_per_connection{{kind=\"user\"}} {user:.1}"
-    );
-    let _ = writeln!(
-        out,
-        "ringgate_memory_bytes_per_connection{{kind=\"kernel_estimate\"}} {kernel:.1}"
-    );
+    for (kind, value) in [
+        ("user", m.user),
+        ("rss_growth", m.rss_growth),
+        ("kernel_host", m.kernel_host),
+    ] {
+        let _ = writeln!(
+            out,
+            "ringgate_memory_bytes_per_connection{{kind=\"{kind}\"}} {value:.1}"
+        );
+    }
     let uptime = format!("{:.3}", control.started.elapsed().as_secs_f64());
     single(
         &mut out,
@@ -636,24 +644,62 @@ fn histogram_lines(out: &mut String, name: &str, labels: &str, h: &hdrhistogram:
     let _ = writeln!(out, "{name}_count{braces} {}", h.len());
 }
 
-/// Kernel memory of one idle connection measured on Linux 6.18 with slab counts
-/// (shared/io_uring-notes.md): the TCP socket, the armed multishot recv, the
-/// fixed-file slot. An estimate: it varies with kernel version and configuration.
-const KERNEL_SOCKET_BYTES: f64 = 3_700.0;
-const KERNEL_ARMED_RECV_BYTES: f64 = 860.0;
-const KERNEL_FIXED_SLOT_BYTES: f64 = 16.0;
+/// Memory per connection, three ways (see the metric's help).
+pub struct PerConnection {
+    pub user: f64,
+    pub rss_growth: f64,
+    pub kernel_host: f64,
+}
 
-/// (user, kernel_estimate) bytes per connection now; 0 with no connections.
-pub fn memory_per_connection(control: &Control, rss: u64) -> (f64, f64) {
+/// Bytes per connection now; all 0 with no connections.
+pub fn memory_per_connection(control: &Control, rss: u64) -> PerConnection {
     let connections: u64 = control.shards.iter().map(|s| s.connections.get()).sum();
     if connections == 0 {
-        return (0.0, 0.0);
+        return PerConnection {
+            user: 0.0,
+            rss_growth: 0.0,
+            kernel_host: 0.0,
+        };
     }
-    let user = rss.saturating_sub(control.rss_at_start) as f64 / connections as f64;
-    (
-        user,
-        KERNEL_SOCKET_BYTES + KERNEL_ARMED_RECV_BYTES + KERNEL_FIXED_SLOT_BYTES,
-    )
+    let n = connections as f64;
+    let held: u64 = control
+        .shards
+        .iter()
+        .map(|s| s.connection_bytes.get())
+        .sum();
+    let kernel = kernel_bytes().unwrap_or(control.kernel_at_start);
+    PerConnection {
+        user: held as f64 / n,
+        rss_growth: rss.saturating_sub(control.rss_at_start) as f64 / n,
+        kernel_host: kernel.saturating_sub(control.kernel_at_start) as f64 / n,
+    }
+}
+
+/// The host's kernel memory that grows with TCP connections: slab objects
+/// (`Slab` in /proc/meminfo: sockets, io_uring requests, files) plus TCP socket
+/// buffers (`mem` pages in /proc/net/sockstat).
+pub fn kernel_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let slab_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("Slab:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let tcp_pages: u64 = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let at = f.iter().position(|w| *w == "mem")?;
+            f.get(at + 1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no pointer arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(slab_kib * 1024 + tcp_pages * page)
 }
 
 /// This process's resident set size, from /proc.

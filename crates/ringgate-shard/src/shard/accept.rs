@@ -90,6 +90,11 @@ impl Accepting {
         self.addrs.is_empty()
     }
 
+    /// Bytes of the per-key address vector in use (its high-water mark).
+    pub(super) fn peer_bytes(&self) -> usize {
+        self.peer_of.len() * std::mem::size_of::<Option<PeerKey>>()
+    }
+
     /// The address buffers, to leak at exit while accepts may still be armed.
     pub(super) fn leak_addrs(&mut self) {
         std::mem::forget(std::mem::take(&mut self.addrs));

@@ -67,6 +67,12 @@ impl Tokens {
         }
     }
 
+    /// Bytes of the per-key vector in use (its high-water mark: the pages
+    /// past it were never touched).
+    pub(super) fn bytes(&self) -> usize {
+        self.by_key.len() * std::mem::size_of::<Option<ConnAuth>>()
+    }
+
     fn get(&self, key: u32) -> Option<&ConnAuth> {
         self.by_key.get(key as usize)?.as_ref()
     }

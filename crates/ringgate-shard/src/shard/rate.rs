@@ -26,6 +26,11 @@ pub(super) struct Buckets {
 }
 
 impl Buckets {
+    /// Bytes of the bucket table (buckets exist only for clients that sent lately).
+    pub(super) fn bytes(&self) -> usize {
+        self.by_key.capacity() * (std::mem::size_of::<(u32, Bucket)>() + 1)
+    }
+
     /// Takes a token for one message from `key`; false when none is left.
     fn take(&mut self, key: u32, generation: u32, per_sec: u32, now: Instant) -> bool {
         let full = u64::from(per_sec) * 1000;

@@ -65,6 +65,20 @@ impl Shard {
         self.after_topic_changes();
     }
 
+    /// User-space bytes this shard's connections hold, fixed per-shard costs
+    /// (rings, buffers, scratch, pools, histograms) apart: the table, what
+    /// the records own on the heap (`heap`, summed by the sweep), the topic
+    /// index, and the token, address and rate tables. What
+    /// `ringgate_memory_bytes_per_connection{kind="user"}` divides.
+    fn connection_bytes(&self, heap: usize) -> usize {
+        self.conns.capacity() * std::mem::size_of::<crate::conn::Conn>()
+            + heap
+            + self.topics.heap_bytes()
+            + self.tokens.bytes()
+            + self.accepting.peer_bytes()
+            + self.buckets.bytes()
+    }
+
     /// Visits every connection once per tick: pings, idle closes, handshake,
     /// message and close timeouts. No timer object per connection; a record is
     /// written only when something about it changes.
@@ -74,8 +88,10 @@ impl Shard {
         let mut backlogged = 0;
         let mut oldest_ns = u64::MAX;
         let mut unfinished = 0;
+        let mut heap = 0;
         let mut replaying = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
+            heap += conn.heap_bytes();
             let bytes = conn.queued_bytes() as u64;
             if bytes > 0 {
                 queued += bytes;
@@ -105,6 +121,9 @@ impl Shard {
             }
         }
         self.stats.send_queue_bytes.set(queued);
+        self.stats
+            .connection_bytes
+            .set(self.connection_bytes(heap) as u64);
         self.stats.send_queue_connections.set(backlogged);
         // How long the oldest event still queued for a client has waited
         // since its publish: the backlog's age, which the delivery latency
