@@ -77,6 +77,23 @@ fn the_metrics_listener_serves_scrapes_and_nothing_else() {
     assert_eq!(http_get(metrics, "/readyz").0, 200);
     assert_eq!(http_get(metrics, "/stats").0, 404);
     assert_eq!(publish_with(metrics, "t", None).0, 404);
+    assert_eq!(
+        post(metrics, "/publish", b"{\"topic\":\"t\",\"data\":1}\n").0,
+        404
+    );
+    // The dashboard and the figures it reads (tests/dashboard.rs drives it).
+    let (status, page) = http_get(metrics, "/dashboard");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<title>ringgate</title>")
+            && !page.contains("http://")
+            && !page.contains("https://"),
+        "self-contained: no CDN"
+    );
+    let (status, body) = http_get(metrics, "/dashboard/stats");
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["totals"]["connections"].is_u64(), "{body}");
     // The control plane still publishes.
     assert_eq!(publish_with(server.control, "t", None).0, 200);
 }

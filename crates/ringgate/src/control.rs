@@ -89,6 +89,7 @@ GET  /stats            every figure per shard and summed, the settings, uptime a
 GET  /metrics          the same figures for Prometheus
 GET  /healthz          200 while every shard runs
 GET  /readyz           200 while every shard runs, the broker is reachable and the server is not shutting down
+GET  /dashboard        a live view of the figures per shard and in total, in a browser
 ";
 
 /// What `GET /` on the `--metrics` address answers.
@@ -96,6 +97,7 @@ const METRICS_INDEX: &str = "ringgate metrics
 GET  /metrics          every figure for Prometheus
 GET  /healthz          200 while every shard runs
 GET  /readyz           200 while every shard runs, the broker is reachable and the server is not shutting down
+GET  /dashboard        a live view of the figures per shard and in total, in a browser
 ";
 
 /// Binds the control address with a listen backlog sized to the connection cap.
@@ -143,6 +145,8 @@ pub fn spawn(
                     .route("/healthz", get(healthz))
                     .route("/readyz", get(readyz))
                     .route("/stats", get(stats))
+                    .route("/dashboard", get(crate::dashboard::page))
+                    .route("/dashboard/stats", get(stats))
                     .with_state(control.clone());
                 if let Some(listener) = metrics {
                     let scrape = Router::new()
@@ -150,6 +154,8 @@ pub fn spawn(
                         .route("/metrics", get(metrics_text))
                         .route("/healthz", get(healthz))
                         .route("/readyz", get(readyz))
+                        .route("/dashboard", get(crate::dashboard::page))
+                        .route("/dashboard/stats", get(stats))
                         .with_state(control.clone());
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
@@ -386,6 +392,12 @@ async fn readyz(State(control): State<Arc<Control>>) -> (StatusCode, &'static st
 }
 
 async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
+    Json(stats_document(&control))
+}
+
+/// The `/stats` document: every figure per shard and summed, the settings,
+/// uptime and version. The dashboard reads it too.
+pub(crate) fn stats_document(control: &Control) -> Value {
     let per_shard: Vec<Map<String, Value>> = control.shards.iter().map(|s| counters(s)).collect();
     let mut totals = Map::new();
     for shard in &per_shard {
@@ -395,16 +407,29 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
             totals.insert(name.clone(), json!(sum));
         }
     }
+    // Latency percentiles are not sums: per shard, and of the merged histogram.
+    let (latencies, total_latency) = crate::metrics::latency_percentiles(control);
     let shards: Vec<Value> = per_shard
         .into_iter()
+        .zip(latencies)
         .enumerate()
-        .map(|(id, mut m)| {
+        .map(|(id, (mut m, (p50, p99)))| {
             m.insert("shard".into(), json!(id));
+            m.insert("delivery_latency_p50_seconds".into(), json!(p50));
+            m.insert("delivery_latency_p99_seconds".into(), json!(p99));
             Value::Object(m)
         })
         .collect();
+    totals.insert(
+        "delivery_latency_p50_seconds".into(),
+        json!(total_latency.0),
+    );
+    totals.insert(
+        "delivery_latency_p99_seconds".into(),
+        json!(total_latency.1),
+    );
     let rss = crate::metrics::rss_bytes().unwrap_or(0);
-    let m = crate::metrics::memory_per_connection(&control, rss);
+    let m = crate::metrics::memory_per_connection(control, rss);
     totals.insert("process_resident_memory_bytes".into(), json!(rss));
     totals.insert("memory_bytes_per_connection_user".into(), json!(m.user));
     totals.insert(
@@ -415,7 +440,7 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
         "memory_bytes_per_connection_kernel_host".into(),
         json!(m.kernel_host),
     );
-    for (name, _, _, value) in crate::metrics::broker_figures(&control) {
+    for (name, _, _, value) in crate::metrics::broker_figures(control) {
         totals.insert(name.trim_start_matches("ringgate_").into(), json!(value));
     }
     let relaxed = std::sync::atomic::Ordering::Relaxed;
@@ -431,13 +456,13 @@ async fn stats(State(control): State<Arc<Control>>) -> Json<Value> {
         "control_unauthorized_total".into(),
         json!(control.unauthorized.load(relaxed)),
     );
-    Json(json!({
+    json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": control.started.elapsed().as_secs_f64(),
         "settings": control.settings,
         "totals": totals,
         "shards": shards,
-    }))
+    })
 }
 
 /// Every counter of a shard by its `/stats` name.

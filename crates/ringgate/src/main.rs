@@ -7,6 +7,7 @@ mod bus;
 mod cli;
 mod config;
 mod control;
+mod dashboard;
 mod fleet;
 mod history;
 mod metrics;

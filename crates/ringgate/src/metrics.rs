@@ -615,6 +615,34 @@ fn latency(out: &mut String, control: &Control) {
     }
 }
 
+/// A delivery latency p50 and p99 in seconds; None before any delivery.
+pub type Quantiles = (Option<f64>, Option<f64>);
+
+/// Delivery latency quantiles per shard, and of all shards merged.
+pub fn latency_percentiles(control: &Control) -> (Vec<Quantiles>, Quantiles) {
+    let of = |h: &hdrhistogram::Histogram<u64>| {
+        if h.is_empty() {
+            (None, None)
+        } else {
+            (
+                Some(h.value_at_quantile(0.5) as f64 / 1e6),
+                Some(h.value_at_quantile(0.99) as f64 / 1e6),
+            )
+        }
+    };
+    let mut all = new_latency_histogram();
+    let per_shard = control
+        .shards
+        .iter()
+        .map(|shard| {
+            let h = shard.latency_snapshot();
+            let _ = all.add(&h);
+            of(&h)
+        })
+        .collect();
+    (per_shard, of(&all))
+}
+
 /// A histogram of microseconds as Prometheus lines in seconds; `labels` is
 /// empty or ends with a comma.
 fn histogram_lines(out: &mut String, name: &str, labels: &str, h: &hdrhistogram::Histogram<u64>) {
