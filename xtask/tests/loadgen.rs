@@ -656,3 +656,41 @@ fn plots_mark_the_percentiles_and_runs_overlay() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.json"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_run_that_cannot_measure_fails_at_once_with_the_reason() {
+    let server = Ringgate::start(&[]);
+    // No control plane at the address given: an error, not zeros.
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["loadgen", "connect", "--conns", "5"])
+        .args(["--target", &format!("ws://{}", server.ws)])
+        .args(["--control", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not answer"), "{err}");
+    // Echo against a server without --echo: every upgrade is answered 404;
+    // the run ends at once (not after --duration) and says why.
+    let (status, stdout, stderr, _) = loadgen_raw_no_json(
+        &server,
+        &["echo", "--conns", "4", "--duration", "30", "--quiet"],
+    );
+    assert_eq!(status, Some(1), "{stdout}\n{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(
+        stderr.contains("http 404") && stderr.contains("--echo"),
+        "{stderr}"
+    );
+    // Churn counts what it cycles, in its header too.
+    let (status, stdout, stderr, _) = loadgen_raw_no_json(
+        &server,
+        &["churn", "--rate", "100", "--duration", "1", "--quiet"],
+    );
+    assert_eq!(status, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("loadgen churn: ") && stdout.contains("connections opened and closed"),
+        "{stdout}"
+    );
+}

@@ -356,7 +356,11 @@ pub fn run(args: &Args) -> Result<Report, String> {
         pin_to(cpu);
     }
     let server_pid = pid_listening_on(target.port());
-    let mut http = Http::connect(control).ok();
+    // The server's figures (and fanout's publishes) come from the control
+    // plane: a run without it would report zeros as if measured.
+    let mut http = Some(Http::connect(control).map_err(|e| {
+        format!("the control plane at {control} does not answer ({e}): pass the server's --control address")
+    })?);
     let stats_before = http.as_mut().and_then(|h| h.stats().ok());
     // Tokens are minted before the clock starts: signing is the client's cost.
     let tokens = tokens::mint_for(args)?;
@@ -895,12 +899,19 @@ impl Progress {
     fn new(args: &Args) -> Progress {
         use std::io::IsTerminal;
         let terminal = std::io::stderr().is_terminal();
+        // Churn's own count: the connections it will have opened and closed.
+        let (len, what) = if args.scenario == Scenario::Churn {
+            let cycles = args.rate.unwrap_or(100.0) * args.duration;
+            (cycles as u64, "opened")
+        } else {
+            (args.conns as u64, "connected")
+        };
         let bar = (!args.quiet && terminal).then(|| {
-            let bar = indicatif::ProgressBar::new(args.conns as u64);
+            let bar = indicatif::ProgressBar::new(len);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} connected  {msg}",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{spinner}} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}  {{msg}}"
+                ))
                 .expect("valid template"),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -965,8 +976,13 @@ impl Progress {
         } else if let Some(every) = self.plain_every {
             if point.is_some() && self.last_plain.get().elapsed() >= every {
                 self.last_plain.set(Instant::now());
+                let what = if self.scenario == Scenario::Churn {
+                    "opened"
+                } else {
+                    "connected"
+                };
                 eprintln!(
-                    "loadgen {:>6.1}s  {} connected  {line}",
+                    "loadgen {:>6.1}s  {} {what}  {line}",
                     elapsed.as_secs_f64(),
                     t.connected
                 );

@@ -310,7 +310,18 @@ impl Report {
         let failed: u64 = self.failures.values().sum();
         let mut problems = Vec::new();
         if failed > 0 {
-            problems.push(format!("{failed} connections failed {:?}", self.failures));
+            let hint = if self.failures.contains_key("http 404") {
+                match self.scenario {
+                    Scenario::Echo => " (404: the server serves no /echo; ringgate needs --echo)",
+                    _ => " (404: the server serves no such path)",
+                }
+            } else {
+                ""
+            };
+            problems.push(format!(
+                "{failed} connections failed {:?}{hint}",
+                self.failures
+            ));
         }
         if self.lost() != 0 {
             problems.push(format!(
@@ -346,13 +357,21 @@ impl Report {
 
     pub fn print(&self) {
         let row = |k: &str, v: String| println!("  {k:<28} {v}");
-        println!(
-            "loadgen {}: {} connections over {} process(es), {:.1} s",
-            self.scenario.name(),
-            self.conns,
-            self.procs,
-            self.elapsed_seconds
-        );
+        if self.scenario == Scenario::Churn {
+            // Churn opens and closes connections at a rate: its own count.
+            println!(
+                "loadgen churn: {} connections opened and closed over {} process(es), {:.1} s",
+                self.connected, self.procs, self.elapsed_seconds
+            );
+        } else {
+            println!(
+                "loadgen {}: {} connections over {} process(es), {:.1} s",
+                self.scenario.name(),
+                self.conns,
+                self.procs,
+                self.elapsed_seconds
+            );
+        }
         row("parameters", self.params.clone());
         row(
             "connected",

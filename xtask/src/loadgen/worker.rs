@@ -366,6 +366,15 @@ impl Worker {
 
     fn finished(&mut self, open_done_at: Option<Instant>) -> bool {
         let since = |secs: f64| open_done_at.is_some_and(|t| t.elapsed().as_secs_f64() >= secs);
+        // Every connection failed (a server answering 404, refusing, ...):
+        // nothing is left to measure, and waiting out the run would only
+        // delay the reason.
+        let all_failed = open_done_at.is_some()
+            && self.result.connected == 0
+            && !self.result.failures.is_empty();
+        if all_failed && self.job.scenario != Scenario::Churn {
+            return true;
+        }
         match self.job.scenario {
             Scenario::Connect => since(self.job.hold_s),
             Scenario::Publish => unreachable!("publish runs no workers"),
