@@ -24,8 +24,9 @@ pub struct Args {
     server_cpu: usize,
     #[arg(long, default_value_t = 1)]
     loadgen_cpu: usize,
-    /// Run one section only: `auth` (the connect scenario with tokens). The full run has them all.
-    #[arg(long, value_parser = ["auth"])]
+    /// Run one section only: `auth` (the connect scenario with tokens), `burst` (burst fanout
+    /// against tokio-tungstenite writing in batches). The full run has them all.
+    #[arg(long, value_parser = ["auth", "burst"])]
     only: Option<String>,
 }
 
@@ -52,6 +53,9 @@ enum Kind {
     /// The baseline binary serving `/echo` with fastwebsockets: the best echo
     /// peer in issue 6's table, measured in the same run.
     FastEcho,
+    /// The baseline writing as a tuned tokio-tungstenite pub/sub server does
+    /// (`--writes batched`): the burst-fanout peer of issue 15.
+    BaselineBatched,
 }
 
 fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
@@ -73,20 +77,25 @@ fn start_with(kind: Kind, cpu: usize, extra: &[&str]) -> Result<Server, String> 
             "--control",
             "127.0.0.1:0",
         ]),
-        Kind::Baseline | Kind::FastEcho => cmd.arg(dir.join("ringgate-baseline")).args([
-            "--threads",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-        ]),
+        Kind::Baseline | Kind::FastEcho | Kind::BaselineBatched => {
+            cmd.arg(dir.join("ringgate-baseline")).args([
+                "--threads",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+            ])
+        }
     };
     if kind == Kind::FastEcho {
         cmd.args(["--engine", "fastwebsockets"]);
     }
     if kind == Kind::RinggateNoRecycle {
         cmd.arg("--no-recycle");
+    }
+    if kind == Kind::BaselineBatched {
+        cmd.args(["--writes", "batched"]);
     }
     cmd.args(extra);
     let mut child = cmd
@@ -323,8 +332,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         "-p",
         "ringgate-baseline",
     ])?;
-    if args.only.as_deref() == Some("auth") {
-        return auth(args);
+    match args.only.as_deref() {
+        Some("auth") => return auth(args),
+        Some("burst") => return burst(args),
+        _ => {}
     }
     let mut table: Vec<(Row, Option<f64>)> = Vec::new();
     let mut steady_cpu = Vec::new();
@@ -447,6 +458,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         );
     }
     auth(args)?;
+    burst(args)?;
     let echo = crate::floor_echo::measure(100, 64, if args.quick { 3.0 } else { 10.0 })?;
     println!(
         "echo floor (the plainest epoll server: one recv() and one send() per message, no WebSocket work): {} us per echo",
@@ -552,6 +564,57 @@ fn auth(args: &Args) -> Result<(), String> {
             ratio
         );
     }
+    Ok(())
+}
+
+/// Burst fanout (issue 15, item 3): 10,000 subscribers of one topic (2,000
+/// quick), 100 events of 64 B published as fast as accepted, against ringgate
+/// and against tokio-tungstenite written as its users write a pub/sub server
+/// (a broadcast channel, a task per connection feeding all it has and flushing
+/// once, 4 KiB read buffer), alternately, three times each. The target:
+/// ringgate at least 1.5x cheaper per delivery.
+fn burst(args: &Args) -> Result<(), String> {
+    let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (i, kind) in [Kind::Ringgate, Kind::BaselineBatched]
+            .into_iter()
+            .enumerate()
+        {
+            let server = start(kind, args.server_cpu)?;
+            let mut a = args_for(
+                Scenario::Fanout,
+                &server,
+                args.quick,
+                args.loadgen_cpu,
+                false,
+            );
+            a.events = 100;
+            let r = loadgen::run(&a)?;
+            r.verdict()?;
+            if let Some(c) = r.server_cpu_us_per_message {
+                cpu[i].push(c);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let (ours, theirs) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    let conns = if args.quick { 2_000 } else { 10_000 };
+    println!("burst fanout: {conns} subscribers x 100 events x 64 B, server CPU per delivery, median of 3");
+    if let (Some(ours), Some(theirs)) = (ours, theirs) {
+        println!(
+            "  ringgate {} us, tokio-tungstenite (batched writes) {} us: ringgate {:.2}x cheaper (target 1.5x)",
+            human(ours),
+            human(theirs),
+            theirs / ours
+        );
+    }
+    println!(
+        "  runs: ringgate {:?} us, tokio-tungstenite {:?} us",
+        cpu[0], cpu[1]
+    );
     Ok(())
 }
 

@@ -439,6 +439,22 @@ fn the_fastwebsockets_peer_echoes_for_the_bench() {
 }
 
 #[test]
+fn the_batched_tokio_tungstenite_peer_delivers_every_event_in_order() {
+    let peer = Ringgate::start_binary(
+        "ringgate-baseline",
+        &["--threads", "1", "--writes", "batched"],
+    );
+    // A burst: events pile up in each subscriber's channel and go out in
+    // batches; the loadgen's verdict fails on any loss or reordering.
+    let r = loadgen(
+        &peer,
+        &["fanout", "--conns", "50", "--events", "300", "--size", "64"],
+    );
+    assert_eq!(r["delivered"], 50 * 300);
+    assert_eq!(r["lost_per_topic"], serde_json::json!({"t0": 0}));
+}
+
+#[test]
 fn echo_round_trips_match_the_server() {
     let server = Ringgate::start(&["--echo"]);
     let r = loadgen(&server, SMALL_ECHO);

@@ -10,6 +10,11 @@
 //! It prints `baseline ready: ws=ADDR control=ADDR` when listening. It is a
 //! measuring stick, not a product: no limits beyond tokio-tungstenite's defaults.
 //!
+//! `--writes batched` writes the way a tuned tokio-tungstenite pub/sub server
+//! does (issue 15): a subscriber's task feeds everything its channel holds into
+//! the sink and flushes once, with a 4 KiB read buffer; the default, `each`,
+//! sends (and so flushes) every event on its own.
+//!
 //! `--engine fastwebsockets` serves `/echo` with fastwebsockets instead (the
 //! fastest peer in issue 6's echo column), as its own echo example does: a
 //! task per connection, auto pong and close, fragments collected. It serves
@@ -40,6 +45,17 @@ struct Args {
     /// The WebSocket implementation.
     #[arg(long, value_enum, default_value_t = Engine::Tungstenite)]
     engine: Engine,
+    /// How a subscriber's task writes events (tungstenite engine).
+    #[arg(long, value_enum, default_value_t = Writes::Each)]
+    writes: Writes,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Writes {
+    /// `sink.send` per event: a write and a flush each.
+    Each,
+    /// Feed all the channel holds, then flush once; 4 KiB read buffer.
+    Batched,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,7 +102,7 @@ async fn serve(args: Args) -> std::io::Result<()> {
         let (stream, _) = ws.accept().await?;
         let _ = stream.set_nodelay(true);
         match args.engine {
-            Engine::Tungstenite => tokio::spawn(connection(stream, state.clone())),
+            Engine::Tungstenite => tokio::spawn(connection(stream, state.clone(), args.writes)),
             // As fastwebsockets' own example: no cooperative-budget yields.
             Engine::Fastwebsockets => {
                 tokio::spawn(tokio::task::unconstrained(fast_echo(stream, state.clone())))
@@ -144,13 +160,17 @@ async fn fast_echo(mut stream: TcpStream, state: Arc<State>) {
 
 // The handshake callback's error type is tokio-tungstenite's (an HTTP response).
 #[allow(clippy::result_large_err)]
-async fn connection(stream: TcpStream, state: Arc<State>) {
+async fn connection(stream: TcpStream, state: Arc<State>, writes: Writes) {
     let mut target = String::new();
     let callback = |req: &Request, resp: Response| {
         target = req.uri().to_string();
         Ok(resp)
     };
-    let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+    let config = (writes == Writes::Batched).then(|| {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+    });
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, config).await
+    else {
         return;
     };
     state.connections.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +217,24 @@ async fn connection(stream: TcpStream, state: Arc<State>) {
                     Some(Ok(_)) => {}
                 },
                 event = async { first.as_mut().unwrap().recv().await }, if first.is_some() => match event {
+                    Ok(text) if writes == Writes::Batched => {
+                        // Everything the channel holds now, then one flush.
+                        let rx = first.as_mut().unwrap();
+                        let mut next = Some(text);
+                        let mut failed = false;
+                        while let Some(text) = next.take() {
+                            if sink.feed(Message::text(text.to_string())).await.is_err() {
+                                failed = true;
+                                break;
+                            }
+                            next = match rx.try_recv() {
+                                Ok(text) => Some(text),
+                                Err(broadcast::error::TryRecvError::Lagged(_)) => rx.try_recv().ok(),
+                                Err(_) => None,
+                            };
+                        }
+                        if failed || sink.flush().await.is_err() { break }
+                    }
                     Ok(text) => if sink.send(Message::text(text.to_string())).await.is_err() { break },
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => break,
