@@ -187,3 +187,63 @@ fn an_address_holds_at_most_its_connections_over_every_shard() {
     }
     assert_eq!(upgrade_from(&server, "127.0.0.1").1, 429);
 }
+
+#[test]
+fn a_drain_during_a_connect_storm_with_the_per_address_limit_is_clean() {
+    use std::io::BufRead;
+    // Started by hand to read its log: accepts staged when the drain begins
+    // must not reach the kernel with the listener's closed descriptor.
+    let mut child = std::process::Command::new(binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--no-pin",
+        ])
+        .args(["--shards", "1", "--max-connections-per-ip", "100000"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ws: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ws="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && held.len() < 5000 {
+                if let Ok(mut s) = TcpStream::connect(ws) {
+                    let _ = s.write_all(upgrade_request("/ws", "").as_bytes());
+                    held.push(s);
+                }
+            }
+            held
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill with a valid pid and signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(storm.join().unwrap());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("accept failed"), "{log}");
+}

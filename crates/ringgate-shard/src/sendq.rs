@@ -250,8 +250,12 @@ impl SendQueue {
                 .map_or(0, |_| std::mem::size_of::<Gather>())
     }
 
-    /// When the oldest event still queued was published (its stamp), if any.
-    /// Events are queued in publish order, so it is the first event frame.
+    /// When the first event still queued was published (its stamp), if any:
+    /// the oldest, give or take the inbox's latency (concurrent publishers,
+    /// and a replay stamped when it was answered, can put a slightly older
+    /// event behind it). The first, not a walk over a queue that may hold
+    /// thousands of frames, because the sweep asks every backlogged queue
+    /// every tick.
     pub fn oldest_event_ns(&self) -> Option<u64> {
         self.frames
             .iter()

@@ -147,8 +147,20 @@ impl Shard {
         }
     }
 
-    /// Cancels the armed accepts (the shard is draining).
+    /// Cancels the armed accepts (the shard is draining). Accepts staged and
+    /// not yet submitted are dropped instead: they name the listener by its
+    /// descriptor number, which the drain closes before they would reach the
+    /// kernel (where they would fail, or meet whatever reused the number).
     pub(super) fn cancel_accepts(&mut self) {
+        let armed = &mut self.accepting.armed;
+        self.staged.retain(|sqe| {
+            let token = Token::decode(sqe.get_user_data());
+            if token.op != Op::Accept {
+                return true;
+            }
+            *armed &= !(1 << token.key);
+            false
+        });
         for i in 0..u32::BITS as usize {
             if self.accepting.armed & (1 << i) != 0 {
                 let target = Token::new(Op::Accept, 0, i).encode();
