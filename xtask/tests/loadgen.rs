@@ -544,11 +544,15 @@ fn thresholds_set_the_exit_status_and_a_run_reports_as_it_goes() {
         .lines()
         .filter(|l| l.starts_with("loadgen "))
         .collect();
-    assert_eq!(progress.len(), 1, "one line every 5 s: {stderr}");
-    assert!(
-        progress[0].contains("10 connected") && progress[0].contains("echoes ("),
-        "{stderr}"
-    );
+    // One line every 5 s: at least one in a run of over 6 s (more if a loaded
+    // machine stretches it), each with the counts.
+    assert!(!progress.is_empty(), "a plain progress line: {stderr}");
+    for line in &progress {
+        assert!(
+            line.contains("10 connected") && line.contains("echoes ("),
+            "{stderr}"
+        );
+    }
     assert_eq!(report["meta"]["passed"], true);
     assert_eq!(report["meta"]["version"], env!("CARGO_PKG_VERSION"));
     assert!(report["meta"]["arguments"]
@@ -557,10 +561,9 @@ fn thresholds_set_the_exit_status_and_a_run_reports_as_it_goes() {
         .contains(&"p99<10s".into()));
     assert_eq!(report["thresholds"][0]["passed"], true);
     let series = report["series"].as_array().unwrap();
-    assert!(
-        (5..=7).contains(&series.len()),
-        "a point a second: {series:?}"
-    );
+    assert!(series.len() >= 5, "a point a second: {series:?}");
+    let seconds: Vec<u64> = series.iter().map(|p| p["t_s"].as_u64().unwrap()).collect();
+    assert!(seconds.windows(2).all(|w| w[0] < w[1]), "{seconds:?}");
     assert!(
         series
             .iter()
