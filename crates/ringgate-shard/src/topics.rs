@@ -218,6 +218,19 @@ impl TopicIndex {
         }
     }
 
+    /// The slab index of `name`, if it has local subscribers.
+    pub fn id(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).map(|&id| id & !ANNOUNCED)
+    }
+
+    /// The local subscribers of the topic at slab index `id` (none if it is
+    /// gone; the index may since name another topic, which callers tolerate).
+    pub fn subscribers_of(&self, id: u32) -> &[u32] {
+        self.topics
+            .get(id as usize)
+            .map_or(&[], |t| &t.subscribers[..])
+    }
+
     /// Marks `name` announced, if it has subscribers here and was not yet (the
     /// broker will be told, `take_changes`), and returns its local subscribers:
     /// one lookup for a delivery.

@@ -61,6 +61,7 @@ impl Shard {
                 Command::Subscribed(answer) => self.on_subscribed(*answer),
             }
         }
+        self.stage_due_sends();
         self.commands = commands;
         self.after_topic_changes();
     }

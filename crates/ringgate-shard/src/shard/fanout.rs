@@ -2,8 +2,8 @@
 //! what a connection's send queue may take (events and replies alike).
 //!
 //! Fanout queues the very same `Bytes` on every subscriber (a refcount, never a
-//! copy or a re-encode) and asks for one send per subscriber; the loop submits
-//! them in batches. A subscriber whose queue would pass the send-queue limit
+//! copy or a re-encode) and, once the turn's events are all queued, asks for one
+//! send per subscriber; the loop submits them in batches. A subscriber whose queue would pass the send-queue limit
 //! while the kernel refuses its bytes (its socket is full) is a slow consumer:
 //! closed with 1008, or, with `--slow-consumer=drop`, it misses the event (its
 //! `seq` shows the gap). Over the limit with bytes the kernel was not yet offered,
@@ -72,14 +72,42 @@ impl Shard {
                     conn.set(flag::CONGESTED);
                     self.congested.push((key, conn.generation));
                 }
-                Queued::Congested | Queued::Event | Queued::Closed => {}
+                // The close goes out now (the record may leave the topic).
+                Queued::Closed => self.want_send(key),
+                Queued::Congested | Queued::Event => {}
             }
-            self.want_send(key);
         }
         keys.clear();
         keys.shrink_to(SCRATCH_KEEP);
         self.fanout_keys = keys;
+        // Sends wait for the end of the turn (`stage_due_sends`): a subscriber
+        // then gets every event of the turn in one send, not a send for the
+        // first and the rest behind it.
+        if let Some(id) = self.topics.id(topic) {
+            if !self.sends_due.contains(&id) {
+                self.sends_due.push(id);
+            }
+        }
         self.stats.events_received.add(1);
+    }
+
+    /// Asks for a send for every subscriber of the topics delivered to this
+    /// turn. `want_send` is a no-op for a connection with nothing to send or a
+    /// send already asked for, so a topic index reused meanwhile costs only
+    /// the walk.
+    pub(super) fn stage_due_sends(&mut self) {
+        let mut due = std::mem::take(&mut self.sends_due);
+        let mut keys = std::mem::take(&mut self.fanout_keys);
+        for id in due.drain(..) {
+            keys.extend_from_slice(self.topics.subscribers_of(id));
+            for &key in &keys {
+                self.want_send(key as usize);
+            }
+            keys.clear();
+        }
+        keys.shrink_to(SCRATCH_KEEP);
+        self.fanout_keys = keys;
+        self.sends_due = due;
     }
 }
 

@@ -124,6 +124,9 @@ pub(crate) struct Shard {
     pool: SendPool,
     /// Scratch: the subscribers of the topic being fanned out.
     fanout_keys: Vec<u32>,
+    /// Topics delivered to this turn, whose subscribers' sends are asked for
+    /// once the turn's events are all queued (at most a turn's commands).
+    sends_due: Vec<u32>,
     /// Bytes held for unfinished input over all connections.
     unfinished: usize,
     /// Rises at every enter that submitted every staged SQE.
@@ -210,6 +213,7 @@ impl Shard {
             congested: Vec::new(),
             pool,
             fanout_keys: Vec::new(),
+            sends_due: Vec::with_capacity(crate::limits::INBOX_TURN_COMMANDS_MAX),
             unfinished: 0,
             epoch: 0,
             due: Vec::new(),
