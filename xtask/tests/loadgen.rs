@@ -495,29 +495,35 @@ fn remote_targets_are_refused_without_allow_remote() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
 }
 
-/// Runs loadgen without `--quiet`, its stderr not a terminal; returns (exit
-/// status, stdout, stderr, the JSON written).
-fn loadgen_raw(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, Value) {
-    // Tests run in parallel threads of one process: a file per call.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let json = std::env::temp_dir().join(format!("loadgen-{}-raw-{call}.json", std::process::id()));
+/// Runs `xtask loadgen ARGS` against `server`, its stderr not a terminal;
+/// returns (exit status, stdout, stderr).
+fn loadgen_run(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("loadgen")
         .args(args)
         .args(["--target", &format!("ws://{}", server.ws)])
         .args(["--control", &format!("http://{}", server.control)])
-        .args(["--timeout", "60", "--json", json.to_str().unwrap()])
         .output()
         .unwrap();
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(json);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
-        report,
     )
+}
+
+/// [`loadgen_run`] without `--quiet`, with `--json`: also the JSON written.
+fn loadgen_raw(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, Value) {
+    // Tests run in parallel threads of one process: a file per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!("loadgen-{}-raw-{call}.json", std::process::id()));
+    let mut all = args.to_vec();
+    all.extend(["--timeout", "60", "--json", json.to_str().unwrap()]);
+    let (status, stdout, stderr) = loadgen_run(server, &all);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(json);
+    (status, stdout, stderr, report)
 }
 
 #[test]
@@ -588,25 +594,9 @@ fn thresholds_set_the_exit_status_and_a_run_reports_as_it_goes() {
     assert_eq!(report["meta"]["passed"], false);
     assert_eq!(report["thresholds"][0]["passed"], false);
     // A threshold the parser cannot read stops the run before it starts.
-    let (status, _, stderr, _) = loadgen_raw_no_json(&server, &["echo", "--threshold", "p42<1"]);
+    let (status, _, stderr) = loadgen_run(&server, &["echo", "--threshold", "p42<1"]);
     assert_eq!(status, Some(1));
     assert!(stderr.contains("unknown figure"), "{stderr}");
-}
-
-fn loadgen_raw_no_json(server: &Ringgate, args: &[&str]) -> (Option<i32>, String, String, ()) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("loadgen")
-        .args(args)
-        .args(["--target", &format!("ws://{}", server.ws)])
-        .args(["--control", &format!("http://{}", server.control)])
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-        (),
-    )
 }
 
 #[test]
@@ -692,7 +682,7 @@ fn a_run_that_cannot_measure_fails_at_once_with_the_reason() {
     assert!(err.contains("does not answer"), "{err}");
     // Echo against a server without --echo: every upgrade is answered 404;
     // the run ends at once (not after --duration) and says why.
-    let (status, stdout, stderr, _) = loadgen_raw_no_json(
+    let (status, stdout, stderr) = loadgen_run(
         &server,
         &["echo", "--conns", "4", "--duration", "30", "--quiet"],
     );
@@ -703,7 +693,7 @@ fn a_run_that_cannot_measure_fails_at_once_with_the_reason() {
         "{stderr}"
     );
     // Churn counts what it cycles, in its header too.
-    let (status, stdout, stderr, _) = loadgen_raw_no_json(
+    let (status, stdout, stderr) = loadgen_run(
         &server,
         &["churn", "--rate", "100", "--duration", "1", "--quiet"],
     );

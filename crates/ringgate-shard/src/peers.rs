@@ -95,10 +95,6 @@ impl PeerCounts {
         }
     }
 
-    pub fn max(&self) -> u32 {
-        self.max
-    }
-
     fn stripe(&self, peer: PeerKey) -> std::sync::MutexGuard<'_, HashMap<PeerKey, u32>> {
         let index = self.hasher.hash_one(peer) as usize % self.stripes.len();
         // A shard that panicked in here (a count closed twice) left the map
@@ -133,7 +129,8 @@ impl PeerCounts {
     }
 
     /// Addresses holding at least one connection now.
-    pub fn addresses(&self) -> usize {
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
         self.stripes
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())

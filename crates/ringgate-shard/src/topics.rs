@@ -218,11 +218,6 @@ impl TopicIndex {
         }
     }
 
-    /// The slab index of `name`, if it has local subscribers.
-    pub fn id(&self, name: &str) -> Option<u32> {
-        self.ids.get(name).map(|&id| id & !ANNOUNCED)
-    }
-
     /// The local subscribers of the topic at slab index `id` (none if it is
     /// gone; the index may since name another topic, which callers tolerate).
     pub fn subscribers_of(&self, id: u32) -> &[u32] {
@@ -232,18 +227,17 @@ impl TopicIndex {
     }
 
     /// Marks `name` announced, if it has subscribers here and was not yet (the
-    /// broker will be told, `take_changes`), and returns its local subscribers:
-    /// one lookup for a delivery.
-    pub fn announce(&mut self, name: &str) -> &[u32] {
-        let Some(id) = self.ids.get_mut(name) else {
-            return &[];
-        };
-        let index = (*id & !ANNOUNCED) as usize;
+    /// broker will be told, `take_changes`), and returns its slab index (its
+    /// subscribers: [`Self::subscribers_of`]): one lookup for a delivery.
+    pub fn announce(&mut self, name: &str) -> Option<u32> {
+        let id = self.ids.get_mut(name)?;
+        let index = *id & !ANNOUNCED;
         if *id & ANNOUNCED == 0 {
             *id |= ANNOUNCED;
-            self.changes.push((self.topics[index].name.clone(), true));
+            self.changes
+                .push((self.topics[index as usize].name.clone(), true));
         }
-        &self.topics[index].subscribers
+        Some(index)
     }
 
     pub fn subscribe(

@@ -45,7 +45,10 @@ impl Shard {
         // here now hold this topic's numbering: it is announced to the broker,
         // which must keep it (see topics.rs).
         let mut keys = std::mem::take(&mut self.fanout_keys);
-        keys.extend_from_slice(self.topics.announce(topic));
+        let id = self.topics.announce(topic);
+        if let Some(id) = id {
+            keys.extend_from_slice(self.topics.subscribers_of(id));
+        }
         for &key in &keys {
             let key = key as usize;
             if self.conns[key].has(flag::REPLAYING) {
@@ -83,7 +86,7 @@ impl Shard {
         // Sends wait for the end of the turn (`stage_due_sends`): a subscriber
         // then gets every event of the turn in one send, not a send for the
         // first and the rest behind it.
-        if let Some(id) = self.topics.id(topic) {
+        if let Some(id) = id {
             if !self.sends_due.contains(&id) {
                 self.sends_due.push(id);
             }
