@@ -25,15 +25,16 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     loadgen_cpu: usize,
     /// Run one section only: `auth` (the connect scenario with tokens), `burst` (burst fanout
-    /// against tokio-tungstenite writing in batches). The full run has them all.
-    #[arg(long, value_parser = ["auth", "burst"])]
+    /// against tokio-tungstenite writing in batches), `notify` (a topic per subscriber against
+    /// broadcast, bench_notify.rs). The full run has them all.
+    #[arg(long, value_parser = ["auth", "burst", "notify"])]
     only: Option<String>,
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    ws: String,
-    control: String,
+    pub ws: String,
+    pub control: String,
 }
 
 impl Drop for Server {
@@ -44,7 +45,7 @@ impl Drop for Server {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Ringgate,
     /// ringgate with send-queue recycling off (`--no-recycle`): what recycling
     /// saves per delivery, measured in the same run.
@@ -62,21 +63,26 @@ fn start(kind: Kind, cpu: usize) -> Result<Server, String> {
     start_with(kind, cpu, &[])
 }
 
-/// [`start`] with more arguments for the server.
-fn start_with(kind: Kind, cpu: usize, extra: &[&str]) -> Result<Server, String> {
+/// [`start`] with more arguments for the server (`--shards` among them replaces the one shard).
+pub(crate) fn start_with(kind: Kind, cpu: usize, extra: &[&str]) -> Result<Server, String> {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release"));
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &cpu.to_string()]);
     match kind {
-        Kind::Ringgate | Kind::RinggateNoRecycle => cmd.arg(dir.join("ringgate")).args([
-            "--shards",
-            "1",
-            "--echo",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-        ]),
+        Kind::Ringgate | Kind::RinggateNoRecycle => cmd
+            .arg(dir.join("ringgate"))
+            .args(if extra.contains(&"--shards") {
+                &[][..]
+            } else {
+                &["--shards", "1"][..]
+            })
+            .args([
+                "--echo",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+            ]),
         Kind::Baseline | Kind::FastEcho | Kind::BaselineBatched => {
             cmd.arg(dir.join("ringgate-baseline")).args([
                 "--threads",
@@ -162,7 +168,7 @@ pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool
         target: format!("ws://{ws}"),
         control: format!("http://{control}"),
         targets: None,
-        publishers: 8,
+        publishers: None,
         batch: 1,
         token_secret: None,
         token_key: None,
@@ -335,6 +341,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     match args.only.as_deref() {
         Some("auth") => return auth(args),
         Some("burst") => return burst(args),
+        Some("notify") => {
+            return crate::bench_notify::run(args.quick, args.server_cpu, args.loadgen_cpu)
+        }
         _ => {}
     }
     let mut table: Vec<(Row, Option<f64>)> = Vec::new();

@@ -125,7 +125,7 @@ fn measure(hosts: &[&Ringgate], quick: bool) -> Result<Figures, String> {
             quick,
         );
         a.control = controls.join(",");
-        (a.publishers, a.events, a.topics, a.batch) = (publishers, events, 100, batch);
+        (a.publishers, a.events, a.topics, a.batch) = (Some(publishers), events, 100, batch);
         publish::run(&a)
     };
     let one = publishing(1, if quick { 2_000 } else { 10_000 }, 1)?;

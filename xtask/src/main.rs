@@ -11,6 +11,7 @@
 //! - `floor`: the kernel's own cost per delivery (or, `--echo`, per echo) on this machine, with no gateway.
 
 mod bench;
+mod bench_notify;
 mod density;
 mod fleet_bench;
 mod floor;

@@ -65,33 +65,74 @@ pub(crate) struct Inbox {
     doorbell: OwnedFd,
 }
 
-/// A place in an inbox, promised to one command: [`Reservation::push`] cannot
-/// fail. Dropping it unused gives the place back.
+/// Places in an inbox promised to a sender: commands [`Reservation::stage`]d
+/// into them cannot be refused, and reach the queue together, in order, with
+/// one lock and at most one ring, at [`Reservation::commit`]. Unused places
+/// go back at the commit or when the reservation is dropped. Dropping staged
+/// commands uncommitted is a bug (they were promised to the shard) and panics.
 pub struct Reservation<'a> {
     inbox: &'a Inbox,
-    used: bool,
+    /// Places promised and not yet staged into.
+    places: usize,
+    staged: Vec<Command>,
 }
 
 impl Reservation<'_> {
-    /// Queues the command in the reserved place.
+    /// Places left for [`Reservation::stage`].
+    pub fn places(&self) -> usize {
+        self.places
+    }
+
+    /// Queues one command in a reserved place, at once (a one-place reservation's use).
     pub fn push(mut self, command: Command) {
-        self.used = true;
+        assert!(self.places > 0, "pushing past the reserved places");
+        self.places -= 1;
         {
             let mut queue = self.inbox.lock();
-            assert!(queue.reserved > 0, "a reservation without a reserved place");
+            assert!(queue.reserved > 0, "a reservation without its places");
             queue.reserved -= 1;
             queue.commands.push_back(command);
         }
         self.inbox.ring();
     }
+
+    /// Holds `command` for the next [`Reservation::commit`], in a reserved place.
+    pub fn stage(&mut self, command: Command) {
+        assert!(self.places > 0, "staging past the reserved places");
+        self.places -= 1;
+        self.staged.push(command);
+    }
+
+    /// Queues the staged commands in order and gives the unused places back.
+    pub fn commit(mut self) {
+        let staged = std::mem::take(&mut self.staged);
+        let reserved = staged.len() + std::mem::take(&mut self.places);
+        let queued = !staged.is_empty();
+        {
+            let mut queue = self.inbox.lock();
+            assert!(queue.reserved >= reserved, "more places used than reserved");
+            queue.reserved -= reserved;
+            queue.commands.extend(staged);
+        }
+        if queued {
+            self.inbox.ring();
+        }
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if !self.used {
+        if !std::thread::panicking() {
+            assert!(
+                self.staged.is_empty(),
+                "staged commands dropped uncommitted"
+            );
+        }
+        let unused = self.places + self.staged.len();
+        if unused > 0 {
             let mut queue = self.inbox.lock();
-            assert!(queue.reserved > 0, "a reservation without a reserved place");
-            queue.reserved -= 1;
+            assert!(queue.reserved >= unused, "a reservation without its places");
+            queue.reserved -= unused;
         }
     }
 }
@@ -151,15 +192,27 @@ impl Inbox {
 
     /// Promises a place for one command, or `None` if the inbox is full.
     pub fn reserve(&self) -> Option<Reservation<'_>> {
+        Some(self.reserve_up_to(1)).filter(|r| r.places() == 1)
+    }
+
+    /// Promises as many places as are free, up to `wanted` (perhaps none).
+    pub fn reserve_up_to(&self, wanted: usize) -> Reservation<'_> {
         let mut queue = self.lock();
-        if queue.commands.len() + queue.reserved >= self.capacity {
-            return None;
-        }
-        queue.reserved += 1;
-        Some(Reservation {
+        let free = self
+            .capacity
+            .saturating_sub(queue.commands.len() + queue.reserved);
+        let places = wanted.min(free);
+        queue.reserved += places;
+        Reservation {
             inbox: self,
-            used: false,
-        })
+            places,
+            // A single place is pushed at once (`push`), never staged.
+            staged: if places > 1 {
+                Vec::with_capacity(places)
+            } else {
+                Vec::new()
+            },
+        }
     }
 
     /// Asks the shard to drain and stop by `deadline`. Needs no queue space; the
@@ -304,6 +357,49 @@ mod tests {
         let mut out = Vec::new();
         inbox.take(&mut out, 10, usize::MAX);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_reservation_queues_in_order_with_one_ring_and_returns_the_rest() {
+        let inbox = Inbox::new(10).unwrap();
+        inbox.push(deliver(1)).unwrap();
+        let mut batch = inbox.reserve_up_to(20);
+        assert_eq!(batch.places(), 9, "only what is free");
+        assert!(inbox.reserve().is_none());
+        assert_eq!(rings(&inbox), 1, "the first push rang");
+        let mut out = Vec::new();
+        assert!(!inbox.take(&mut out, 10, usize::MAX));
+        batch.stage(deliver(2));
+        batch.stage(deliver(3));
+        assert_eq!(rings(&inbox), 0, "nothing queued before the commit");
+        batch.commit();
+        assert_eq!(rings(&inbox), 1, "one ring for the batch");
+        assert!(!inbox.take(&mut out, 10, usize::MAX));
+        let seqs: Vec<u64> = out
+            .iter()
+            .map(|c| match c {
+                Command::Deliver { seq, .. } => *seq,
+                Command::Subscribed(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(
+            inbox.reserve_up_to(20).places(),
+            10,
+            "the unused places came back"
+        );
+        let empty = inbox.reserve_up_to(5);
+        empty.commit();
+        assert_eq!(rings(&inbox), 0, "an empty commit does not ring");
+    }
+
+    #[test]
+    #[should_panic(expected = "staged commands dropped uncommitted")]
+    fn dropping_staged_commands_is_a_bug() {
+        let inbox = Inbox::new(10).unwrap();
+        let mut batch = inbox.reserve_up_to(2);
+        batch.stage(deliver(1));
+        drop(batch);
     }
 
     #[test]

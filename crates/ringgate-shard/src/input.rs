@@ -558,17 +558,27 @@ fn queue_data(conn: &mut Conn, kind: DataKind, payload: &[u8], env: &mut Env) {
 
 /// Builds one unmasked, unfragmented frame.
 pub(crate) fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    frame_of_parts(opcode, &[payload])
+}
+
+/// One unmasked frame whose payload is `parts` one after the other, built in
+/// a single allocation (an event's frame is built once per publish).
+pub(crate) fn frame_of_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
+    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
     let header = FrameHeader {
         fin: true,
         opcode,
         mask: None,
-        payload_len: payload.len() as u64,
+        payload_len: payload_len as u64,
     };
     let mut head = [0u8; ringgate_codec::HEADER_BYTES_MAX];
     let head_len = encode_header(&header, &mut head);
-    let mut out = Vec::with_capacity(head_len + payload.len());
+    let mut out = Vec::with_capacity(head_len + payload_len);
     out.extend_from_slice(&head[..head_len]);
-    out.extend_from_slice(payload);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    assert_eq!(out.len(), out.capacity(), "the frame was sized exactly");
     Bytes::from(out)
 }
 

@@ -206,6 +206,12 @@ impl ShardSender {
     pub fn reserve(&self) -> Option<Reservation<'_>> {
         self.inbox.reserve()
     }
+
+    /// Promises up to `wanted` places in the shard's inbox (as many as are
+    /// free), for a batch of commands committed together.
+    pub fn reserve_up_to(&self, wanted: usize) -> Reservation<'_> {
+        self.inbox.reserve_up_to(wanted)
+    }
 }
 
 /// The started shards and the address they listen on.

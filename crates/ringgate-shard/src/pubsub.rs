@@ -169,7 +169,9 @@ impl<'de> Visitor<'de> for FiniteVisitor {
     }
 }
 
-/// Whether `json` (valid JSON) has only finite numbers.
+const INFINITE_NUMBER: &str = "numbers in a JSON event must fit a double (no 1E400)";
+
+/// Whether `json` is JSON with only finite numbers (false for anything else).
 fn numbers_are_finite(json: &str) -> bool {
     serde_json::from_str::<Finite>(json).is_ok()
 }
@@ -375,13 +377,25 @@ impl<'a> EventData<'a> {
     /// an event: not UTF-8, or JSON with a number no double holds (`1E400`).
     pub fn classify(body: &'a [u8]) -> Result<EventData<'a>, &'static str> {
         let text = std::str::from_utf8(body).map_err(|_| "the event must be UTF-8 text or JSON")?;
+        // One parse for the usual case (finite JSON); a second only to tell
+        // text from JSON with an infinite number.
+        if numbers_are_finite(text) {
+            return Ok(EventData::Json(text.trim()));
+        }
         if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
             return Ok(EventData::Text(text));
         }
-        if !numbers_are_finite(text) {
-            return Err("numbers in a JSON event must fit a double (no 1E400)");
+        Err(INFINITE_NUMBER)
+    }
+
+    /// Data already parsed as JSON (a batch line's `data`): `Err` if a number
+    /// in it does not fit a double.
+    pub fn json(json: &'a str) -> Result<EventData<'a>, &'static str> {
+        if numbers_are_finite(json) {
+            Ok(EventData::Json(json.trim()))
+        } else {
+            Err(INFINITE_NUMBER)
         }
-        Ok(EventData::Json(text.trim()))
     }
 }
 
@@ -389,25 +403,39 @@ impl<'a> EventData<'a> {
 /// every subscriber: `{"topic":T,"seq":N,"data":D}`.
 pub fn event_frame(topic: &str, seq: u64, data: EventData<'_>) -> Bytes {
     debug_assert!(valid_topic(topic), "topic names need no escaping");
-    let mut payload = Vec::with_capacity(40 + topic.len() + 20 + data_len(&data));
-    payload.extend_from_slice(b"{\"topic\":\"");
-    payload.extend_from_slice(topic.as_bytes());
-    payload.extend_from_slice(b"\",\"seq\":");
-    payload.extend_from_slice(seq.to_string().as_bytes());
-    payload.extend_from_slice(b",\"data\":");
-    match data {
-        EventData::Json(json) => payload.extend_from_slice(json.as_bytes()),
+    let escaped;
+    let data = match data {
+        EventData::Json(json) => json.as_bytes(),
         EventData::Text(text) => {
-            serde_json::to_writer(&mut payload, text).expect("writing to a Vec")
+            escaped = serde_json::to_vec(text).expect("a string serialises");
+            &escaped[..]
         }
-    }
-    payload.push(b'}');
-    crate::input::frame(OpCode::Text, &payload)
+    };
+    let mut digits = [0u8; 20];
+    crate::input::frame_of_parts(
+        OpCode::Text,
+        &[
+            b"{\"topic\":\"",
+            topic.as_bytes(),
+            b"\",\"seq\":",
+            decimal(seq, &mut digits),
+            b",\"data\":",
+            data,
+            b"}",
+        ],
+    )
 }
 
-fn data_len(data: &EventData<'_>) -> usize {
-    match data {
-        EventData::Json(s) | EventData::Text(s) => s.len() + 2,
+/// `n` in decimal, written into `digits`.
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[start..];
+        }
     }
 }
 
@@ -731,5 +759,36 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&frame[payload_at..])
                 .unwrap_or_else(|e| panic!("{body:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn seqs_are_written_in_full_and_infinite_numbers_refused() {
+        for seq in [0, 9, 10, 1234567890, u64::MAX] {
+            let frame = event_frame("t", seq, EventData::Json("1"));
+            let v: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
+            assert_eq!(v["seq"], seq);
+        }
+        let long = "x".repeat(300);
+        let frame = event_frame("t", 1, EventData::Text(&long));
+        assert_eq!(
+            (frame[1], usize::from(frame[2]) << 8 | usize::from(frame[3])),
+            (126, frame.len() - 4)
+        );
+        assert_eq!(
+            EventData::classify(b"[1E400]").unwrap_err(),
+            INFINITE_NUMBER
+        );
+        assert_eq!(
+            EventData::json("{\"a\":-1e999}").unwrap_err(),
+            INFINITE_NUMBER
+        );
+        assert!(matches!(
+            EventData::json(" [1.5] "),
+            Ok(EventData::Json("[1.5]"))
+        ));
+        assert!(matches!(
+            EventData::classify(b"1E400x"),
+            Ok(EventData::Text(_))
+        ));
     }
 }

@@ -88,6 +88,11 @@ pub struct BrokerFigures {
     pub history_evicted: u64,
 }
 
+/// Events published under one lock of the topic table and committed to the
+/// inboxes together: bounds how long a subscribe waits behind a batch, and is
+/// the shard's whole turn of events (`INBOX_TURN_COMMANDS_MAX`, 64).
+pub const PUBLISH_CHUNK_EVENTS: usize = 64;
+
 pub struct Broker {
     shards: Vec<ShardSender>,
     topics: Mutex<TopicTable>,
@@ -140,50 +145,82 @@ impl Broker {
 
     /// Numbers, encodes once, and hands the event to every shard, or to none.
     pub fn publish(&self, topic: &str, data: EventData<'_>) -> Result<Published, PublishError> {
-        let result = self.publish_inner(topic, data);
-        let counter = if result.is_ok() {
-            &self.published
-        } else {
-            &self.rejected
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        result
+        let mut answers = self.publish_many(&[(topic, data)]);
+        answers.pop().expect("one answer per event")
     }
 
-    fn publish_inner(&self, topic: &str, data: EventData<'_>) -> Result<Published, PublishError> {
-        if !valid_topic(topic) {
-            return Err(PublishError::BadTopic);
+    /// Publishes events in order, each to every shard or to none; one answer
+    /// per event, in the same order. The events go in chunks of
+    /// [`PUBLISH_CHUNK_EVENTS`]: one lock of the topic table, one reservation
+    /// and one doorbell per shard for the chunk, not per event.
+    pub fn publish_many(
+        &self,
+        events: &[(&str, EventData<'_>)],
+    ) -> Vec<Result<Published, PublishError>> {
+        let mut answers = Vec::with_capacity(events.len());
+        for chunk in events.chunks(PUBLISH_CHUNK_EVENTS) {
+            self.publish_chunk(chunk, &mut answers);
         }
-        // Held until the last push: one topic's events enter every inbox in order.
+        let accepted = answers.iter().filter(|a| a.is_ok()).count() as u64;
+        self.published.fetch_add(accepted, Ordering::Relaxed);
+        self.rejected
+            .fetch_add(answers.len() as u64 - accepted, Ordering::Relaxed);
+        answers
+    }
+
+    fn publish_chunk(
+        &self,
+        chunk: &[(&str, EventData<'_>)],
+        answers: &mut Vec<Result<Published, PublishError>>,
+    ) {
+        let valid = chunk.iter().filter(|(topic, _)| valid_topic(topic)).count();
+        // Held until the last commit: one topic's events enter every inbox in order.
         let mut topics = self.lock();
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(PublishError::Draining);
-        }
-        let reservations: Vec<_> = self.shards.iter().filter_map(|s| s.reserve()).collect();
-        if reservations.len() < self.shards.len() {
-            return Err(PublishError::Busy {
-                full: self.shards.len() - reservations.len(),
-                shards: self.shards.len(),
-            });
-        }
-        let numbered = topics
-            .publish(topic, Instant::now(), |seq| event_frame(topic, seq, data))
-            .map_err(|TooManyTopics| PublishError::TooManyTopics)?;
+        let draining = self.draining.load(Ordering::SeqCst);
+        let mut reservations: Vec<_> = if draining {
+            Vec::new()
+        } else {
+            self.shards.iter().map(|s| s.reserve_up_to(valid)).collect()
+        };
+        let now = Instant::now();
         let published_ns = clock_ns();
-        for reservation in reservations {
-            reservation.push(Command::Deliver {
-                topic: numbered.name.clone(),
-                seq: numbered.seq,
-                frame: numbered.frame.clone(),
-                published_ns,
-            });
+        for &(topic, data) in chunk {
+            let answer = if !valid_topic(topic) {
+                Err(PublishError::BadTopic)
+            } else if draining {
+                Err(PublishError::Draining)
+            } else if reservations.iter().any(|r| r.places() == 0) {
+                // The event needs a place in every inbox: none was used for it.
+                Err(PublishError::Busy {
+                    full: reservations.iter().filter(|r| r.places() == 0).count(),
+                    shards: self.shards.len(),
+                })
+            } else {
+                topics
+                    .publish(topic, now, |seq| event_frame(topic, seq, data))
+                    .map_err(|TooManyTopics| PublishError::TooManyTopics)
+                    .map(|numbered| {
+                        for reservation in &mut reservations {
+                            reservation.stage(Command::Deliver {
+                                topic: numbered.name.clone(),
+                                seq: numbered.seq,
+                                frame: numbered.frame.clone(),
+                                published_ns,
+                            });
+                        }
+                        Published {
+                            seq: numbered.seq,
+                            epoch: numbered.epoch,
+                            shards: self.shards.len(),
+                            hosts: None,
+                        }
+                    })
+            };
+            answers.push(answer);
         }
-        Ok(Published {
-            seq: numbered.seq,
-            epoch: numbered.epoch,
-            shards: self.shards.len(),
-            hosts: None,
-        })
+        for reservation in reservations {
+            reservation.commit();
+        }
     }
 
     /// Answers a subscribe into the asking shard's inbox: where the topic
@@ -294,6 +331,80 @@ mod tests {
             2,
             "nor a place in the history"
         );
+    }
+
+    #[test]
+    fn a_batch_takes_what_every_inbox_has_room_for_in_order() {
+        let roomy = ShardSender::detached(0, 1000).unwrap();
+        let tight = ShardSender::detached(1, 3).unwrap();
+        let broker = broker(vec![roomy.clone(), tight.clone()]);
+        let data = EventData::Json("1");
+        let events = [
+            ("a", data),
+            ("bad topic", data),
+            ("a", data),
+            ("b", data),
+            ("a", data),
+            ("c", data),
+        ];
+        let answers = broker.publish_many(&events);
+        let seqs: Vec<Result<u64, PublishError>> =
+            answers.into_iter().map(|a| a.map(|p| p.seq)).collect();
+        assert_eq!(
+            seqs,
+            [
+                Ok(1),
+                Err(PublishError::BadTopic),
+                Ok(2),
+                Ok(1),
+                Err(PublishError::Busy { full: 1, shards: 2 }),
+                Err(PublishError::Busy { full: 1, shards: 2 }),
+            ],
+            "the events past the tight inbox's room are refused, with no seq used"
+        );
+        for shard in [&roomy, &tight] {
+            let delivered: Vec<(String, u64)> = take_all(shard)
+                .into_iter()
+                .map(|c| match c {
+                    Command::Deliver { topic, seq, .. } => (topic.to_string(), seq),
+                    Command::Subscribed(_) => unreachable!(),
+                })
+                .collect();
+            assert_eq!(delivered, [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
+        }
+        assert_eq!(broker.publish("a", data).unwrap().seq, 3, "the refused took no seq");
+        assert_eq!(broker.published.load(Ordering::Relaxed), 4);
+        assert_eq!(broker.rejected.load(Ordering::Relaxed), 3);
+        // Nothing is held back: the roomy inbox gave its unused places back.
+        let mut free = 0;
+        while roomy.reserve().map(std::mem::forget).is_some() {
+            free += 1;
+        }
+        assert_eq!(free, 1000 - 1);
+    }
+
+    #[test]
+    fn a_batch_longer_than_a_chunk_keeps_its_order() {
+        let inbox = ShardSender::detached(0, 10_000).unwrap();
+        let broker = broker(vec![inbox.clone()]);
+        let names: Vec<String> = (0..5 * PUBLISH_CHUNK_EVENTS / 2)
+            .map(|i| format!("t{}", i % 7))
+            .collect();
+        let events: Vec<(&str, EventData<'_>)> = names
+            .iter()
+            .map(|n| (n.as_str(), EventData::Json("1")))
+            .collect();
+        assert!(broker.publish_many(&events).iter().all(Result::is_ok));
+        let mut next = std::collections::HashMap::new();
+        for c in take_all(&inbox) {
+            let Command::Deliver { topic, seq, .. } = c else {
+                unreachable!()
+            };
+            let expected = next.entry(topic.to_string()).or_insert(1);
+            assert_eq!(seq, *expected, "{topic}");
+            *expected += 1;
+        }
+        assert_eq!(next.values().map(|n| n - 1).sum::<u64>(), events.len() as u64);
     }
 
     #[test]

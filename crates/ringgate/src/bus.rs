@@ -45,10 +45,7 @@ impl Bus {
         events: &[(&str, EventData<'_>)],
     ) -> Vec<Result<Published, PublishError>> {
         match self {
-            Bus::Embedded(broker) => events
-                .iter()
-                .map(|(topic, data)| broker.publish(topic, *data))
-                .collect(),
+            Bus::Embedded(broker) => broker.publish_many(events),
             Bus::Fleet(fleet) => fleet.publish_many(events).await,
         }
     }

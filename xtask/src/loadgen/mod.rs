@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -41,8 +41,10 @@ const SCENARIOS: &str = "Scenarios:
            machine's MemAvailable drop).
   fanout   --conns subscribers over --topics topics; publish --events events of --size bytes through
            the control plane at --rate per second (or as fast as it takes them), each carrying its
-           send time: delivered events/s, losses per topic, duplicates and out-of-order by seq,
-           publish-to-receive latency percentiles.
+           send time, from --publishers connections (default 1), --batch events per request
+           (above 1: the batch API): delivered events/s, losses per topic, duplicates and
+           out-of-order by seq, publish-to-receive latency percentiles. With --topics equal to
+           --conns every subscriber has a topic of its own (notifications: \"new mail for user 42\").
   echo     --conns clients on /echo, each with --inflight messages of --size bytes outstanding, for
            --duration seconds: messages/s and round-trip percentiles.
   churn    open and close connections continuously at --rate per second for --duration seconds;
@@ -134,10 +136,12 @@ pub struct Args {
     /// kind), for a server with --auth-public-key.
     #[arg(long)]
     pub token_key: Option<PathBuf>,
-    /// publish: concurrent publishers, each with its own HTTP connection.
-    #[arg(long, default_value_t = 8)]
-    pub publishers: usize,
-    /// publish: events per request; above 1 they go as JSON lines to the batch API (POST /publish).
+    /// publish and fanout: concurrent publishers, each with its own HTTP connection [default:
+    /// publish 8, fanout 1].
+    #[arg(long)]
+    pub publishers: Option<usize>,
+    /// publish and fanout: events per request; above 1 they go as JSON lines to the batch API
+    /// (POST /publish).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// fanout over a fleet: WebSocket addresses of several hosts (ws://A,ws://B); worker
@@ -453,7 +457,8 @@ pub fn run(args: &Args) -> Result<Report, String> {
                         // links a moment to subscribe on the bus.
                         std::thread::sleep(Duration::from_secs(1));
                     }
-                    published = publish(&mut controls, args)?;
+                    drop(controls);
+                    published = publish::fanout(&hosts.controls, args)?;
                     let line = serde_json::to_string(&Line::Expect {
                         per_topic: published.per_topic.clone(),
                     })
@@ -605,49 +610,6 @@ pub struct Published {
     pub accepted: u64,
     pub busy: u64,
     pub seconds: f64,
-}
-
-/// Publishes `--events` round-robin over the topics (and over the control
-/// planes, when there are several), each carrying its send time.
-fn publish(controls: &mut [Http], args: &Args) -> Result<Published, String> {
-    let mut out = Published::default();
-    let started = Instant::now();
-    for i in 0..args.events {
-        if let Some(rate) = args.rate {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
-        let topic = format!("t{}", i as usize % args.topics.max(1));
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let head = format!("{{\"t\":{t},\"p\":\"");
-        let body = format!(
-            "{head}{}\"}}",
-            "x".repeat(args.size.saturating_sub(head.len() + 2))
-        );
-        let http = &mut controls[i as usize % controls.len()];
-        let (status, answer) =
-            http.request("POST", &format!("/publish/{topic}"), body.as_bytes())?;
-        match status {
-            200 => {
-                out.accepted += 1;
-                *out.per_topic.entry(topic).or_default() += 1;
-            }
-            503 => {
-                out.busy += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            other => {
-                return Err(format!(
-                    "publish answered {other}: {}",
-                    String::from_utf8_lossy(&answer)
-                ))
-            }
-        }
-    }
-    out.seconds = started.elapsed().as_secs_f64();
-    Ok(out)
 }
 
 /// Starts `--procs` workers; worker `p` loads `targets[p % targets.len()]`.

@@ -1,0 +1,173 @@
+//! `cargo xtask bench --only notify`: the notification workload (issue 15,
+//! item 1) against steady broadcast fanout, in the same run.
+//!
+//! Every subscriber has a topic of its own ("new mail for user 42") and events
+//! arrive through the batch API (`POST /publish`, 100 events a request). Each
+//! delivery is then one event, one topic lookup and one write to one socket,
+//! where a broadcast event is one lookup for 10,000 writes: what the
+//! notification costs beyond its write is the per-event path (HTTP, JSON,
+//! broker, inbox, shard). Both run at the same delivery rate (50,000 a second:
+//! a broadcast to 10,000 subscribers at 5 events a second, a notification to
+//! each of them 5 times a second), so each write finds its reader asleep in
+//! both. Three alternating rounds, medians; ringgate pinned to one CPU, the load
+//! generator to the other. Before each run the server's history is filled
+//! (events on the same topics until `--history-memory` or `--history-size`
+//! bounds it): the runs then see the steady state, each publish evicting an
+//! old event, not a heap growing toward its bound.
+//!
+//! Rows: CPU per delivery of each and their ratio (target at most 1.3), the
+//! publish-to-receive p99 of the notifications at that rate (target under
+//! 10 ms), and the most notifications a second one shard takes (target
+//! 100,000). Without `--quick`, the same again with 100,000 subscribers and
+//! topics over six shards (a shard's direct-descriptor table holds about
+//! 20,000 sockets here) and six load-generator processes.
+
+use crate::bench::{base_args, human, start_with, Kind};
+use crate::loadgen::{self, report::Report, Scenario};
+
+/// Deliveries a second in the paced runs, broadcast and notification alike.
+const DELIVERIES_PER_SEC: f64 = 50_000.0;
+/// Events per batch request.
+const BATCH: usize = 100;
+/// Events published before each run: fills the default 64 MiB history (about
+/// 160 B per held event) or every topic's 100 events, whichever comes first.
+const WARM_UP_EVENTS_MAX: u64 = 500_000;
+
+/// One population: subscribers, shards, load-generator processes.
+struct Scale {
+    conns: usize,
+    shards: usize,
+    procs: usize,
+    sources: Option<&'static str>,
+    /// Seconds of each paced run.
+    seconds: f64,
+}
+
+/// The figures of one round at one scale.
+#[derive(Default)]
+struct Round {
+    broadcast_cpu: Option<f64>,
+    notify_cpu: Option<f64>,
+    notify_p99_ms: Option<f64>,
+    notify_max_rate: Option<f64>,
+}
+
+pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), String> {
+    let mut scales = vec![Scale {
+        conns: if quick { 2_000 } else { 10_000 },
+        shards: 1,
+        procs: 1,
+        sources: None,
+        seconds: if quick { 4.0 } else { 10.0 },
+    }];
+    if !quick {
+        scales.push(Scale {
+            conns: 100_000,
+            shards: 6,
+            procs: 6,
+            sources: Some("127.0.0.2-127.0.0.11"),
+            seconds: 10.0,
+        });
+    }
+    let rounds = if quick { 1 } else { 3 };
+    for scale in &scales {
+        let mut all = Vec::new();
+        for _ in 0..rounds {
+            all.push(round(scale, quick, server_cpu, loadgen_cpu)?);
+        }
+        print(scale, &all);
+    }
+    Ok(())
+}
+
+fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<Round, String> {
+    let shards = s.shards.to_string();
+    let run = |topics: usize, events: u64, rate: Option<f64>| -> Result<Report, String> {
+        let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
+        let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
+        warm.pin = Some(loadgen_cpu);
+        (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
+        warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
+        let warmed = loadgen::publish::run(&warm)?;
+        if warmed.refused > 0 {
+            return Err(format!("{} warm-up events were refused", warmed.refused));
+        }
+        let mut a = base_args(Scenario::Fanout, &server.ws, &server.control, quick);
+        a.pin = Some(loadgen_cpu);
+        (a.conns, a.procs, a.topics, a.events, a.rate) = (s.conns, s.procs, topics, events, rate);
+        a.sources = s.sources.map(String::from);
+        a.timeout = 300.0;
+        if topics > 1 {
+            (a.batch, a.publishers) = (BATCH, Some(1));
+        }
+        let r = loadgen::run(&a)?;
+        r.verdict()?;
+        Ok(r)
+    };
+    let broadcast_rate = DELIVERIES_PER_SEC / s.conns as f64;
+    let broadcast = run(
+        1,
+        (broadcast_rate * s.seconds).ceil() as u64,
+        Some(broadcast_rate),
+    )?;
+    let paced = run(
+        s.conns,
+        (DELIVERIES_PER_SEC * s.seconds) as u64,
+        Some(DELIVERIES_PER_SEC),
+    )?;
+    let flat_out = run(s.conns, (DELIVERIES_PER_SEC * s.seconds) as u64, None)?;
+    Ok(Round {
+        broadcast_cpu: broadcast.server_cpu_us_per_message,
+        notify_cpu: paced.server_cpu_us_per_message,
+        notify_p99_ms: paced.latency_ms.as_ref().map(|p| p.p99),
+        notify_max_rate: flat_out.deliveries_per_second,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn print(s: &Scale, rounds: &[Round]) {
+    let col = |f: fn(&Round) -> Option<f64>| -> (Option<f64>, Vec<f64>) {
+        let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (median(v.clone()), v)
+    };
+    let show = |v: Option<f64>| v.map_or("-".to_string(), human);
+    let (bcast, bcast_runs) = col(|r| r.broadcast_cpu);
+    let (notify, notify_runs) = col(|r| r.notify_cpu);
+    let (p99, p99_runs) = col(|r| r.notify_p99_ms);
+    let (max, max_runs) = col(|r| r.notify_max_rate);
+    println!(
+        "notifications: {} subscribers, a topic each, {} shard(s), batches of {BATCH}; median of {}",
+        s.conns,
+        s.shards,
+        rounds.len()
+    );
+    println!(
+        "  broadcast at {:.0} deliveries/s: CPU / delivery   {} us   runs {bcast_runs:.2?}",
+        DELIVERIES_PER_SEC,
+        show(bcast)
+    );
+    println!(
+        "  notify at {:.0}/s: CPU / delivery             {} us   runs {notify_runs:.2?}",
+        DELIVERIES_PER_SEC,
+        show(notify)
+    );
+    if let (Some(b), Some(n)) = (bcast, notify) {
+        println!(
+            "  notify / broadcast CPU per delivery          {:.2}x (target at most 1.3x)",
+            n / b
+        );
+    }
+    println!(
+        "  notify at {:.0}/s: publish-to-receive p99     {} ms   runs {p99_runs:.2?} (target under 10 ms)",
+        DELIVERIES_PER_SEC,
+        show(p99)
+    );
+    println!(
+        "  notify flat out: deliveries/s                {}   runs {max_runs:.0?} (target 100,000 on one shard)",
+        show(max)
+    );
+}
