@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 pub(crate) struct Server {
-    child: Child,
+    pub child: Child,
     pub ws: String,
     pub control: String,
 }
@@ -206,7 +206,7 @@ pub(crate) fn base_args(scenario: Scenario, ws: &str, control: &str, quick: bool
 /// connection, the same for both servers: a server's fixed memory (ringgate's
 /// receive-buffer ring, an allocator's arenas) is touched by its first traffic,
 /// and is not a cost per connection. Connections close before the measurement.
-fn warm_up(server: &Server, cpu: usize) -> Result<(), String> {
+pub(crate) fn warm_up(server: &Server, cpu: usize) -> Result<(), String> {
     let mut warm = args_for(Scenario::Echo, server, true, cpu, false);
     warm.conns = 10;
     warm.inflight = 8;

@@ -18,12 +18,25 @@
 //! Rows: CPU per delivery of each and their ratio (target at most 1.3), the
 //! publish-to-receive p99 of the notifications at that rate (target under
 //! 10 ms), and the most notifications a second one shard takes (target
-//! 100,000). Without `--quick`, the same again with 100,000 subscribers and
+//! 100,000). Beside them, the kernel's floor at 10,000 sockets (`cargo xtask
+//! floor` at the same write rate, no server): the CPU one 64 B write to a
+//! sleeping loopback reader costs here, and so the most writes a second one
+//! CPU can make whatever the server. The paced runs publish from four
+//! connections so that one slow answer does not make the schedule slip (a
+//! single publisher waiting for each answer falls behind, then catches up in a
+//! burst the server must queue). Without `--quick`, the same again with 100,000 subscribers and
 //! topics over six shards (a shard's direct-descriptor table holds about
 //! 20,000 sockets here) and six load-generator processes.
 
-use crate::bench::{base_args, human, start_with, Kind};
-use crate::loadgen::{self, report::Report, Scenario};
+use crate::bench::{base_args, human, start_with, warm_up, Kind};
+use crate::loadgen::wire::Http;
+use crate::loadgen::{self, proc_kib, report::Report, Scenario};
+
+/// The server's `/stats`.
+fn stats(control: &str) -> Result<serde_json::Value, String> {
+    let addr = control.parse().map_err(|e| format!("{control}: {e}"))?;
+    Http::connect(addr)?.stats()
+}
 
 /// Deliveries a second in the paced runs, broadcast and notification alike.
 const DELIVERIES_PER_SEC: f64 = 50_000.0;
@@ -46,6 +59,14 @@ struct Scale {
 /// The figures of one round at one scale.
 #[derive(Default)]
 struct Round {
+    floor_us: Option<f64>,
+    /// Server RSS growth per idle subscribed connection, a topic each.
+    rss_per_conn: Option<f64>,
+    /// Server RSS growth per topic once one event was published to each
+    /// (the broker's topic state and the held event), and the held event's
+    /// accounted share (`history_bytes` / topics).
+    broker_per_topic: Option<f64>,
+    history_per_topic: Option<f64>,
     broadcast_cpu: Option<f64>,
     notify_cpu: Option<f64>,
     notify_p99_ms: Option<f64>,
@@ -82,15 +103,29 @@ pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), Str
 
 fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<Round, String> {
     let shards = s.shards.to_string();
-    let run = |topics: usize, events: u64, rate: Option<f64>| -> Result<Report, String> {
+    let mut broker = None;
+    let mut run = |topics: usize, events: u64, rate: Option<f64>| -> Result<Report, String> {
         let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
+        let pid = server.child.id();
+        let rss = || proc_kib(&format!("/proc/{pid}/status"), "VmRSS:");
         let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
         warm.pin = Some(loadgen_cpu);
         (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
+        // One event per topic first: what the broker holds per topic.
+        let before = rss();
+        warm.events = s.conns as u64;
+        let mut refused = loadgen::publish::run(&warm)?.refused;
+        if let (Some(before), Some(after), Ok(stats)) = (before, rss(), stats(&server.control)) {
+            let topics = stats["totals"]["broker_topics"].as_f64().unwrap_or(0.0);
+            let held = stats["totals"]["history_bytes"].as_f64().unwrap_or(0.0);
+            if topics > 0.0 && broker.is_none() {
+                broker = Some((after.saturating_sub(before) as f64 / topics, held / topics));
+            }
+        }
         warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
-        let warmed = loadgen::publish::run(&warm)?;
-        if warmed.refused > 0 {
-            return Err(format!("{} warm-up events were refused", warmed.refused));
+        refused += loadgen::publish::run(&warm)?.refused;
+        if refused > 0 {
+            return Err(format!("{refused} warm-up events were refused"));
         }
         let mut a = base_args(Scenario::Fanout, &server.ws, &server.control, quick);
         a.pin = Some(loadgen_cpu);
@@ -98,8 +133,11 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         a.sources = s.sources.map(String::from);
         a.timeout = 300.0;
         if topics > 1 {
-            (a.batch, a.publishers) = (BATCH, Some(1));
+            (a.batch, a.publishers) = (BATCH, Some(if rate.is_some() { 4 } else { 2 }));
         }
+        // A connection flood on one CPU answers some upgrades later than the
+        // handshake timeout: open them at a pace the server keeps up with.
+        a.ramp = (s.conns > 20_000).then_some(10_000.0);
         let r = loadgen::run(&a)?;
         r.verdict()?;
         Ok(r)
@@ -116,12 +154,47 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         Some(DELIVERIES_PER_SEC),
     )?;
     let flat_out = run(s.conns, (DELIVERIES_PER_SEC * s.seconds) as u64, None)?;
+    // The floor needs every socket in one process: only under the open-file limit.
+    let floor_us = if s.conns <= 10_000 {
+        let events = (broadcast_rate * s.seconds).ceil() as usize;
+        let args = crate::floor::Args::new(s.conns, events, broadcast_rate, 64);
+        Some(crate::floor::measure_floor(&args)?.uring_us)
+    } else {
+        None
+    };
     Ok(Round {
+        floor_us,
+        rss_per_conn: connect_rss(s, quick, server_cpu, loadgen_cpu)?,
+        broker_per_topic: broker.map(|b| b.0),
+        history_per_topic: broker.map(|b| b.1),
         broadcast_cpu: broadcast.server_cpu_us_per_message,
         notify_cpu: paced.server_cpu_us_per_message,
         notify_p99_ms: paced.latency_ms.as_ref().map(|p| p.p99),
         notify_max_rate: flat_out.deliveries_per_second,
     })
+}
+
+/// Server RSS growth per idle connection subscribed to a topic of its own
+/// (the connect scenario on a fresh server: the record and the topic's share
+/// of the index; the broker holds nothing for a topic nobody published to).
+fn connect_rss(
+    s: &Scale,
+    quick: bool,
+    server_cpu: usize,
+    loadgen_cpu: usize,
+) -> Result<Option<f64>, String> {
+    let shards = s.shards.to_string();
+    let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
+    // The receive-buffer ring's pages are a fixed cost, touched by the first traffic.
+    warm_up(&server, loadgen_cpu)?;
+    let mut a = base_args(Scenario::Connect, &server.ws, &server.control, quick);
+    a.pin = Some(loadgen_cpu);
+    (a.conns, a.procs, a.topics) = (s.conns, s.procs, s.conns);
+    a.sources = s.sources.map(String::from);
+    a.ramp = (s.conns > 20_000).then_some(10_000.0);
+    let r = loadgen::run(&a)?;
+    r.verdict()?;
+    Ok(r.rss_per_connection)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -139,6 +212,10 @@ fn print(s: &Scale, rounds: &[Round]) {
     let (notify, notify_runs) = col(|r| r.notify_cpu);
     let (p99, p99_runs) = col(|r| r.notify_p99_ms);
     let (max, max_runs) = col(|r| r.notify_max_rate);
+    let (floor, floor_runs) = col(|r| r.floor_us);
+    let (rss, rss_runs) = col(|r| r.rss_per_conn);
+    let (broker, _) = col(|r| r.broker_per_topic);
+    let (held, _) = col(|r| r.history_per_topic);
     println!(
         "notifications: {} subscribers, a topic each, {} shard(s), batches of {BATCH}; median of {}",
         s.conns,
@@ -170,4 +247,27 @@ fn print(s: &Scale, rounds: &[Round]) {
         "  notify flat out: deliveries/s                {}   runs {max_runs:.0?} (target 100,000 on one shard)",
         show(max)
     );
+    println!(
+        "  server RSS / subscribed connection, a topic each  {} B   runs {rss_runs:.0?} (target at most 128 B)",
+        show(rss)
+    );
+    println!(
+        "  broker: RSS growth / topic with one event held    {} B, of which the event {} B (history, as accounted)",
+        show(broker),
+        show(held)
+    );
+    if let Some(floor) = floor {
+        println!(
+            "  kernel floor, one write at {:.0}/s: CPU / write {} us   runs {floor_runs:.2?}: at most {:.0} writes/s on one CPU",
+            DELIVERIES_PER_SEC,
+            human(floor),
+            1e6 / floor
+        );
+        if let Some(n) = notify {
+            println!(
+                "  notify / floor CPU per delivery              {:.2}x",
+                n / floor
+            );
+        }
+    }
 }

@@ -9,12 +9,21 @@
 //! into the hole and fixes that subscriber's stored position. A topic's memory
 //! is returned when its last subscriber leaves.
 //!
+//! A topic per user is the common case, so a topic with one subscriber costs no
+//! allocation beyond its slab slot: the name (up to 24 bytes) and the single
+//! subscriber are held inline, and the name index is a table of 4-byte topic
+//! ids hashed by name, not a map holding a second copy of each name. About 60
+//! bytes a topic; `std`'s map of `Arc<str>` names, a subscriber vector and a
+//! heap name cost about 160.
+//!
 //! Owns the topic table and the `Subs` type; connections are reached through the
 //! slab passed in, so nothing here holds a second reference to a record.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
+use compact_str::CompactString;
+use hashbrown::HashTable;
 use slab::Slab;
 
 use crate::conn::Conn;
@@ -136,8 +145,71 @@ impl Subs {
 }
 
 struct Topic {
-    name: Arc<str>,
-    subscribers: Vec<u32>,
+    name: CompactString,
+    subscribers: Subscribers,
+}
+
+/// The layout of a slot of `Slab<Topic>` (the slab's own entry type is
+/// private): what the index's table costs per topic it has room for.
+#[allow(dead_code)]
+enum SlabSlot {
+    Vacant(usize),
+    Occupied(Topic),
+}
+
+/// A topic's subscriber keys: one inline (a topic per user), more on the heap
+/// (boxed: 16 bytes in every topic instead of a vector's 24).
+#[allow(clippy::box_collection)]
+enum Subscribers {
+    One(u32),
+    Many(Box<Vec<u32>>),
+}
+
+impl Subscribers {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Subscribers::One(key) => std::slice::from_ref(key),
+            Subscribers::Many(keys) => keys,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn push(&mut self, key: u32) {
+        match self {
+            Subscribers::One(first) => *self = Subscribers::Many(Box::new(vec![*first, key])),
+            Subscribers::Many(keys) => keys.push(key),
+        }
+    }
+
+    /// Removes the key at `pos` by moving the last one into its place; the
+    /// key now at `pos`, if any, is returned (its position changed). The
+    /// caller drops a topic whose single subscriber leaves: `One` never
+    /// empties.
+    fn swap_remove(&mut self, pos: usize) -> Option<u32> {
+        let Subscribers::Many(keys) = self else {
+            unreachable!("a topic's only subscriber is removed with the topic")
+        };
+        keys.swap_remove(pos);
+        let moved = keys.get(pos).copied();
+        if let [only] = keys[..] {
+            *self = Subscribers::One(only);
+        } else if keys.capacity() > 16 && keys.len() < keys.capacity() / 4 {
+            // Give memory back after a mass unsubscribe.
+            keys.shrink_to(keys.capacity() / 2);
+        }
+        moved
+    }
+
+    /// Heap bytes beyond the topic's slot.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Subscribers::One(_) => 0,
+            Subscribers::Many(keys) => std::mem::size_of::<Vec<u32>>() + 4 * keys.capacity(),
+        }
+    }
 }
 
 /// Outcome of a subscribe.
@@ -168,8 +240,10 @@ const ANNOUNCED: u32 = 1 << 31;
 #[derive(Default)]
 pub(crate) struct TopicIndex {
     announce_first_in: bool,
-    /// Name -> slab index, with the `ANNOUNCED` bit.
-    ids: HashMap<Arc<str>, u32>,
+    /// Slab indexes with the `ANNOUNCED` bit, hashed by their topic's name
+    /// (`hasher`, keyed per process: names come from clients).
+    ids: HashTable<u32>,
+    hasher: RandomState,
     topics: Slab<Topic>,
     subscriptions: usize,
     /// Topics announced (true), and announced topics that lost their last
@@ -182,16 +256,35 @@ impl TopicIndex {
     /// topic's name and subscriber array (allocator headers left out). A walk
     /// over the topics, made once a tick.
     pub fn heap_bytes(&self) -> usize {
-        let table = self.ids.capacity() * (std::mem::size_of::<(Arc<str>, u32)>() + 1)
-            + self.topics.capacity() * std::mem::size_of::<Topic>();
+        let table = self.ids.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.topics.capacity() * std::mem::size_of::<SlabSlot>();
         let topics: usize = self
             .topics
             .iter()
             .map(|(_, t)| {
-                2 * std::mem::size_of::<usize>() + t.name.len() + 4 * t.subscribers.capacity()
+                let name = if t.name.is_heap_allocated() {
+                    t.name.capacity()
+                } else {
+                    0
+                };
+                name + t.subscribers.heap_bytes()
             })
             .sum();
         table + topics
+    }
+
+    fn hash(&self, name: &str) -> u64 {
+        self.hasher.hash_one(name)
+    }
+
+    /// The `ids` value (slab index and `ANNOUNCED` bit) of `name`.
+    fn find(&self, name: &str) -> Option<u32> {
+        let topics = &self.topics;
+        self.ids
+            .find(self.hash(name), |&id| {
+                topics[(id & !ANNOUNCED) as usize].name == name
+            })
+            .copied()
     }
 
     pub fn new(announce_first_in: bool) -> Self {
@@ -212,8 +305,10 @@ impl TopicIndex {
     /// The local subscribers of `name` (connection keys).
     #[cfg(test)]
     pub fn subscribers(&self, name: &str) -> &[u32] {
-        match self.ids.get(name) {
-            Some(&id) => &self.topics[(id & !ANNOUNCED) as usize].subscribers,
+        match self.find(name) {
+            Some(id) => self.topics[(id & !ANNOUNCED) as usize]
+                .subscribers
+                .as_slice(),
             None => &[],
         }
     }
@@ -223,19 +318,22 @@ impl TopicIndex {
     pub fn subscribers_of(&self, id: u32) -> &[u32] {
         self.topics
             .get(id as usize)
-            .map_or(&[], |t| &t.subscribers[..])
+            .map_or(&[], |t| t.subscribers.as_slice())
     }
 
     /// Marks `name` announced, if it has subscribers here and was not yet (the
     /// broker will be told, `take_changes`), and returns its slab index (its
     /// subscribers: [`Self::subscribers_of`]): one lookup for a delivery.
     pub fn announce(&mut self, name: &str) -> Option<u32> {
-        let id = self.ids.get_mut(name)?;
+        let hash = self.hash(name);
+        let topics = &self.topics;
+        let id = self
+            .ids
+            .find_mut(hash, |&id| topics[(id & !ANNOUNCED) as usize].name == name)?;
         let index = *id & !ANNOUNCED;
         if *id & ANNOUNCED == 0 {
             *id |= ANNOUNCED;
-            self.changes
-                .push((self.topics[index as usize].name.clone(), true));
+            self.changes.push((Arc::from(name), true));
         }
         Some(index)
     }
@@ -247,41 +345,46 @@ impl TopicIndex {
         name: &str,
         max: usize,
     ) -> Subscribed {
-        let id = match self.ids.get(name) {
-            Some(&id) => id & !ANNOUNCED,
-            None => {
-                if conns[key].subs.len() >= max {
-                    return Subscribed::Full;
-                }
-                let name: Arc<str> = Arc::from(name);
-                let id = self.topics.insert(Topic {
-                    name: name.clone(),
-                    subscribers: Vec::new(),
-                });
-                let id = u32::try_from(id)
-                    .ok()
-                    .filter(|&id| id < ANNOUNCED)
-                    .expect("fewer than 2^31 topics");
-                if self.announce_first_in {
-                    self.changes.push((name.clone(), true));
-                    self.ids.insert(name, id | ANNOUNCED);
-                } else {
-                    self.ids.insert(name, id);
-                }
-                id
-            }
-        };
+        let key32 = u32::try_from(key).expect("keys fit in 32 bits");
         let conn = &mut conns[key];
+        let Some(id) = self.find(name) else {
+            // A new topic, made with its first subscriber.
+            if conn.subs.len() >= max {
+                return Subscribed::Full;
+            }
+            let id = self.topics.insert(Topic {
+                name: CompactString::from(name),
+                subscribers: Subscribers::One(key32),
+            });
+            let id = u32::try_from(id)
+                .ok()
+                .filter(|&id| id < ANNOUNCED)
+                .expect("fewer than 2^31 topics");
+            let value = if self.announce_first_in {
+                self.changes.push((Arc::from(name), true));
+                id | ANNOUNCED
+            } else {
+                id
+            };
+            let (hasher, topics) = (&self.hasher, &self.topics);
+            self.ids
+                .insert_unique(self.hasher.hash_one(name), value, |&id| {
+                    hasher.hash_one(topics[(id & !ANNOUNCED) as usize].name.as_str())
+                });
+            conn.subs.push(Sub { topic: id, pos: 0 });
+            self.subscriptions += 1;
+            return Subscribed::New;
+        };
+        let id = id & !ANNOUNCED;
         if conn.subs.find_mut(id).is_some() {
             return Subscribed::Already;
         }
         if conn.subs.len() >= max {
-            self.drop_if_empty(id);
             return Subscribed::Full;
         }
         let subscribers = &mut self.topics[id as usize].subscribers;
         let pos = u32::try_from(subscribers.len()).expect("fewer than 2^32 subscribers");
-        subscribers.push(u32::try_from(key).expect("keys fit in 32 bits"));
+        subscribers.push(key32);
         conn.subs.push(Sub { topic: id, pos });
         self.subscriptions += 1;
         Subscribed::New
@@ -296,12 +399,12 @@ impl TopicIndex {
         conns[key]
             .subs
             .ids()
-            .map(|id| self.topics[id as usize].name.clone())
+            .map(|id| Arc::from(self.topics[id as usize].name.as_str()))
     }
 
     /// Removes `key`'s subscription to `name`; false if it had none.
     pub fn unsubscribe(&mut self, conns: &mut Slab<Conn>, key: usize, name: &str) -> bool {
-        let Some(&id) = self.ids.get(name) else {
+        let Some(id) = self.find(name) else {
             return false;
         };
         match conns[key].subs.remove(id & !ANNOUNCED) {
@@ -322,34 +425,32 @@ impl TopicIndex {
 
     /// Removes a subscriber from its topic's array by swapping the last one in.
     fn detach(&mut self, conns: &mut Slab<Conn>, sub: Sub) {
-        let topic = &mut self.topics[sub.topic as usize];
-        let subscribers = &mut topic.subscribers;
-        subscribers.swap_remove(sub.pos as usize);
-        if let Some(&moved) = subscribers.get(sub.pos as usize) {
+        self.subscriptions -= 1;
+        let subscribers = &mut self.topics[sub.topic as usize].subscribers;
+        if subscribers.len() == 1 {
+            assert_eq!(sub.pos, 0, "a single subscriber sits at 0");
+            return self.drop_topic(sub.topic);
+        }
+        if let Some(moved) = subscribers.swap_remove(sub.pos as usize) {
             let moved = conns[moved as usize]
                 .subs
                 .find_mut(sub.topic)
                 .expect("a subscriber's set names its topics");
             moved.pos = sub.pos;
         }
-        // Give memory back after a mass unsubscribe.
-        if subscribers.capacity() > 16 && subscribers.len() < subscribers.capacity() / 4 {
-            subscribers.shrink_to(subscribers.capacity() / 2);
-        }
-        self.subscriptions -= 1;
-        self.drop_if_empty(sub.topic);
     }
 
-    fn drop_if_empty(&mut self, id: u32) {
-        if self.topics[id as usize].subscribers.is_empty() {
-            let topic = self.topics.remove(id as usize);
-            let was = self
-                .ids
-                .remove(&topic.name)
-                .expect("indexed topics have ids");
-            if was & ANNOUNCED != 0 {
-                self.changes.push((topic.name, false));
-            }
+    /// Forgets a topic whose last subscriber left.
+    fn drop_topic(&mut self, id: u32) {
+        let hash = self.hash(&self.topics[id as usize].name);
+        let (was, _) = self
+            .ids
+            .find_entry(hash, |&v| v & !ANNOUNCED == id)
+            .expect("indexed topics have ids")
+            .remove();
+        let topic = self.topics.remove(id as usize);
+        if was & ANNOUNCED != 0 {
+            self.changes.push((Arc::from(topic.name.as_str()), false));
         }
     }
 
@@ -364,9 +465,11 @@ impl TopicIndex {
     pub fn check(&self, conns: &Slab<Conn>) {
         let mut total = 0;
         for (id, topic) in self.topics.iter() {
-            assert!(!topic.subscribers.is_empty(), "empty topic kept");
-            assert_eq!(self.ids[&topic.name] & !ANNOUNCED, id as u32);
-            for (pos, &key) in topic.subscribers.iter().enumerate() {
+            if let Subscribers::Many(keys) = &topic.subscribers {
+                assert!(keys.len() > 1, "a single subscriber is held inline");
+            }
+            assert_eq!(self.find(&topic.name).unwrap() & !ANNOUNCED, id as u32);
+            for (pos, &key) in topic.subscribers.as_slice().iter().enumerate() {
                 let mut subs = Subs {
                     first: conns[key as usize].subs.first,
                     more: conns[key as usize].subs.more.clone(),
@@ -486,6 +589,42 @@ mod tests {
         assert_eq!(index.subscribe(&mut conns, 0, "b", 2), Subscribed::New);
         assert_eq!(index.subscribe(&mut conns, 0, "c", 2), Subscribed::Full);
         assert_eq!(index.topics(), 2);
+        index.check(&conns);
+    }
+
+    #[test]
+    fn a_topic_per_user_holds_nothing_beyond_its_slot() {
+        let n = 1000;
+        let mut conns = conns(n);
+        let mut index = TopicIndex::default();
+        let table = |index: &TopicIndex| {
+            index.ids.capacity() * 5 + index.topics.capacity() * std::mem::size_of::<SlabSlot>()
+        };
+        for key in 0..n {
+            index.subscribe(&mut conns, key, &format!("mail:user:{key:012}"), 64);
+        }
+        assert_eq!(index.heap_bytes(), table(&index), "names and keys inline");
+        assert!(
+            std::mem::size_of::<SlabSlot>() <= 48,
+            "{} bytes a slot",
+            std::mem::size_of::<SlabSlot>()
+        );
+        // A second subscriber moves the keys to the heap, and back inline
+        // when one is left; a name over 24 bytes is on the heap.
+        index.subscribe(&mut conns, 1, "mail:user:000000000000", 64);
+        assert_eq!(index.subscribers("mail:user:000000000000"), &[0, 1]);
+        assert!(index.heap_bytes() > table(&index));
+        index.unsubscribe(&mut conns, 0, "mail:user:000000000000");
+        assert_eq!(index.subscribers("mail:user:000000000000"), &[1]);
+        assert_eq!(index.heap_bytes(), table(&index));
+        let long = "a-topic-name-longer-than-24-bytes";
+        index.subscribe(&mut conns, 2, long, 64);
+        assert_eq!(index.heap_bytes(), table(&index) + long.len());
+        index.check(&conns);
+        for key in 0..n {
+            index.unsubscribe_all(&mut conns, key);
+        }
+        assert_eq!((index.topics(), index.subscriptions()), (0, 0));
         index.check(&conns);
     }
 

@@ -370,9 +370,16 @@ mod tests {
                     Command::Subscribed(_) => unreachable!(),
                 })
                 .collect();
-            assert_eq!(delivered, [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
+            assert_eq!(
+                delivered,
+                [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]
+            );
         }
-        assert_eq!(broker.publish("a", data).unwrap().seq, 3, "the refused took no seq");
+        assert_eq!(
+            broker.publish("a", data).unwrap().seq,
+            3,
+            "the refused took no seq"
+        );
         assert_eq!(broker.published.load(Ordering::Relaxed), 4);
         assert_eq!(broker.rejected.load(Ordering::Relaxed), 3);
         // Nothing is held back: the roomy inbox gave its unused places back.
@@ -404,7 +411,10 @@ mod tests {
             assert_eq!(seq, *expected, "{topic}");
             *expected += 1;
         }
-        assert_eq!(next.values().map(|n| n - 1).sum::<u64>(), events.len() as u64);
+        assert_eq!(
+            next.values().map(|n| n - 1).sum::<u64>(),
+            events.len() as u64
+        );
     }
 
     #[test]
