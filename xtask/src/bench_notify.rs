@@ -137,7 +137,7 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         }
         // A connection flood on one CPU answers some upgrades later than the
         // handshake timeout: open them at a pace the server keeps up with.
-        a.ramp = (s.conns > 20_000).then_some(10_000.0);
+        a.ramp = (s.conns > 20_000).then_some(5_000.0);
         let r = loadgen::run(&a)?;
         r.verdict()?;
         Ok(r)
@@ -191,7 +191,7 @@ fn connect_rss(
     a.pin = Some(loadgen_cpu);
     (a.conns, a.procs, a.topics) = (s.conns, s.procs, s.conns);
     a.sources = s.sources.map(String::from);
-    a.ramp = (s.conns > 20_000).then_some(10_000.0);
+    a.ramp = (s.conns > 20_000).then_some(5_000.0);
     let r = loadgen::run(&a)?;
     r.verdict()?;
     Ok(r.rss_per_connection)

@@ -47,12 +47,22 @@ pub struct Args {
     /// echo: seconds to run.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Count the kernel memory of idle connections by slab cache instead, for the plainest
+    /// epoll server, ringgate, and ringgate with --park-after (see floor_slab.rs; root only).
+    #[arg(long)]
+    slab: bool,
+    /// slab: the --park-after, in seconds, of the parked run.
+    #[arg(long, default_value_t = 2)]
+    park_after: u64,
 }
 
 /// io_uring submission queue size for the batched sends.
 const SQ_ENTRIES: u32 = 4096;
 
 pub fn run(args: &Args) -> Result<(), String> {
+    if args.slab {
+        return crate::floor_slab::run(args.conns.unwrap_or(10_000), args.park_after);
+    }
     if args.echo {
         let conns = args.conns.unwrap_or(100);
         let floor = crate::floor_echo::measure(conns, args.size, args.seconds)?;
@@ -115,6 +125,8 @@ impl Args {
             spin: false,
             echo: false,
             seconds: 0.0,
+            slab: false,
+            park_after: 0,
         }
     }
 }

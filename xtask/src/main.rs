@@ -16,6 +16,7 @@ mod density;
 mod fleet_bench;
 mod floor;
 mod floor_echo;
+mod floor_slab;
 mod history_memory;
 mod loadgen;
 mod process;
@@ -70,6 +71,9 @@ enum Task {
         size: usize,
         seconds: f64,
     },
+    /// (internal) The plainest epoll server of `floor --slab`.
+    #[command(hide = true)]
+    FloorIdleServer { conns: usize },
     /// Drive load at a running ringgate: connect | fanout | echo | churn | soak | reconnect | publish (see --help).
     Loadgen(Box<loadgen::Args>),
     /// Overlay the latency distributions of loadgen runs (their --json files) in one SVG.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             size,
             seconds,
         } => floor_echo::client(&addr, conns, size, seconds),
+        Task::FloorIdleServer { conns } => floor_slab::idle_server(conns),
         Task::LoadgenWorker { job } => serde_json::from_str(&job)
             .map_err(|e| format!("bad worker job: {e}"))
             .and_then(loadgen::worker::run),

@@ -232,7 +232,7 @@ pub fn effective(matches: &ArgMatches) -> toml::Table {
 /// `--print-config`: the effective settings as a TOML file.
 pub fn print(matches: &ArgMatches) -> String {
     let mut out = String::from(
-        "# ringgate effective configuration (flag > RINGGATE_* > file > default).\n# Unset: shards (one per CPU), max-connections (what the rings hold), client-publish (off), park-after (never), control-token (none), metrics (off), broker (embedded).\n",
+        "# ringgate effective configuration (flag > RINGGATE_* > file > default).\n# Unset: shards (one per CPU), max-connections (what the rings hold), client-publish (off), control-token (none), metrics (off), broker (embedded).\n",
     );
     out.push_str(
         &toml::to_string(&effective(matches)).expect("a table of plain values serialises"),

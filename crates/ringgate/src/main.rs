@@ -551,7 +551,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         idle_timeout: cli.idle_timeout,
         tcp_keepalive: (!cli.tcp_keepalive.is_zero()).then_some(cli.tcp_keepalive),
         echo: cli.echo,
-        park_after: cli.park_after,
+        park_after: (!cli.park_after.is_zero()).then_some(cli.park_after),
         subscriptions_max: cli.max_subscriptions,
         inbox_capacity: cli.inbox_capacity,
         send_slots: cli.send_slots,
