@@ -468,6 +468,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     auth(args)?;
     burst(args)?;
+    crate::bench_notify::run(args.quick, args.server_cpu, args.loadgen_cpu)?;
     let echo = crate::floor_echo::measure(100, 64, if args.quick { 3.0 } else { 10.0 })?;
     println!(
         "echo floor (the plainest epoll server: one recv() and one send() per message, no WebSocket work): {} us per echo",

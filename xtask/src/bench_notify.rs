@@ -17,8 +17,8 @@
 //!
 //! Rows: CPU per delivery of each and their ratio (target at most 1.3), the
 //! publish-to-receive p99 of the notifications at that rate (target under
-//! 10 ms), and the most notifications a second one shard takes (target
-//! 100,000). Beside them, the kernel's floor at 10,000 sockets (`cargo xtask
+//! 10 ms), the most notifications a second one shard takes (target 100,000)
+//! and the p99 at half of what it took. Beside them, the kernel's floor at 10,000 sockets (`cargo xtask
 //! floor` at the same write rate, no server): the CPU one 64 B write to a
 //! sleeping loopback reader costs here, and so the most writes a second one
 //! CPU can make whatever the server. The paced runs publish from four
@@ -60,6 +60,9 @@ struct Scale {
 #[derive(Default)]
 struct Round {
     floor_us: Option<f64>,
+    /// The floor for the notifications' pattern: each event one write, in
+    /// batches of `BATCH` sockets in turn.
+    notify_floor_us: Option<f64>,
     /// Server RSS growth per idle subscribed connection, a topic each.
     rss_per_conn: Option<f64>,
     /// Server RSS growth per topic once one event was published to each
@@ -71,6 +74,8 @@ struct Round {
     notify_cpu: Option<f64>,
     notify_p99_ms: Option<f64>,
     notify_max_rate: Option<f64>,
+    /// Publish-to-receive p99 at half the rate the flat-out run reached.
+    notify_half_max_p99_ms: Option<f64>,
 }
 
 pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), String> {
@@ -154,16 +159,31 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         Some(DELIVERIES_PER_SEC),
     )?;
     let flat_out = run(s.conns, (DELIVERIES_PER_SEC * s.seconds) as u64, None)?;
+    let half_max = match flat_out.deliveries_per_second {
+        Some(max) => {
+            let rate = max / 2.0;
+            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate))?;
+            r.latency_ms.as_ref().map(|p| p.p99)
+        }
+        None => None,
+    };
     // The floor needs every socket in one process: only under the open-file limit.
-    let floor_us = if s.conns <= 10_000 {
+    let (floor_us, notify_floor_us) = if s.conns <= 10_000 {
         let events = (broadcast_rate * s.seconds).ceil() as usize;
         let args = crate::floor::Args::new(s.conns, events, broadcast_rate, 64);
-        Some(crate::floor::measure_floor(&args)?.uring_us)
+        let batches = DELIVERIES_PER_SEC / BATCH as f64;
+        let spread = crate::floor::Args::new(s.conns, (batches * s.seconds) as usize, batches, 64)
+            .spread(BATCH);
+        (
+            Some(crate::floor::measure_floor(&args)?.uring_us),
+            Some(crate::floor::measure_floor(&spread)?.uring_us),
+        )
     } else {
-        None
+        (None, None)
     };
     Ok(Round {
         floor_us,
+        notify_floor_us,
         rss_per_conn: connect_rss(s, quick, server_cpu, loadgen_cpu)?,
         broker_per_topic: broker.map(|b| b.0),
         history_per_topic: broker.map(|b| b.1),
@@ -171,6 +191,7 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         notify_cpu: paced.server_cpu_us_per_message,
         notify_p99_ms: paced.latency_ms.as_ref().map(|p| p.p99),
         notify_max_rate: flat_out.deliveries_per_second,
+        notify_half_max_p99_ms: half_max,
     })
 }
 
@@ -212,7 +233,9 @@ fn print(s: &Scale, rounds: &[Round]) {
     let (notify, notify_runs) = col(|r| r.notify_cpu);
     let (p99, p99_runs) = col(|r| r.notify_p99_ms);
     let (max, max_runs) = col(|r| r.notify_max_rate);
+    let (half, half_runs) = col(|r| r.notify_half_max_p99_ms);
     let (floor, floor_runs) = col(|r| r.floor_us);
+    let (notify_floor, notify_floor_runs) = col(|r| r.notify_floor_us);
     let (rss, rss_runs) = col(|r| r.rss_per_conn);
     let (broker, _) = col(|r| r.broker_per_topic);
     let (held, _) = col(|r| r.history_per_topic);
@@ -248,6 +271,10 @@ fn print(s: &Scale, rounds: &[Round]) {
         show(max)
     );
     println!(
+        "  notify at half that: publish-to-receive p99  {} ms   runs {half_runs:.2?}",
+        show(half)
+    );
+    println!(
         "  server RSS / subscribed connection, a topic each  {} B   runs {rss_runs:.0?} (target at most 128 B)",
         show(rss)
     );
@@ -263,9 +290,21 @@ fn print(s: &Scale, rounds: &[Round]) {
             human(floor),
             1e6 / floor
         );
+        if let Some(b) = bcast {
+            println!(
+                "  broadcast / its floor                        {:.2}x",
+                b / floor
+            );
+        }
+    }
+    if let Some(floor) = notify_floor {
+        println!(
+            "  kernel floor, the notifications' pattern ({BATCH} sockets in turn per event): {} us   runs {notify_floor_runs:.2?}",
+            human(floor)
+        );
         if let Some(n) = notify {
             println!(
-                "  notify / floor CPU per delivery              {:.2}x",
+                "  notify / its floor                           {:.2}x",
                 n / floor
             );
         }

@@ -35,10 +35,9 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<(), String> {
     crate::process::cargo(&["build", "--release", "-p", "ringgate"])?;
     let shards = args.shards.to_string();
-    let mut server_args = vec!["--shards", &shards, "--echo"];
-    if let Some(after) = &args.park_after {
-        server_args.extend(["--park-after", after]);
-    }
+    // Parking is on by default (30 s): a long --hold would otherwise measure it.
+    let park_after = args.park_after.as_deref().unwrap_or("off");
+    let server_args = vec!["--shards", &shards, "--echo", "--park-after", park_after];
     let server = Ringgate::start(&server_args)?;
     // Touch every receive buffer first: their pages are a fixed cost of the
     // buffer ring (--buffers x --buffer-size per shard), not a cost per connection.

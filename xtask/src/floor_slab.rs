@@ -126,6 +126,9 @@ struct Measured {
     wake_us: f64,
 }
 
+/// The longest `--park-after` measured (see `run`).
+const PARK_AFTER_MAX: u64 = 50;
+
 /// Ping cycles the wake cost is averaged over (the CPU clock ticks at 10 ms).
 const WAKE_CYCLES: u32 = 3;
 
@@ -133,11 +136,22 @@ pub fn run(conns: usize, park_after: u64) -> Result<(), String> {
     if conns == 0 || conns > 18_000 {
         return Err("--conns must be from 1 to 18000 (one process holds the clients)".into());
     }
+    // The floor server gives up after 60 s without input, and ringgate pings
+    // after 120 s: the connections must sit well within both.
+    if park_after == 0 || park_after > PARK_AFTER_MAX {
+        return Err(format!(
+            "--park-after must be from 1 to {PARK_AFTER_MAX} seconds"
+        ));
+    }
     crate::process::cargo(&["build", "--release", "-p", "ringgate"])?;
     let park = format!("{park_after}s");
     let kinds: [(&str, Option<&[&str]>, u64); 3] = [
         ("epoll floor", None, 0),
-        ("ringgate", Some(&["--shards", "1"]), 0),
+        (
+            "ringgate",
+            Some(&["--shards", "1", "--park-after", "off"]),
+            0,
+        ),
         (
             "ringgate --park-after",
             Some(&["--shards", "1", "--park-after", &park]),

@@ -578,7 +578,7 @@ pub(crate) fn frame_of_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     for part in parts {
         out.extend_from_slice(part);
     }
-    assert_eq!(out.len(), out.capacity(), "the frame was sized exactly");
+    assert_eq!(out.len(), head_len + payload_len, "the frame is its parts");
     Bytes::from(out)
 }
 

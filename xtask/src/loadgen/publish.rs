@@ -160,7 +160,8 @@ pub fn run(args: &Args) -> Result<PublishReport, String> {
 }
 
 /// The fanout scenario's publishing: `--publishers` threads (default 1), each
-/// with its own connection to the control planes in turn, publish `--events`
+/// with a connection to every control plane, sending its requests through them
+/// in turn (a fleet gets events through every host), publish `--events`
 /// events round-robin over the topics `t0..`, `--batch` at a time (the batch
 /// API above 1), paced to `--rate` if given. Each event's data is
 /// `{"t":NANOS,"p":"x..."}` of `--size` bytes, `t` its send time.
@@ -174,12 +175,16 @@ pub fn fanout(controls: &[SocketAddr], args: &Args) -> Result<Published, String>
     let started = Instant::now();
     let threads: Vec<_> = (0..publishers)
         .map(|p| {
-            let control = controls[p % controls.len()];
+            let controls = controls.to_vec();
             let next = next.clone();
             let (events, topics, size, rate) =
                 (args.events, args.topics.max(1), args.size, args.rate);
             std::thread::spawn(move || -> Result<Published, String> {
-                let mut http = Http::connect(control)?;
+                let mut https = controls
+                    .iter()
+                    .map(|&c| Http::connect(c))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut turn = p;
                 let mut out = Published::default();
                 loop {
                     let first = next.fetch_add(batch, Ordering::Relaxed);
@@ -191,6 +196,9 @@ pub fn fanout(controls: &[SocketAddr], args: &Args) -> Result<Published, String>
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                     }
                     let indices = first..first + batch.min(events - first);
+                    let hosts = https.len();
+                    let http = &mut https[turn % hosts];
+                    turn += 1;
                     let topic = |i: u64| format!("t{}", i % topics as u64);
                     let data = || {
                         let t = SystemTime::now()
