@@ -143,8 +143,8 @@ pub struct Cli {
 
     /// After this long without input, watch a connection with a one-shot poll instead of an armed
     /// multishot recv: about 0.5 KB less kernel memory per idle connection (0.2 KB over the
-    /// plainest epoll server instead of 0.7), about 1 us more CPU when it wakes (`cargo xtask
-    /// floor --slab`). `off` (or 0) keeps every recv armed.
+    /// plainest epoll server instead of 0.7), 1-3 us more CPU when it wakes (`cargo xtask floor
+    /// --slab`). `off` (or 0) keeps every recv armed.
     #[arg(long, env = "RINGGATE_PARK_AFTER", default_value = "30s", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
     pub park_after: Duration,
 
