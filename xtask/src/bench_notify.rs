@@ -28,7 +28,7 @@
 //! topics over six shards (a shard's direct-descriptor table holds about
 //! 20,000 sockets here) and six load-generator processes.
 
-use crate::bench::{base_args, human, start_with, warm_up, Kind};
+use crate::bench::{base_args, human, start_with, warm_up, Kind, Server};
 use crate::loadgen::wire::Http;
 use crate::loadgen::{self, proc_kib, report::Report, Scenario};
 
@@ -132,17 +132,12 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         if refused > 0 {
             return Err(format!("{refused} warm-up events were refused"));
         }
-        let mut a = base_args(Scenario::Fanout, &server.ws, &server.control, quick);
-        a.pin = Some(loadgen_cpu);
-        (a.conns, a.procs, a.topics, a.events, a.rate) = (s.conns, s.procs, topics, events, rate);
-        a.sources = s.sources.map(String::from);
+        let mut a = population_args(Scenario::Fanout, s, &server, quick, loadgen_cpu);
+        (a.topics, a.events, a.rate) = (topics, events, rate);
         a.timeout = 300.0;
         if topics > 1 {
             (a.batch, a.publishers) = (BATCH, Some(if rate.is_some() { 4 } else { 2 }));
         }
-        // A connection flood on one CPU answers some upgrades later than the
-        // handshake timeout: open them at a pace the server keeps up with.
-        a.ramp = (s.conns > 20_000).then_some(5_000.0);
         let r = loadgen::run(&a)?;
         r.verdict()?;
         Ok(r)
@@ -208,14 +203,29 @@ fn connect_rss(
     let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
     // The receive-buffer ring's pages are a fixed cost, touched by the first traffic.
     warm_up(&server, loadgen_cpu)?;
-    let mut a = base_args(Scenario::Connect, &server.ws, &server.control, quick);
-    a.pin = Some(loadgen_cpu);
-    (a.conns, a.procs, a.topics) = (s.conns, s.procs, s.conns);
-    a.sources = s.sources.map(String::from);
-    a.ramp = (s.conns > 20_000).then_some(5_000.0);
+    let mut a = population_args(Scenario::Connect, s, &server, quick, loadgen_cpu);
+    a.topics = s.conns;
     let r = loadgen::run(&a)?;
     r.verdict()?;
     Ok(r.rss_per_connection)
+}
+
+/// The load generator's settings for `s`'s population against `server`.
+fn population_args(
+    scenario: Scenario,
+    s: &Scale,
+    server: &Server,
+    quick: bool,
+    loadgen_cpu: usize,
+) -> loadgen::Args {
+    let mut a = base_args(scenario, &server.ws, &server.control, quick);
+    a.pin = Some(loadgen_cpu);
+    (a.conns, a.procs) = (s.conns, s.procs);
+    a.sources = s.sources.map(String::from);
+    // A connection flood on one CPU answers some upgrades later than the
+    // handshake timeout: open them at a pace the server keeps up with.
+    a.ramp = (s.conns > 20_000).then_some(5_000.0);
+    a
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {

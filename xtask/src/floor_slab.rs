@@ -36,7 +36,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -232,38 +231,16 @@ fn wake_cycles(server: &Server, clients: &mut [TcpStream], wait: u64) -> Result<
     Ok(spent * 1e6 / (clients.len() as f64 * f64::from(WAKE_CYCLES)))
 }
 
-/// A process's user and system CPU seconds so far.
+/// The server's CPU seconds so far (the load generator's clock).
 fn process_cpu(pid: u32) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    let after_name = stat.rsplit_once(')').ok_or("a bad /proc stat")?.1;
-    let f: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().map_err(|e| e.to_string())?
-        + f[12].parse::<u64>().map_err(|e| e.to_string())?;
-    // SAFETY: sysconf takes no pointers.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks as f64 / hz)
+    crate::loadgen::cpu_seconds(pid).ok_or_else(|| format!("no CPU time for process {pid}"))
 }
 
 /// Closing will send a reset: no TIME_WAIT socket outlives the run.
 fn linger_zero(s: &TcpStream) -> Result<(), String> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: passes a live linger struct and its size for an fd `s` owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("SO_LINGER: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .map_err(|e| format!("SO_LINGER: {e}"))
 }
 
 fn start_floor(conns: usize) -> Result<Server, String> {

@@ -86,14 +86,8 @@ impl Reservation<'_> {
     /// Queues one command in a reserved place, at once (a one-place reservation's use).
     pub fn push(mut self, command: Command) {
         assert!(self.places > 0, "pushing past the reserved places");
-        self.places -= 1;
-        {
-            let mut queue = self.inbox.lock();
-            assert!(queue.reserved > 0, "a reservation without its places");
-            queue.reserved -= 1;
-            queue.commands.push_back(command);
-        }
-        self.inbox.ring();
+        let places = std::mem::take(&mut self.places);
+        self.inbox.fill_reserved(places, std::iter::once(command));
     }
 
     /// Holds `command` for the next [`Reservation::commit`], in a reserved place.
@@ -106,17 +100,8 @@ impl Reservation<'_> {
     /// Queues the staged commands in order and gives the unused places back.
     pub fn commit(mut self) {
         let staged = std::mem::take(&mut self.staged);
-        let reserved = staged.len() + std::mem::take(&mut self.places);
-        let queued = !staged.is_empty();
-        {
-            let mut queue = self.inbox.lock();
-            assert!(queue.reserved >= reserved, "more places used than reserved");
-            queue.reserved -= reserved;
-            queue.commands.extend(staged);
-        }
-        if queued {
-            self.inbox.ring();
-        }
+        let places = staged.len() + std::mem::take(&mut self.places);
+        self.inbox.fill_reserved(places, staged.into_iter());
     }
 }
 
@@ -128,12 +113,9 @@ impl Drop for Reservation<'_> {
                 "staged commands dropped uncommitted"
             );
         }
+        // Nothing is queued: while panicking, staged commands are dropped too.
         let unused = self.places + self.staged.len();
-        if unused > 0 {
-            let mut queue = self.inbox.lock();
-            assert!(queue.reserved >= unused, "a reservation without its places");
-            queue.reserved -= unused;
-        }
+        self.inbox.fill_reserved(unused, std::iter::empty());
     }
 }
 
@@ -159,6 +141,25 @@ impl Inbox {
         // A sender that panicked mid-push leaves a consistent queue (push_back is
         // the last step), so a poisoned lock is still usable.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends `places` reservations: `commands` (at most that many) are queued in
+    /// order in some of them, the rest given back; rings if any was queued.
+    fn fill_reserved(&self, places: usize, commands: impl ExactSizeIterator<Item = Command>) {
+        let queued = commands.len();
+        assert!(queued <= places, "more commands than reserved places");
+        if places == 0 {
+            return;
+        }
+        {
+            let mut queue = self.lock();
+            assert!(queue.reserved >= places, "a reservation without its places");
+            queue.reserved -= places;
+            queue.commands.extend(commands);
+        }
+        if queued > 0 {
+            self.ring();
+        }
     }
 
     /// Wakes the shard unless it was already woken and has not drained since.

@@ -149,6 +149,11 @@ struct Topic {
     subscribers: Subscribers,
 }
 
+/// Whether an `ids` value is the topic called `name`.
+fn names<'a>(topics: &'a Slab<Topic>, name: &'a str) -> impl Fn(&u32) -> bool + 'a {
+    move |&id| topics[(id & !ANNOUNCED) as usize].name == name
+}
+
 /// The layout of a slot of `Slab<Topic>` (the slab's own entry type is
 /// private): what the index's table costs per topic it has room for.
 #[allow(dead_code)]
@@ -279,12 +284,12 @@ impl TopicIndex {
 
     /// The `ids` value (slab index and `ANNOUNCED` bit) of `name`.
     fn find(&self, name: &str) -> Option<u32> {
-        let topics = &self.topics;
-        self.ids
-            .find(self.hash(name), |&id| {
-                topics[(id & !ANNOUNCED) as usize].name == name
-            })
-            .copied()
+        self.find_hashed(self.hash(name), name)
+    }
+
+    /// [`Self::find`] with the name's hash already made.
+    fn find_hashed(&self, hash: u64, name: &str) -> Option<u32> {
+        self.ids.find(hash, names(&self.topics, name)).copied()
     }
 
     pub fn new(announce_first_in: bool) -> Self {
@@ -326,10 +331,7 @@ impl TopicIndex {
     /// subscribers: [`Self::subscribers_of`]): one lookup for a delivery.
     pub fn announce(&mut self, name: &str) -> Option<u32> {
         let hash = self.hash(name);
-        let topics = &self.topics;
-        let id = self
-            .ids
-            .find_mut(hash, |&id| topics[(id & !ANNOUNCED) as usize].name == name)?;
+        let id = self.ids.find_mut(hash, names(&self.topics, name))?;
         let index = *id & !ANNOUNCED;
         if *id & ANNOUNCED == 0 {
             *id |= ANNOUNCED;
@@ -347,7 +349,8 @@ impl TopicIndex {
     ) -> Subscribed {
         let key32 = u32::try_from(key).expect("keys fit in 32 bits");
         let conn = &mut conns[key];
-        let Some(id) = self.find(name) else {
+        let hash = self.hash(name);
+        let Some(id) = self.find_hashed(hash, name) else {
             // A new topic, made with its first subscriber.
             if conn.subs.len() >= max {
                 return Subscribed::Full;
@@ -367,10 +370,9 @@ impl TopicIndex {
                 id
             };
             let (hasher, topics) = (&self.hasher, &self.topics);
-            self.ids
-                .insert_unique(self.hasher.hash_one(name), value, |&id| {
-                    hasher.hash_one(topics[(id & !ANNOUNCED) as usize].name.as_str())
-                });
+            self.ids.insert_unique(hash, value, |&id| {
+                hasher.hash_one(topics[(id & !ANNOUNCED) as usize].name.as_str())
+            });
             conn.subs.push(Sub { topic: id, pos: 0 });
             self.subscriptions += 1;
             return Subscribed::New;
