@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use ringgate_codec::Limits;
 
-#[cfg(any(test, fuzzing))]
-use crate::limits::INBOX_CAPACITY;
 use crate::limits::{
     BUFFERS_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS, REQUEST_BYTES_CEILING,
     SENDS_INFLIGHT_MAX, SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
 };
+#[cfg(any(test, fuzzing))]
+use crate::limits::{INBOX_CAPACITY, SEND_SLOTS_DEFAULT};
 
 /// What to do with a subscriber whose send queue is full when an event arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,8 @@ pub struct ShardConfig {
     pub subscriptions_max: usize,
     /// Events the shard's inbox holds; a publish that finds it full is refused.
     pub inbox_capacity: usize,
-    /// Send slots (at most `SENDS_INFLIGHT_MAX`; fewer only to test the cap).
+    /// Send slots: sends offered to the kernel and not yet refused (see
+    /// `SEND_SLOTS_DEFAULT`), at most `SENDS_INFLIGHT_MAX`.
     pub send_slots: usize,
     /// What happens to subscribers that do not keep up.
     pub slow_consumer: SlowConsumer,
@@ -259,7 +260,7 @@ pub(crate) fn test_config() -> ShardConfig {
         park_after: None,
         subscriptions_max: 64,
         inbox_capacity: INBOX_CAPACITY,
-        send_slots: SENDS_INFLIGHT_MAX,
+        send_slots: SEND_SLOTS_DEFAULT,
         slow_consumer: SlowConsumer::Close,
         client_publish: None,
         cpu: None,

@@ -299,7 +299,7 @@ mod tests {
         let mut c = Conn::new(3, 1, 0);
         c.check();
         c.queue(Bytes::from_static(b"ab"), &mut pool);
-        let _ = c.sendq.as_mut().unwrap().next_send(0);
+        let _ = c.sendq.as_mut().unwrap().next_send(0, &mut pool);
         c.set(flag::SEND_INFLIGHT);
         c.check();
         c.set(flag::RECV_ARMED | flag::POLL_ARMED);

@@ -113,10 +113,10 @@ impl InputHarness {
             });
         }
         if let Some(mut q) = self.conn.sendq.take() {
-            while let Some(next) = q.next_send(0) {
+            while let Some(next) = q.next_send(0, &mut self.pool) {
                 let bytes = crate::sendq::read_send(&next);
                 self.sent.extend_from_slice(&bytes);
-                q.complete(bytes.len(), |_| {});
+                q.complete(bytes.len(), &mut self.pool, |_| {});
             }
             self.pool.put(q);
         }

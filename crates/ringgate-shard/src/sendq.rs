@@ -2,8 +2,12 @@
 //! refusing them; and the shard's pool of emptied queues.
 //!
 //! Frames are refcounted `Bytes`, so a frame shared by many connections is never
-//! copied. Every frame covered by the send in flight stays in the queue, unmoved,
-//! until that send completes; so does the boxed gather list of a vectored send.
+//! copied into a queue. A send takes what the queue holds, as much as one send
+//! carries: a run of small frames is copied into one buffer lent by the shard's
+//! [`SendPool`] (one contiguous send), large frames are gathered by reference
+//! (one vectored send) or sent alone. Every frame covered by the send in flight
+//! stays in the queue, unmoved, until that send completes; so do the boxed
+//! gather list of a vectored send and the copy buffer of a copied one.
 //!
 //! Cost: each frame counts as its length plus [`FRAME_OVERHEAD_BYTES`] (its slot
 //! and the queue's slack), so `--send-queue-limit` bounds memory for tiny frames
@@ -18,7 +22,13 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use crate::limits::{FRAME_OVERHEAD_BYTES, PONGS_QUEUED_MAX, SEND_FRAMES_MAX, SEND_QUEUE_POOL_MAX};
+use crate::limits::{
+    FRAME_OVERHEAD_BYTES, PONGS_QUEUED_MAX, SEND_COPY_BYTES, SEND_COPY_FRAME_MAX, SEND_FRAMES_MAX,
+};
+
+mod pool;
+
+pub(crate) use pool::{CopyBuf, SendPool};
 
 /// The stamp of a frame that is neither an event nor a pong.
 pub(crate) const STAMP_PLAIN: u64 = 0;
@@ -41,8 +51,12 @@ pub(crate) struct SendQueue {
     /// holds several frames: a connection with one pending event (the common
     /// push) does not carry 570 bytes it never uses.
     gather: Option<Box<Gather>>,
-    /// Unsent bytes plus [`FRAME_OVERHEAD_BYTES`] per queued frame.
-    cost: usize,
+    /// The buffer the send in flight reads, when it is a copy of small frames:
+    /// lent by the [`SendPool`] at staging, given back at completion.
+    copy: Option<Box<CopyBuf>>,
+    /// Unsent bytes plus [`FRAME_OVERHEAD_BYTES`] per queued frame (the hard
+    /// limit keeps it under 4 GiB: see `ShardConfig::validate`).
+    cost: u32,
     /// Bytes of the head frame already sent.
     head_sent: u32,
     /// The shard's loop epoch when the send in flight was staged.
@@ -83,6 +97,7 @@ impl std::fmt::Debug for SendQueue {
             .field("frames", &self.frames.len())
             .field("cost", &self.cost)
             .field("in_flight", &self.in_flight)
+            .field("copy", &self.copy.is_some())
             .field("short", &self.short)
             .finish()
     }
@@ -103,8 +118,19 @@ impl SendQueue {
         // of 0 bytes, whose result reads as a closed peer.
         assert!(!frame.is_empty(), "an empty frame was queued");
         debug_assert!(stamp != STAMP_PONG, "pongs go through push_pong");
-        self.cost += frame.len() + FRAME_OVERHEAD_BYTES;
+        self.charge(frame.len() + FRAME_OVERHEAD_BYTES);
         self.frames.push_back((frame, stamp));
+    }
+
+    fn charge(&mut self, bytes: usize) {
+        self.cost = u32::try_from(bytes)
+            .ok()
+            .and_then(|b| self.cost.checked_add(b))
+            .expect("a send queue past 4 GiB: the hard limit failed");
+    }
+
+    fn uncharge(&mut self, bytes: usize) {
+        self.cost -= u32::try_from(bytes).expect("more bytes than were charged");
     }
 
     /// Queues a pong. With [`PONGS_QUEUED_MAX`] pongs already waiting, it
@@ -118,25 +144,27 @@ impl SendQueue {
                 .rev()
                 .find(|&i| self.frames[i].1 == STAMP_PONG);
             if let Some(i) = newest {
+                let new_len = frame.len();
                 let old = std::mem::replace(&mut self.frames[i].0, frame);
-                self.cost = self.cost - old.len() + self.frames[i].0.len();
+                self.uncharge(old.len());
+                self.charge(new_len);
                 return false;
             }
         }
         self.pongs += 1;
-        self.cost += frame.len() + FRAME_OVERHEAD_BYTES;
+        self.charge(frame.len() + FRAME_OVERHEAD_BYTES);
         self.frames.push_back((frame, STAMP_PONG));
         true
     }
 
     /// What the queue costs now: unsent bytes plus the per-frame overhead.
     pub fn cost(&self) -> usize {
-        self.cost
+        self.cost as usize
     }
 
     /// Unsent bytes.
     pub fn bytes(&self) -> usize {
-        self.cost - self.frames.len() * FRAME_OVERHEAD_BYTES
+        self.cost() - self.frames.len() * FRAME_OVERHEAD_BYTES
     }
 
     /// Whether the kernel refused this connection's bytes: its last send was
@@ -164,20 +192,49 @@ impl SendQueue {
             .map(|(f, _)| &f[self.head_sent as usize..])
     }
 
-    /// Prepares a send of up to [`SEND_FRAMES_MAX`] frames from the head, marks
-    /// them in flight, staged at loop epoch `epoch`. `None` if the queue is empty
-    /// or a send is in flight.
-    pub fn next_send(&mut self, epoch: u32) -> Option<NextSend> {
+    /// Prepares the next send from the head and marks the frames it covers in
+    /// flight, staged at loop epoch `epoch`: the head alone, a run of small
+    /// frames copied into a buffer lent by `pool` (up to [`SEND_COPY_BYTES`]),
+    /// or up to [`SEND_FRAMES_MAX`] frames gathered. `None` if the queue is
+    /// empty or a send is in flight.
+    pub fn next_send(&mut self, epoch: u32, pool: &mut SendPool) -> Option<NextSend> {
         if self.in_flight > 0 || self.frames.is_empty() {
             return None;
         }
-        let count = self.frames.len().min(SEND_FRAMES_MAX);
-        self.in_flight = count as u16;
+        assert!(
+            self.copy.is_none(),
+            "a copy buffer held with no send in flight"
+        );
         self.epoch = epoch;
         let head = &self.frames[0].0[self.head_sent as usize..];
-        if count == 1 {
+        if self.frames.len() == 1 {
+            self.in_flight = 1;
             return Some(NextSend::One(head.as_ptr(), head.len()));
         }
+        let small =
+            head.len() <= SEND_COPY_FRAME_MAX && self.frames[1].0.len() <= SEND_COPY_FRAME_MAX;
+        if let Some(mut buf) = small.then(|| pool.lend_copy()).flatten() {
+            let mut len = 0;
+            let mut count = 0;
+            for (i, (frame, _)) in self.frames.iter().enumerate() {
+                let part = if i == 0 { head } else { &frame[..] };
+                if part.len() > SEND_COPY_FRAME_MAX || len + part.len() > SEND_COPY_BYTES {
+                    break;
+                }
+                buf[len..len + part.len()].copy_from_slice(part);
+                len += part.len();
+                count += 1;
+            }
+            // The first two frames always fit (2 x SEND_COPY_FRAME_MAX <=
+            // SEND_COPY_BYTES), and SEND_COPY_BYTES / 2 frames fit a u16.
+            assert!(count >= 2);
+            self.in_flight = count as u16;
+            let ptr = buf.as_ptr();
+            self.copy = Some(buf);
+            return Some(NextSend::One(ptr, len));
+        }
+        let count = self.frames.len().min(SEND_FRAMES_MAX);
+        self.in_flight = count as u16;
         let gather = self.gather.get_or_insert_with(Gather::new);
         for (i, (frame, _)) in self.frames.iter().take(count).enumerate() {
             let part = if i == 0 { head } else { &frame[..] };
@@ -192,12 +249,20 @@ impl SendQueue {
     }
 
     /// Records the completion of the send in flight that wrote `sent` bytes (a
-    /// short send leaves the rest queued and marks the queue refused); calls
-    /// `event_sent` with the publish time of each event now fully sent, and
-    /// returns how many frames completed.
-    pub fn complete(&mut self, sent: usize, mut event_sent: impl FnMut(u64)) -> usize {
+    /// short send leaves the rest queued and marks the queue refused), giving
+    /// its copy buffer back to `pool`; calls `event_sent` with the publish time
+    /// of each event now fully sent, and returns how many frames completed.
+    pub fn complete(
+        &mut self,
+        sent: usize,
+        pool: &mut SendPool,
+        mut event_sent: impl FnMut(u64),
+    ) -> usize {
         let covered = usize::from(self.in_flight);
         assert!(covered > 0, "a send completed with none in flight");
+        if let Some(buf) = self.copy.take() {
+            pool.return_copy(buf);
+        }
         let offered: usize = self
             .frames
             .iter()
@@ -208,7 +273,7 @@ impl SendQueue {
         assert!(sent <= offered, "sent {sent} of {offered} offered bytes");
         self.in_flight = 0;
         self.short = sent < offered;
-        self.cost -= sent;
+        self.uncharge(sent);
         let mut left = sent;
         let mut done = 0;
         while left > 0 {
@@ -222,7 +287,7 @@ impl SendQueue {
                 .frames
                 .pop_front()
                 .expect("sent bytes belong to queued frames");
-            self.cost -= FRAME_OVERHEAD_BYTES;
+            self.uncharge(FRAME_OVERHEAD_BYTES);
             match stamp {
                 STAMP_PLAIN => {}
                 STAMP_PONG => self.pongs -= 1,
@@ -234,9 +299,14 @@ impl SendQueue {
         done
     }
 
-    /// Ends the send in flight without progress (it failed or was cancelled).
-    pub fn abandon_in_flight(&mut self) {
+    /// Ends the send in flight without progress (it failed or was cancelled),
+    /// giving its copy buffer back to `pool`.
+    pub fn abandon_in_flight(&mut self, pool: &mut SendPool) {
+        assert!(self.in_flight > 0, "no send in flight to abandon");
         self.in_flight = 0;
+        if let Some(buf) = self.copy.take() {
+            pool.return_copy(buf);
+        }
     }
 
     /// Heap bytes this queue holds, the box included (frames are shared, so
@@ -248,6 +318,10 @@ impl SendQueue {
                 .gather
                 .as_ref()
                 .map_or(0, |_| std::mem::size_of::<Gather>())
+            + self
+                .copy
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<CopyBuf>())
     }
 
     /// When the first event still queued was published (its stamp), if any:
@@ -288,7 +362,7 @@ impl SendQueue {
         for (i, (frame, stamp)) in self.frames.drain(from..).enumerate() {
             // Only the unsent part of the head frame is still counted.
             let sent = if from == 0 && i == 0 { head_sent } else { 0 };
-            self.cost -= frame.len() - sent + FRAME_OVERHEAD_BYTES;
+            self.cost -= (frame.len() - sent + FRAME_OVERHEAD_BYTES) as u32;
             if stamp == STAMP_PONG {
                 self.pongs -= 1;
             }
@@ -321,62 +395,6 @@ pub(crate) fn read_send(next: &NextSend) -> Vec<u8> {
                 .copied()
                 .collect()
         }
-    }
-}
-
-/// Emptied send queues kept for reuse, so a subscriber receiving one event at a
-/// time costs no allocation per event. Holds at most [`SEND_QUEUE_POOL_MAX`]
-/// queues, each with a frame array of at most [`POOLED_FRAMES_MAX`] slots and
-/// no gather box: about 1 MiB per shard when full.
-#[derive(Default)]
-pub(crate) struct SendPool {
-    // Boxed on purpose: a connection's queue is a box, and recycling the box
-    // itself is the point (one allocation saved per delivery).
-    #[allow(clippy::vec_box)]
-    free: Vec<Box<SendQueue>>,
-    /// 0 turns recycling off (for measuring what it saves).
-    max: usize,
-}
-
-/// Frame slots a pooled queue keeps (a larger array is freed).
-const POOLED_FRAMES_MAX: usize = 4;
-
-impl SendPool {
-    pub fn new(enabled: bool) -> Self {
-        SendPool {
-            free: Vec::new(),
-            max: if enabled { SEND_QUEUE_POOL_MAX } else { 0 },
-        }
-    }
-
-    /// An empty queue, recycled when one is at hand.
-    pub fn take(&mut self) -> Box<SendQueue> {
-        self.free.pop().unwrap_or_default()
-    }
-
-    /// Takes back a queue that is empty and has nothing in flight.
-    pub fn put(&mut self, mut queue: Box<SendQueue>) {
-        assert!(
-            queue.frames.is_empty() && queue.in_flight == 0,
-            "only an empty queue with nothing in flight is recycled: {queue:?}"
-        );
-        if self.free.len() >= self.max {
-            return;
-        }
-        if queue.frames.capacity() > POOLED_FRAMES_MAX {
-            queue.frames = VecDeque::new();
-        }
-        queue.gather = None;
-        queue.cost = 0;
-        queue.head_sent = 0;
-        queue.short = false;
-        queue.pongs = 0;
-        self.free.push(queue);
-    }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.free.len()
     }
 }
 

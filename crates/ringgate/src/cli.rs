@@ -303,8 +303,10 @@ pub struct Cli {
     #[arg(long, hide = true, env = "RINGGATE_ONESHOT_TICK", value_parser = BoolishValueParser::new())]
     pub oneshot_tick: bool,
 
-    /// (testing) Send slots per shard, fewer than the built-in 8192 to exercise the cap.
-    #[arg(long, hide = true, env = "RINGGATE_SEND_SLOTS", default_value_t = ringgate_shard::limits::SENDS_INFLIGHT_MAX)]
+    /// Sends a shard offers the kernel at once (1 to 8192). Fewer keeps each loop turn short and
+    /// coalesces bursts (subscribers waiting for a slot get the events published meanwhile in the
+    /// same send); more only helps when sends complete slowly.
+    #[arg(long, env = "RINGGATE_SEND_SLOTS", default_value_t = ringgate_shard::limits::SEND_SLOTS_DEFAULT, value_name = "N")]
     pub send_slots: usize,
 
     /// (benchmarks) Do not recycle emptied send queues, to measure what recycling saves.

@@ -79,8 +79,8 @@ impl Harness {
             while let Some(head) = q.head() {
                 let n = head.len();
                 out.extend_from_slice(head);
-                let _ = q.next_send(0);
-                q.complete(n, |_| {});
+                let _ = q.next_send(0, &mut self.pool);
+                q.complete(n, &mut self.pool, |_| {});
             }
         }
         out

@@ -273,7 +273,7 @@ mod tests {
             assert_eq!(queued, Queued::Event);
         }
         for (_, conn) in conns.iter_mut() {
-            match conn.sendq.as_mut().unwrap().next_send(0) {
+            match conn.sendq.as_mut().unwrap().next_send(0, &mut pool) {
                 Some(NextSend::One(ptr, len)) => {
                     assert_eq!(ptr, frame.as_ptr(), "a subscriber got a copy");
                     assert_eq!(len, frame.len());
@@ -301,6 +301,7 @@ mod tests {
 
     #[test]
     fn over_the_limit_a_subscriber_is_judged_only_once_the_kernel_refused() {
+        let mut pool = SendPool::new(true);
         let (mut conns, _) = open_subscribers(1, "t");
         let conn = &mut conns[0];
         // Four events with nothing offered to the kernel yet: the fourth is
@@ -309,12 +310,12 @@ mod tests {
         assert_eq!(queued.last(), Some(&Queued::Congested));
         // Offered (staged at epoch 1) and taken in full: still not refused.
         let q = conn.sendq.as_mut().unwrap();
-        let _ = q.next_send(1);
-        q.complete(400, |_| {});
+        let _ = q.next_send(1, &mut pool);
+        q.complete(400, &mut pool, |_| {});
         assert_eq!(offer(conn, 1, SlowConsumer::Close, 2), vec![Queued::Event]);
         // Offered at epoch 2 and still in flight at epoch 3: refused, so an
         // event over the limit now makes it a slow consumer.
-        let _ = conn.sendq.as_mut().unwrap().next_send(2);
+        let _ = conn.sendq.as_mut().unwrap().next_send(2, &mut pool);
         let queued = offer(conn, 3, SlowConsumer::Close, 3);
         assert_eq!(queued, vec![Queued::Event, Queued::Event, Queued::Closed]);
         assert_eq!(conn.state, State::Draining);
@@ -326,12 +327,13 @@ mod tests {
 
     #[test]
     fn a_short_send_is_a_refusal_and_the_drop_policy_skips() {
+        let mut pool = SendPool::new(true);
         let (mut conns, _) = open_subscribers(1, "t");
         let conn = &mut conns[0];
         offer(conn, 3, SlowConsumer::Drop, 1);
         let q = conn.sendq.as_mut().unwrap();
-        let _ = q.next_send(1);
-        q.complete(10, |_| {}); // the socket took 10 of 306 bytes
+        let _ = q.next_send(1, &mut pool);
+        q.complete(10, &mut pool, |_| {}); // the socket took 10 of 306 bytes
         assert_eq!(offer(conn, 1, SlowConsumer::Drop, 1), vec![Queued::Skipped]);
         assert_eq!(conn.state, State::Open, "drop keeps the subscriber");
     }

@@ -110,7 +110,7 @@ impl Shard {
         conn.clear(flag::SEND_INFLIGHT);
         let queue = conn.sendq.as_mut().expect("a send was in flight");
         if result <= 0 {
-            queue.abandon_in_flight();
+            queue.abandon_in_flight(&mut self.pool);
             if result < 0 && -result != libc::ECANCELED {
                 tracing::debug!(
                     shard = self.id,
@@ -125,7 +125,7 @@ impl Shard {
         self.stats.bytes_sent.add(sent as u64);
         let latency = &mut self.latency;
         let mut now_ns = None;
-        queue.complete(sent, |published_ns| {
+        queue.complete(sent, &mut self.pool, |published_ns| {
             let now = *now_ns.get_or_insert_with(clock_ns);
             let us = (now.saturating_sub(published_ns) / 1000).clamp(1, LATENCY_MAX_US);
             let _ = latency.record(us);
@@ -204,7 +204,12 @@ impl Shard {
         if conn.has(flag::SEND_INFLIGHT) || conn.state == State::Finished {
             return;
         }
-        let Some(next) = conn.sendq.as_mut().and_then(|q| q.next_send(self.epoch)) else {
+        let pool = &mut self.pool;
+        let Some(next) = conn
+            .sendq
+            .as_mut()
+            .and_then(|q| q.next_send(self.epoch, pool))
+        else {
             return;
         };
         let fixed = Fixed(conn.slot);
@@ -216,8 +221,9 @@ impl Shard {
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build(),
         };
-        // The frames (and for SendMsg the header and gather list) stay in the
-        // boxed queue, unmoved, until this completes: see SendQueue.
+        // The frames (and the copy buffer, or for SendMsg the header and
+        // gather list) stay in the boxed queue, unmoved, until this completes:
+        // see SendQueue.
         self.staged
             .push(sqe.user_data(Token::new(Op::Send, conn.generation, key).encode()));
         conn.set(flag::SEND_INFLIGHT);
