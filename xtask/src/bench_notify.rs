@@ -27,6 +27,14 @@
 //! burst the server must queue). Without `--quick`, the same again with 100,000 subscribers and
 //! topics over six shards (a shard's direct-descriptor table holds about
 //! 20,000 sockets here) and six load-generator processes.
+//!
+//! On loopback a write to a sleeping reader also pays for waking it (the
+//! reader's receive path and wake-up run in the writer's context), which a
+//! server's clients on other machines would not charge it; notifications,
+//! spread over time, wake their reader far more often per delivery than a
+//! broadcast does. So at one shard the two CPU figures are measured again with
+//! the load generator's workers polling without sleeping (`--spin`): the
+//! server's own cost per delivery, wake-ups apart.
 
 use crate::bench::{base_args, human, start_with, warm_up, Kind, Server};
 use crate::loadgen::wire::Http;
@@ -76,6 +84,10 @@ struct Round {
     notify_max_rate: Option<f64>,
     /// Publish-to-receive p99 at half the rate the flat-out run reached.
     notify_half_max_p99_ms: Option<f64>,
+    /// The paced runs again with spinning clients (one worker process only).
+    broadcast_cpu_spin: Option<f64>,
+    notify_cpu_spin: Option<f64>,
+    notify_p99_ms_spin: Option<f64>,
 }
 
 pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), String> {
@@ -109,58 +121,63 @@ pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), Str
 fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<Round, String> {
     let shards = s.shards.to_string();
     let mut broker = None;
-    let mut run = |topics: usize, events: u64, rate: Option<f64>| -> Result<Report, String> {
-        let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
-        let pid = server.child.id();
-        let rss = || proc_kib(&format!("/proc/{pid}/status"), "VmRSS:");
-        let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
-        warm.pin = Some(loadgen_cpu);
-        (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
-        // One event per topic first: what the broker holds per topic.
-        let before = rss();
-        warm.events = s.conns as u64;
-        let mut refused = loadgen::publish::run(&warm)?.refused;
-        if let (Some(before), Some(after), Ok(stats)) = (before, rss(), stats(&server.control)) {
-            let topics = stats["totals"]["broker_topics"].as_f64().unwrap_or(0.0);
-            let held = stats["totals"]["history_bytes"].as_f64().unwrap_or(0.0);
-            if topics > 0.0 && broker.is_none() {
-                broker = Some((after.saturating_sub(before) as f64 / topics, held / topics));
+    let mut run =
+        |topics: usize, events: u64, rate: Option<f64>, spin: bool| -> Result<Report, String> {
+            let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
+            let pid = server.child.id();
+            let rss = || proc_kib(&format!("/proc/{pid}/status"), "VmRSS:");
+            let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
+            warm.pin = Some(loadgen_cpu);
+            (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
+            // One event per topic first: what the broker holds per topic.
+            let before = rss();
+            warm.events = s.conns as u64;
+            let mut refused = loadgen::publish::run(&warm)?.refused;
+            if let (Some(before), Some(after), Ok(stats)) = (before, rss(), stats(&server.control))
+            {
+                let topics = stats["totals"]["broker_topics"].as_f64().unwrap_or(0.0);
+                let held = stats["totals"]["history_bytes"].as_f64().unwrap_or(0.0);
+                if topics > 0.0 && broker.is_none() {
+                    broker = Some((after.saturating_sub(before) as f64 / topics, held / topics));
+                }
             }
-        }
-        warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
-        refused += loadgen::publish::run(&warm)?.refused;
-        if refused > 0 {
-            return Err(format!("{refused} warm-up events were refused"));
-        }
-        let mut a = population_args(Scenario::Fanout, s, &server, quick, loadgen_cpu);
-        (a.topics, a.events, a.rate) = (topics, events, rate);
-        a.timeout = 300.0;
-        if topics > 1 {
-            (a.batch, a.publishers) = (BATCH, Some(if rate.is_some() { 4 } else { 2 }));
-        }
-        let r = loadgen::run(&a)?;
-        r.verdict()?;
-        Ok(r)
-    };
+            warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
+            refused += loadgen::publish::run(&warm)?.refused;
+            if refused > 0 {
+                return Err(format!("{refused} warm-up events were refused"));
+            }
+            let mut a = population_args(Scenario::Fanout, s, &server, quick, loadgen_cpu);
+            (a.topics, a.events, a.rate, a.spin) = (topics, events, rate, spin);
+            a.timeout = 300.0;
+            if topics > 1 {
+                (a.batch, a.publishers) = (BATCH, Some(if rate.is_some() { 4 } else { 2 }));
+            }
+            let r = loadgen::run(&a)?;
+            r.verdict()?;
+            Ok(r)
+        };
     let broadcast_rate = DELIVERIES_PER_SEC / s.conns as f64;
-    let broadcast = run(
-        1,
-        (broadcast_rate * s.seconds).ceil() as u64,
-        Some(broadcast_rate),
-    )?;
-    let paced = run(
-        s.conns,
-        (DELIVERIES_PER_SEC * s.seconds) as u64,
-        Some(DELIVERIES_PER_SEC),
-    )?;
-    let flat_out = run(s.conns, (DELIVERIES_PER_SEC * s.seconds) as u64, None)?;
+    let broadcast_events = (broadcast_rate * s.seconds).ceil() as u64;
+    let notify_events = (DELIVERIES_PER_SEC * s.seconds) as u64;
+    let broadcast = run(1, broadcast_events, Some(broadcast_rate), false)?;
+    let paced = run(s.conns, notify_events, Some(DELIVERIES_PER_SEC), false)?;
+    let flat_out = run(s.conns, notify_events, None, false)?;
     let half_max = match flat_out.deliveries_per_second {
         Some(max) => {
             let rate = max / 2.0;
-            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate))?;
+            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate), false)?;
             r.latency_ms.as_ref().map(|p| p.p99)
         }
         None => None,
+    };
+    // A spinning worker keeps the load generator's CPU busy: one only.
+    let (broadcast_spin, paced_spin) = if s.procs == 1 {
+        (
+            Some(run(1, broadcast_events, Some(broadcast_rate), true)?),
+            Some(run(s.conns, notify_events, Some(DELIVERIES_PER_SEC), true)?),
+        )
+    } else {
+        (None, None)
     };
     // The floor needs every socket in one process: only under the open-file limit.
     let (floor_us, notify_floor_us) = if s.conns <= 10_000 {
@@ -187,6 +204,11 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         notify_p99_ms: paced.latency_ms.as_ref().map(|p| p.p99),
         notify_max_rate: flat_out.deliveries_per_second,
         notify_half_max_p99_ms: half_max,
+        broadcast_cpu_spin: broadcast_spin.and_then(|r| r.server_cpu_us_per_message),
+        notify_cpu_spin: paced_spin
+            .as_ref()
+            .and_then(|r| r.server_cpu_us_per_message),
+        notify_p99_ms_spin: paced_spin.and_then(|r| r.latency_ms.map(|p| p.p99)),
     })
 }
 
@@ -276,6 +298,28 @@ fn print(s: &Scale, rounds: &[Round]) {
         DELIVERIES_PER_SEC,
         show(p99)
     );
+    let (bcast_spin, bcast_spin_runs) = col(|r| r.broadcast_cpu_spin);
+    let (notify_spin, notify_spin_runs) = col(|r| r.notify_cpu_spin);
+    let (p99_spin, p99_spin_runs) = col(|r| r.notify_p99_ms_spin);
+    if let (Some(b), Some(n)) = (bcast_spin, notify_spin) {
+        println!("  the same with the clients spinning (no wake-ups charged to the server):");
+        println!(
+            "    broadcast: CPU / delivery                  {} us   runs {bcast_spin_runs:.2?}",
+            human(b)
+        );
+        println!(
+            "    notify: CPU / delivery                     {} us   runs {notify_spin_runs:.2?}",
+            human(n)
+        );
+        println!(
+            "    notify / broadcast CPU per delivery        {:.2}x (target at most 1.3x)",
+            n / b
+        );
+        println!(
+            "    notify: publish-to-receive p99             {} ms   runs {p99_spin_runs:.2?} (target under 10 ms)",
+            show(p99_spin)
+        );
+    }
     println!(
         "  notify flat out: deliveries/s                {}   runs {max_runs:.0?} (target 100,000 on one shard)",
         show(max)

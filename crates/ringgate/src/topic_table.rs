@@ -283,20 +283,26 @@ impl TopicTable {
     /// The topic's index, its state made (seq 0, a new epoch, quiet) if unknown;
     /// past `topics_max` only by forgetting the longest quiet topic.
     fn entry(&mut self, topic: &str, now: u32) -> Result<u32, TooManyTopics> {
-        if !self.ids.contains_key(topic)
-            && self.topics.len() >= self.topics_max
-            && !self.forget_oldest_quiet()
-        {
+        // One lookup for a known topic: this runs for every event published.
+        if let Some(&id) = self.ids.get(topic) {
+            return Ok(id);
+        }
+        if self.topics.len() >= self.topics_max && !self.forget_oldest_quiet() {
             return Err(TooManyTopics);
         }
-        Ok(self.entry_unbounded(topic, now))
+        Ok(self.insert(topic, now))
     }
 
     /// The topic's index, its state made if unknown whatever the count.
     fn entry_unbounded(&mut self, topic: &str, now: u32) -> u32 {
-        if let Some(&id) = self.ids.get(topic) {
-            return id;
+        match self.ids.get(topic) {
+            Some(&id) => id,
+            None => self.insert(topic, now),
         }
+    }
+
+    /// Makes the state of a topic not known yet.
+    fn insert(&mut self, topic: &str, now: u32) -> u32 {
         let name: Arc<str> = Arc::from(topic);
         let epoch = self.epochs.next();
         let id = self.topics.insert(TopicState {
