@@ -621,3 +621,45 @@ fn rfc_details_lengths_targets_headers_and_subprotocols() {
         s.total("subscriptions") == 1
     });
 }
+
+/// Issue 15, item 3: while an earlier fanout waits for send slots a shard
+/// queues at most `--fanout-backlog` events on its subscribers, and new events
+/// wait in the inbox, one shared command each. A burst far past it (one batch
+/// of 1,000 events to 150 subscribers, one slot, a backlog of 100) reaches
+/// every subscriber whole and in order, and the inbox did wait behind the
+/// fanout (each share of 64 events leaves 149 subscribers waiting for the slot
+/// for about a millisecond, while the batch's later chunks arrive).
+#[test]
+fn a_burst_past_the_fanout_backlog_waits_in_the_inbox_and_loses_nothing() {
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--send-slots",
+        "1",
+        "--fanout-backlog",
+        "100",
+    ]);
+    let mut subs: Vec<TcpStream> = (0..150)
+        .map(|_| subscriber_with_rcvbuf(&server, "burst", 1 << 20))
+        .collect();
+    wait_subscriptions(&server, 150);
+    let events = 1000;
+    let body: String = (0..events)
+        .map(|i| format!("{{\"topic\":\"burst\",\"data\":{i}}}\n"))
+        .collect();
+    let (status, answer) = post(server.control, "/publish", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    for s in &mut subs {
+        for i in 0..events {
+            let event = read_json(s);
+            assert_eq!(
+                (&event["seq"], &event["data"]),
+                (&(i + 1).into(), &i.into())
+            );
+        }
+    }
+    assert!(
+        server.total("fanout_held_turns_total") > 0,
+        "the inbox never waited behind the fanout"
+    );
+}

@@ -13,7 +13,7 @@ use crate::limits::{
     SENDS_INFLIGHT_MAX, SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
 };
 #[cfg(any(test, fuzzing))]
-use crate::limits::{INBOX_CAPACITY, SEND_SLOTS_DEFAULT};
+use crate::limits::{FANOUT_BACKLOG_DEFAULT, INBOX_CAPACITY, SEND_SLOTS_DEFAULT};
 
 /// What to do with a subscriber whose send queue is full when an event arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,9 @@ pub struct ShardConfig {
     /// Send slots: sends offered to the kernel and not yet refused (see
     /// `SEND_SLOTS_DEFAULT`), at most `SENDS_INFLIGHT_MAX`.
     pub send_slots: usize,
+    /// Events queued on subscribers while an earlier fanout waits for send
+    /// slots, past which new events wait in the inbox (`FANOUT_BACKLOG_DEFAULT`).
+    pub fanout_backlog: usize,
     /// What happens to subscribers that do not keep up.
     pub slow_consumer: SlowConsumer,
     /// Topics clients may publish to (`*`, `prefix*` or one name); `None`: none.
@@ -261,6 +264,7 @@ pub(crate) fn test_config() -> ShardConfig {
         subscriptions_max: 64,
         inbox_capacity: INBOX_CAPACITY,
         send_slots: SEND_SLOTS_DEFAULT,
+        fanout_backlog: FANOUT_BACKLOG_DEFAULT,
         slow_consumer: SlowConsumer::Close,
         client_publish: None,
         cpu: None,

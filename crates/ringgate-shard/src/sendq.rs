@@ -379,8 +379,9 @@ impl SendQueue {
 #[cfg(any(test, fuzzing))]
 pub(crate) fn read_send(next: &NextSend) -> Vec<u8> {
     match *next {
-        // SAFETY: `next_send` points into frames that stay in the queue until
-        // `complete`, which the caller calls only after this returns.
+        // SAFETY: `next_send` points into a frame or the copy buffer, which
+        // stay in the queue until `complete` or `abandon_in_flight`, which the
+        // caller calls only after this returns.
         NextSend::One(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec(),
         NextSend::Many(msg) => {
             // SAFETY: the header lives in the queue's gather box, as above.

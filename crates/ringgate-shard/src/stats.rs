@@ -152,6 +152,9 @@ pub struct ShardStats {
     /// Loop turns that left the inbox waiting because a subscriber was over its
     /// limit with bytes the kernel had not yet been offered.
     pub congested_turns: Counter,
+    /// Loop turns that left the inbox waiting behind an earlier fanout (see
+    /// `FANOUT_BACKLOG_DEFAULT`).
+    pub fanout_held_turns: Counter,
     /// Events replayed to recovering clients.
     pub events_replayed: Counter,
     /// Recoveries (`sub` with `since`), by outcome: see [`Recovery`].

@@ -309,6 +309,12 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_SEND_SLOTS", default_value_t = ringgate_shard::limits::SEND_SLOTS_DEFAULT, value_name = "N")]
     pub send_slots: usize,
 
+    /// (tuning) Events a shard queues on subscribers while an earlier fanout waits for send
+    /// slots (a queue slot each, about 40-60 bytes); past it new events wait in the inbox. More
+    /// coalesces bigger bursts into fewer sends for more memory; 0 queues nothing ahead.
+    #[arg(long, hide = true, env = "RINGGATE_FANOUT_BACKLOG", default_value_t = ringgate_shard::limits::FANOUT_BACKLOG_DEFAULT, value_name = "N")]
+    pub fanout_backlog: usize,
+
     /// (benchmarks) Do not recycle emptied send queues, to measure what recycling saves.
     #[arg(long, hide = true, env = "RINGGATE_NO_RECYCLE", value_parser = BoolishValueParser::new())]
     pub no_recycle: bool,

@@ -555,6 +555,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
         subscriptions_max: cli.max_subscriptions,
         inbox_capacity: cli.inbox_capacity,
         send_slots: cli.send_slots,
+        fanout_backlog: cli.fanout_backlog,
         slow_consumer: match cli.slow_consumer {
             SlowConsumerPolicy::Close => SlowConsumer::Close,
             SlowConsumerPolicy::Drop => SlowConsumer::Drop,

@@ -205,6 +205,12 @@ const PER_SHARD: &[(&str, &str, &str, Field)] = &[
         |s| &s.congested_turns,
     ),
     (
+        "ringgate_fanout_held_turns_total",
+        "counter",
+        "Loop turns that left events in the inbox while an earlier fanout waited for send slots with its backlog full.",
+        |s| &s.fanout_held_turns,
+    ),
+    (
         "ringgate_unfinished_bytes",
         "gauge",
         "Bytes held for unfinished frames, messages and request heads (updated every second).",

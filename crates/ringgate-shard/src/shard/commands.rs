@@ -17,6 +17,8 @@ use super::Shard;
 use crate::conn::{flag, State};
 use crate::inbox::Command;
 use crate::input;
+#[cfg(doc)]
+use crate::limits::FANOUT_BACKLOG_DEFAULT;
 use crate::limits::{INBOX_TURN_BYTES_MAX, INBOX_TURN_COMMANDS_MAX};
 use crate::sys;
 use crate::token::{Op, Token};
@@ -64,6 +66,26 @@ impl Shard {
         self.stage_due_sends();
         self.commands = commands;
         self.after_topic_changes();
+    }
+
+    /// Whether new events must wait in the inbox for an earlier fanout: more
+    /// connections wait for a send slot than one turn's slots serve, and the
+    /// events queued on subscribers meanwhile reached `--fanout-backlog`
+    /// ([`FANOUT_BACKLOG_DEFAULT`] by default).
+    /// Below that, taking events while a fanout is being handed to the kernel
+    /// is what coalesces a burst (a subscriber's send carries every event that
+    /// arrived before its slot came up); past it they wait as one shared
+    /// command each instead of a queue slot per subscriber each.
+    pub(super) fn fanout_pending(&mut self) -> bool {
+        if self.ready.len() < self.cfg.send_slots {
+            self.backlog_deliveries = 0;
+            return false;
+        }
+        if self.backlog_deliveries < self.cfg.fanout_backlog {
+            return false;
+        }
+        self.stats.fanout_held_turns.add(1);
+        true
     }
 
     /// Whether a subscriber is over its send-queue limit with bytes the kernel

@@ -49,6 +49,7 @@ impl Shard {
         if let Some(id) = id {
             keys.extend_from_slice(self.topics.subscribers_of(id));
         }
+        self.backlog_deliveries += keys.len();
         for &key in &keys {
             let key = key as usize;
             if self.conns[key].has(flag::REPLAYING) {

@@ -127,6 +127,9 @@ pub(crate) struct Shard {
     /// Topics delivered to this turn, whose subscribers' sends are asked for
     /// once the turn's events are all queued (at most a turn's commands).
     sends_due: Vec<u32>,
+    /// Events queued on subscribers while an earlier fanout waited for send
+    /// slots (see `fanout_pending`).
+    backlog_deliveries: usize,
     /// Bytes held for unfinished input over all connections.
     unfinished: usize,
     /// Rises at every enter that submitted every staged SQE.
@@ -214,6 +217,7 @@ impl Shard {
             pool,
             fanout_keys: Vec::new(),
             sends_due: Vec::with_capacity(crate::limits::INBOX_TURN_COMMANDS_MAX),
+            backlog_deliveries: 0,
             unfinished: 0,
             epoch: 0,
             due: Vec::new(),
@@ -286,7 +290,7 @@ impl Shard {
         if self.ring.completion().is_empty() {
             self.park_refused_sends();
             self.offer_send_slots();
-            if self.inbox_pending && !self.is_congested() {
+            if self.inbox_pending && !self.fanout_pending() && !self.is_congested() {
                 self.handle_commands();
                 self.offer_send_slots();
             }
