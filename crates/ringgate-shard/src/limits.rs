@@ -23,8 +23,9 @@ pub const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
 /// bounds the latency one busy turn adds to everything else on the shard.
 pub const CQE_BATCH_MAX: usize = 1024;
 
-/// Send slots per shard: sends offered to the kernel and not yet refused. A
-/// fanout to more subscribers than this queues the rest on a ready list and
+/// The most send slots per shard (`--send-slots`; see [`SEND_SLOTS_DEFAULT`]):
+/// sends offered to the kernel and not yet refused. A
+/// fanout to more subscribers than the slots queues the rest on a ready list and
 /// submits them as earlier sends complete, so a 100,000-subscriber fanout never
 /// posts 100,000 CQEs at once. A send the kernel did not complete when offered
 /// (the peer's socket is full) gives its slot back: it now waits on the peer,
@@ -40,8 +41,8 @@ pub const SENDS_INFLIGHT_MAX: usize = 8192;
 /// ready list, where events published meanwhile join their queues, so in a
 /// burst a subscriber gets many events per send instead of a send per event
 /// (10,000 subscribers x 100 events: 0.8 us of CPU per delivery with 8,192
-/// slots, 0.35 us with 256; `cargo xtask bench --only burst`). Every send of a
-/// turn completes within one CQE batch.
+/// slots, 0.35 us with 256; `cargo xtask bench --only burst`). With the default,
+/// every send of a turn completes within one CQE batch.
 pub const SEND_SLOTS_DEFAULT: usize = 256;
 
 /// The CQ has room for every send that holds a slot and as much again for what
@@ -137,15 +138,18 @@ const _: () = assert!(SUBSCRIBES_PENDING_MAX <= UPSTREAM_CAPACITY);
 /// hits the limit as surely as a few large ones.
 pub const FRAME_OVERHEAD_BYTES: usize = 64;
 
-/// Events a shard queues on subscribers (a queue slot each, 40-60 bytes) while
-/// an earlier fanout still waits for send slots, by default (`--fanout-backlog`);
-/// past it new events wait in the inbox, one shared command each. Up to it, a
-/// burst coalesces: a subscriber's next send carries all that arrived before
-/// its slot came up. A memory-for-CPU trade, at most about 60 MiB of queue
-/// slots per shard on top of one turn's events (each subscriber's queue stays
-/// within `--send-queue-limit` regardless). 10,000 subscribers x 100 events of
-/// 64 B: 0.33 us of CPU per delivery and 73 MB peak RSS with this, 0.46 us with
-/// half of it, 0.58 us and 48 MB with none (tokio-tungstenite: 0.60 us, 191 MB).
+/// Deliveries (an event queued on one subscriber: a queue slot, 40 bytes, up
+/// to twice that with the queue's growth) a shard makes while an earlier fanout
+/// still waits for send slots, by default (`--fanout-backlog`); past it new
+/// events wait in the inbox, one shared command each, until every connection
+/// that was waiting for a slot has been offered one. Up to it, a burst
+/// coalesces: a subscriber's next send carries all that arrived before its
+/// slot came up. A memory-for-CPU trade: about 40-80 MiB of queue slots per
+/// shard, plus the turn that crossed it (at most `INBOX_TURN_COMMANDS_MAX`
+/// events times the subscribers); each subscriber's queue stays within
+/// `--send-queue-limit` regardless. 10,000 subscribers x 100 events of 64 B:
+/// 0.33 us of CPU per delivery and 73 MB peak RSS with this, 0.46 us with half
+/// of it, 0.58 us and 48 MB with none (tokio-tungstenite: 0.60 us, 191 MB).
 pub const FANOUT_BACKLOG_DEFAULT: usize = 1 << 20;
 
 /// The smallest `--send-queue-limit`: one turn's fanout must fit twice, so a

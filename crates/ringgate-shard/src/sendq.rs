@@ -229,8 +229,7 @@ impl SendQueue {
             // SEND_COPY_BYTES), and SEND_COPY_BYTES / 2 frames fit a u16.
             assert!(count >= 2);
             self.in_flight = count as u16;
-            let ptr = buf.as_ptr();
-            self.copy = Some(buf);
+            let ptr = self.copy.insert(buf).as_ptr();
             return Some(NextSend::One(ptr, len));
         }
         let count = self.frames.len().min(SEND_FRAMES_MAX);

@@ -4,7 +4,8 @@
 //! The doorbell only marks the inbox as pending; the loop takes commands once
 //! every completion has been reaped, at most `INBOX_TURN_COMMANDS_MAX` commands
 //! and `INBOX_TURN_BYTES_MAX` event bytes per turn, and not while a subscriber
-//! is congested (over its limit with bytes the kernel was not yet offered).
+//! is congested (over its limit with bytes the kernel was not yet offered) or
+//! the fanout backlog is full (`fanout_pending`).
 
 use std::io;
 use std::time::Instant;
@@ -70,18 +71,27 @@ impl Shard {
 
     /// Whether new events must wait in the inbox for an earlier fanout: more
     /// connections wait for a send slot than one turn's slots serve, and the
-    /// events queued on subscribers meanwhile reached `--fanout-backlog`
-    /// ([`FANOUT_BACKLOG_DEFAULT`] by default).
-    /// Below that, taking events while a fanout is being handed to the kernel
-    /// is what coalesces a burst (a subscriber's send carries every event that
-    /// arrived before its slot came up); past it they wait as one shared
-    /// command each instead of a queue slot per subscriber each.
+    /// deliveries made meanwhile reached `--fanout-backlog`
+    /// ([`FANOUT_BACKLOG_DEFAULT`] by default). Below that, taking events while
+    /// a fanout is being handed to the kernel is what coalesces a burst (a
+    /// subscriber's send carries every event that arrived before its slot came
+    /// up); past it they wait as one shared command each instead of a queue
+    /// slot per subscriber each, until every connection waiting for a slot when
+    /// the backlog filled has been offered one (the ready list is FIFO), so
+    /// other traffic keeping the list long cannot hold the inbox for good.
     pub(super) fn fanout_pending(&mut self) -> bool {
         if self.ready.len() < self.cfg.send_slots {
-            self.backlog_deliveries = 0;
+            (self.backlog_deliveries, self.backlog_held_until) = (0, None);
             return false;
         }
         if self.backlog_deliveries < self.cfg.fanout_backlog {
+            return false;
+        }
+        let until = *self
+            .backlog_held_until
+            .get_or_insert(self.ready_served + self.ready.len() as u64);
+        if self.ready_served >= until {
+            (self.backlog_deliveries, self.backlog_held_until) = (0, None);
             return false;
         }
         self.stats.fanout_held_turns.add(1);

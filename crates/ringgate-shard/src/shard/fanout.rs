@@ -165,7 +165,15 @@ impl QueueLimits {
         let Some(queue) = conn.sendq.as_ref().filter(|q| !q.is_empty()) else {
             return Verdict::Fits;
         };
-        self.judge_cost(queue.cost(), queue.refused(self.epoch), frame_len)
+        self.judge_cost(queue.cost(), self.refused(conn), frame_len)
+    }
+
+    /// Whether the kernel refused `conn`'s bytes (see `SendQueue::refused`). A
+    /// connection waiting for a send slot was offered nothing since its last
+    /// send: whatever the kernel refused then it may take now, and the wait is
+    /// the shard's pace, not the reader's (the hard limit bounds it meanwhile).
+    pub fn refused(&self, conn: &Conn) -> bool {
+        !conn.has(flag::SEND_READY) && conn.sendq.as_ref().is_some_and(|q| q.refused(self.epoch))
     }
 
     /// The verdict for a frame of `frame_len` on top of `cost` (0: one frame
@@ -337,6 +345,28 @@ mod tests {
         q.complete(10, &mut pool, |_| {}); // the socket took 10 of 306 bytes
         assert_eq!(offer(conn, 1, SlowConsumer::Drop, 1), vec![Queued::Skipped]);
         assert_eq!(conn.state, State::Open, "drop keeps the subscriber");
+    }
+
+    #[test]
+    fn a_subscriber_waiting_for_a_send_slot_is_not_judged_by_its_last_short_send() {
+        let mut pool = SendPool::new(true);
+        let (mut conns, _) = open_subscribers(1, "t");
+        let conn = &mut conns[0];
+        offer(conn, 3, SlowConsumer::Close, 1);
+        let q = conn.sendq.as_mut().unwrap();
+        let _ = q.next_send(1, &mut pool);
+        q.complete(10, &mut pool, |_| {}); // short: the socket was full then
+                                           // It waits for a slot now: nothing was offered since, so over the
+                                           // limit it is congested (the hard limit bounds it), not slow...
+        conn.set(flag::SEND_READY);
+        assert_eq!(
+            offer(conn, 1, SlowConsumer::Close, 2),
+            vec![Queued::Congested]
+        );
+        assert_eq!(conn.state, State::Open);
+        // ...and once its send is offered again, the short send counts.
+        conn.clear(flag::SEND_READY);
+        assert_eq!(offer(conn, 1, SlowConsumer::Close, 2), vec![Queued::Closed]);
     }
 
     #[test]

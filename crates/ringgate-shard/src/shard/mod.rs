@@ -130,6 +130,11 @@ pub(crate) struct Shard {
     /// Events queued on subscribers while an earlier fanout waited for send
     /// slots (see `fanout_pending`).
     backlog_deliveries: usize,
+    /// While the backlog holds the inbox: the count of `ready_served` at which
+    /// every connection waiting when it began has been offered a slot.
+    backlog_held_until: Option<u64>,
+    /// Entries taken off the ready list so far.
+    ready_served: u64,
     /// Bytes held for unfinished input over all connections.
     unfinished: usize,
     /// Rises at every enter that submitted every staged SQE.
@@ -218,6 +223,8 @@ impl Shard {
             fanout_keys: Vec::new(),
             sends_due: Vec::with_capacity(crate::limits::INBOX_TURN_COMMANDS_MAX),
             backlog_deliveries: 0,
+            backlog_held_until: None,
+            ready_served: 0,
             unfinished: 0,
             epoch: 0,
             due: Vec::new(),

@@ -1,7 +1,8 @@
 //! A connection's operations: receive, send, shutdown, close; and
 //! `drive`, which stages whatever a record's state calls for next.
 //!
-//! Sends take one of `--send-slots` (`SENDS_INFLIGHT_MAX`) slots; a connection
+//! Sends take one of `--send-slots` (256 by default, at most
+//! `SENDS_INFLIGHT_MAX`) slots; a connection
 //! that finds none waits on the ready list and is offered one as earlier sends
 //! complete, so the CQ never has to hold a completion per subscriber of a large
 //! fanout. A send the kernel refused (still in flight a full reap after its
@@ -156,6 +157,7 @@ impl Shard {
             let Some((key, generation)) = self.ready.pop_front() else {
                 break;
             };
+            self.ready_served += 1;
             match self.conns.get_mut(key) {
                 Some(conn) if conn.generation == generation => conn.clear(flag::SEND_READY),
                 // Freed while waiting: the entry is stale.

@@ -150,8 +150,7 @@ impl Shard {
         let cost = queue.map_or(0, |q| q.cost())
             + backlog.live_bytes
             + backlog.frames.len() * FRAME_OVERHEAD_BYTES;
-        let refused = queue.is_some_and(|q| q.refused(limits.epoch));
-        let verdict = limits.judge_cost(cost, refused, frame.len());
+        let verdict = limits.judge_cost(cost, limits.refused(conn), frame.len());
         match (verdict, limits.policy) {
             (Verdict::Slow, SlowConsumer::Drop) => self.stats.events_dropped.add(1),
             (Verdict::Slow, SlowConsumer::Close) => {
