@@ -663,3 +663,83 @@ fn a_burst_past_the_fanout_backlog_waits_in_the_inbox_and_loses_nothing() {
         "the inbox never waited behind the fanout"
     );
 }
+
+/// Found in review of the fanout backlog: once a burst filled it, the inbox
+/// waited until fewer connections than a turn's slots waited for one, so other
+/// traffic keeping connections waiting (echo replies here) held every later
+/// event, and every subscribe answer, for as long as that traffic lasted. The
+/// hold now ends once every connection waiting when it began was offered a
+/// slot. One slot, a backlog of one delivery, eight echo clients pipelining
+/// messages: an event to another topic arrives while they still run.
+#[test]
+fn other_traffic_cannot_hold_events_behind_a_full_fanout_backlog() {
+    let server = Server::start(&[
+        "--echo",
+        "--shards",
+        "1",
+        "--send-slots",
+        "1",
+        "--fanout-backlog",
+        "1",
+    ]);
+    let mut burst: Vec<TcpStream> = (0..10)
+        .map(|_| subscriber_with_rcvbuf(&server, "burst", 1 << 20))
+        .collect();
+    let mut late = subscriber_with_rcvbuf(&server, "late", 1 << 20);
+    wait_subscriptions(&server, 11);
+    // Each echo client writes without waiting for its echoes (another thread
+    // reads them), so every one of them always has replies to be sent.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<TcpStream> = (0..8).map(|_| raw_upgrade(&server, "/echo")).collect();
+    let flood: Vec<_> = clients
+        .iter()
+        .flat_map(|client| {
+            let mut writer = client.try_clone().unwrap();
+            let mut reader = client.try_clone().unwrap();
+            let (stop_w, stop_r) = (stop.clone(), stop.clone());
+            let batch = frame(FIN | TEXT, b"keep the send slot busy").repeat(16);
+            [
+                std::thread::spawn(move || {
+                    while !stop_w.load(Ordering::SeqCst) {
+                        if writer.write_all(&batch).is_err() {
+                            break;
+                        }
+                    }
+                    0
+                }),
+                std::thread::spawn(move || {
+                    let mut echoes = 0u64;
+                    while !stop_r.load(Ordering::SeqCst) && read_frame(&mut reader).is_some() {
+                        echoes += 1;
+                    }
+                    echoes
+                }),
+            ]
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A burst fills the backlog at once; the event after it must not wait
+    // for the flood to end.
+    let body: String = (0..200)
+        .map(|i| format!("{{\"topic\":\"burst\",\"data\":{i}}}\n"))
+        .collect();
+    let (status, answer) = post(server.control, "/publish", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    server.publish("late", "\"through\"");
+    assert_eq!(read_json(&mut late)["data"], "through");
+    stop.store(true, Ordering::SeqCst);
+    for client in &clients {
+        let _ = client.shutdown(std::net::Shutdown::Both);
+    }
+    let echoes: u64 = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(echoes > 0, "the echo clients never ran");
+    for s in &mut burst {
+        for i in 0..200 {
+            assert_eq!(read_json(s)["data"], i);
+        }
+    }
+    assert!(
+        server.total("fanout_held_turns_total") > 0,
+        "the backlog never held the inbox"
+    );
+}
