@@ -80,22 +80,21 @@ impl Shard {
     /// the backlog filled has been offered one (the ready list is FIFO), so
     /// other traffic keeping the list long cannot hold the inbox for good.
     pub(super) fn fanout_pending(&mut self) -> bool {
-        if self.ready.len() < self.cfg.send_slots {
+        let waiting = self.ready.len();
+        if waiting >= self.cfg.send_slots && self.backlog_deliveries >= self.cfg.fanout_backlog {
+            let until = *self
+                .backlog_held_until
+                .get_or_insert(self.ready_served + waiting as u64);
+            if self.ready_served < until {
+                self.stats.fanout_held_turns.add(1);
+                return true;
+            }
+        }
+        // The fanout is handed over (the list is short), or a hold just ended.
+        if waiting < self.cfg.send_slots || self.backlog_held_until.is_some() {
             (self.backlog_deliveries, self.backlog_held_until) = (0, None);
-            return false;
         }
-        if self.backlog_deliveries < self.cfg.fanout_backlog {
-            return false;
-        }
-        let until = *self
-            .backlog_held_until
-            .get_or_insert(self.ready_served + self.ready.len() as u64);
-        if self.ready_served >= until {
-            (self.backlog_deliveries, self.backlog_held_until) = (0, None);
-            return false;
-        }
-        self.stats.fanout_held_turns.add(1);
-        true
+        false
     }
 
     /// Whether a subscriber is over its send-queue limit with bytes the kernel

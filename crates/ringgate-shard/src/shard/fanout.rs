@@ -355,9 +355,10 @@ mod tests {
         offer(conn, 3, SlowConsumer::Close, 1);
         let q = conn.sendq.as_mut().unwrap();
         let _ = q.next_send(1, &mut pool);
-        q.complete(10, &mut pool, |_| {}); // short: the socket was full then
-                                           // It waits for a slot now: nothing was offered since, so over the
-                                           // limit it is congested (the hard limit bounds it), not slow...
+        // Short: the socket was full then.
+        q.complete(10, &mut pool, |_| {});
+        // It waits for a slot now: nothing was offered since, so over the
+        // limit it is congested (the hard limit bounds it), not slow...
         conn.set(flag::SEND_READY);
         assert_eq!(
             offer(conn, 1, SlowConsumer::Close, 2),
