@@ -345,3 +345,52 @@ fn the_publish_api_refuses_bad_input() {
         "a/b:c"
     );
 }
+
+#[test]
+fn an_event_goes_only_to_the_shards_that_hold_its_subscribers() {
+    let server = Server::start(&["--shards", "2"]);
+    // Nobody subscribes: the event is numbered and kept, handed to no shard.
+    assert_eq!(server.publish("solo", "1")["shards"], 0);
+    let mut clients = Vec::new();
+    while server.per_shard("connections").contains(&0) {
+        assert!(
+            clients.len() < 200,
+            "SO_REUSEPORT put 200 clients on one shard"
+        );
+        clients.push(raw_upgrade(&server, "/ws"));
+    }
+    for c in &mut clients {
+        assert_eq!(sub(c, "everywhere", None)["op"], "subscribed");
+    }
+    let a = &mut clients[0];
+    assert_eq!(sub(a, "solo", None)["seq"], 1);
+    let answer = server.publish("solo", "2");
+    assert_eq!(answer["shards"], 1, "{answer}");
+    assert_eq!(read_json(a)["seq"], 2);
+    assert_eq!(server.publish("everywhere", "1")["shards"], 2);
+    for c in &mut clients {
+        assert_eq!(read_json(c)["topic"], "everywhere");
+    }
+    // Unsubscribed: the shard no longer takes the topic's events.
+    let a = &mut clients[0];
+    send_text(a, r#"{"op":"unsub","topic":"solo"}"#);
+    assert_eq!(read_json(a)["op"], "unsubscribed");
+    assert_eq!(server.publish("solo", "3")["shards"], 0);
+    // Subscribed at the upgrade, then gone.
+    let late = subscriber(&server, "late");
+    server.wait_for("the upgrade's subscription", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == clients.len() as u64 + 1
+    });
+    assert_eq!(server.publish("late", "1")["shards"], 1);
+    drop(late);
+    server.wait_for("its subscription to go", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == clients.len() as u64
+    });
+    assert_eq!(server.publish("late", "2")["shards"], 0);
+    // Nothing of "solo" reached the client that left it.
+    assert_eq!(server.publish("everywhere", "2")["shards"], 2);
+    assert_eq!(
+        read_json(&mut clients[0]),
+        json!({"topic": "everywhere", "seq": 2, "data": 2})
+    );
+}

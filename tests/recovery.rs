@@ -220,6 +220,152 @@ fn recoveries_while_publishing_at_full_speed_are_contiguous() {
     assert!(total >= CLIENTS as u64 * 100, "{total}");
 }
 
+/// Publishes `{"n":N}` to every topic not yet ended, as a batch, until each
+/// has had its last event (`"end":true`) once `done` reaches `clients`; a line
+/// refused (an inbox full) is published again. Returns the last seq of each.
+fn publish_to_each_until_done(
+    server: &Server,
+    topics: &[String],
+    done: &AtomicU64,
+    stop: &AtomicBool,
+) -> Vec<u64> {
+    let mut last = vec![0u64; topics.len()];
+    let mut ended = vec![false; topics.len()];
+    let mut after = 100;
+    while ended.iter().any(|e| !e) {
+        assert!(!stop.load(Ordering::Relaxed), "a client failed");
+        if done.load(Ordering::Relaxed) == topics.len() as u64 && after > 0 {
+            after -= 1;
+        }
+        let end = if after == 0 { ",\"end\":true" } else { "" };
+        let open: Vec<usize> = (0..topics.len()).filter(|&i| !ended[i]).collect();
+        let body: String = open
+            .iter()
+            .map(|&i| {
+                let n = last[i] + 1;
+                format!(
+                    "{{\"topic\":\"{}\",\"data\":{{\"n\":{n}{end}}}}}\n",
+                    topics[i]
+                )
+            })
+            .collect();
+        let (status, answer) = post(server.control, "/publish", body.as_bytes());
+        assert!(status == 200 || status == 207, "{status}: {answer}");
+        for (&i, line) in open.iter().zip(answer.lines()) {
+            let line: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(line["topic"], topics[i].as_str(), "{line}");
+            match line["seq"].as_u64() {
+                Some(seq) => {
+                    assert_eq!(seq, last[i] + 1, "{line}");
+                    last[i] = seq;
+                    ended[i] = after == 0;
+                }
+                // An inbox was full: no seq was used; it goes again.
+                None => assert!(line["error"].is_string(), "{line}"),
+            }
+        }
+    }
+    last
+}
+
+struct StopOnPanic(Arc<AtomicBool>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn recoveries_of_topics_with_one_subscriber_each_are_contiguous_while_publishing() {
+    // Each topic has one subscriber, so between its connections no shard
+    // holds it and its events go to no inbox: the recovering subscribe must
+    // route the topic to its shard before the broker answers, or an event
+    // published just after the answer would be lost.
+    let server = Arc::new(Server::start(&[
+        "--shards",
+        "2",
+        "--history-size",
+        "100000",
+        "--history-memory",
+        "256MiB",
+    ]));
+    const CLIENTS: usize = 12;
+    const ROUNDS: usize = 4;
+    let topics: Vec<String> = (0..CLIENTS).map(|i| format!("own.{i}")).collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (server, done, topic) = (server.clone(), done.clone(), topics[i].clone());
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // A failing client stops the publisher, so the others run dry
+                // (and time out) instead of reading forever.
+                let _stop = StopOnPanic(stop);
+                let mut s = raw_upgrade(&server, "/ws");
+                let reply = sub(&mut s, &topic, None);
+                let epoch = epoch_of(&reply);
+                let mut at = reply["seq"].as_u64().unwrap();
+                for round in 0..=ROUNDS {
+                    let quota = 10 + 7 * (i + round) as u64;
+                    let mut read = 0;
+                    while round == ROUNDS || read < quota {
+                        let event = read_json(&mut s);
+                        let seq = event["seq"].as_u64().expect("an event");
+                        assert_eq!(seq, at + 1, "{topic}: gap, duplicate or reordering");
+                        assert_eq!(event["data"]["n"], seq);
+                        at = seq;
+                        read += 1;
+                        if event["data"]["end"] == true {
+                            assert_eq!(round, ROUNDS, "{topic}: the end came early");
+                            break;
+                        }
+                    }
+                    if round == ROUNDS {
+                        break;
+                    }
+                    drop(s);
+                    // Its topic has no subscriber now; events go on.
+                    std::thread::sleep(Duration::from_millis(2 + 7 * (i as u64 % 4)));
+                    s = raw_upgrade(&server, "/ws");
+                    let reply = sub(&mut s, &topic, Some((at, &epoch)));
+                    assert_eq!(reply["recovered"], true, "{topic}: {reply}");
+                    if round + 1 == ROUNDS {
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                at
+            })
+        })
+        .collect();
+    let publisher = {
+        let (server, done, stop) = (server.clone(), done.clone(), stop.clone());
+        let topics = topics.clone();
+        std::thread::spawn(move || publish_to_each_until_done(&server, &topics, &done, &stop))
+    };
+    let mut ends = Vec::new();
+    for c in clients {
+        match c.join() {
+            Ok(end) => ends.push(end),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+    let last = publisher.join().unwrap();
+    assert_eq!(ends, last, "every client read its topic to the end");
+    assert_eq!(
+        server.total("recoveries_recovered_total"),
+        (CLIENTS * ROUNDS) as u64
+    );
+    let per = server.per_shard("recoveries_recovered_total");
+    assert!(
+        per.iter().all(|&r| r > 0),
+        "recoveries on both shards: {per:?}"
+    );
+}
+
 #[test]
 fn every_case_that_cannot_recover_says_so_with_the_latest_seq() {
     let server = Server::start(&["--shards", "2", "--history-size", "3"]);

@@ -31,6 +31,7 @@ mod kernel;
 pub mod limits;
 pub mod peers;
 mod pubsub;
+mod routes;
 mod sendq;
 mod shard;
 mod stats;
@@ -55,6 +56,7 @@ pub use limits::{BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX};
 pub use pubsub::{
     event_frame, gap_notice, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX,
 };
+pub use routes::{topic_hash, RouteFilter, RouteWriter};
 pub use stats::{
     clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US, RECOVERY_ORDER,
 };
@@ -111,6 +113,7 @@ pub struct ShardHandle {
     /// The shard's counters.
     pub stats: Arc<ShardStats>,
     inbox: Arc<Inbox>,
+    routes: Arc<RouteFilter>,
     thread: JoinHandle<io::Result<()>>,
 }
 
@@ -135,6 +138,7 @@ impl ShardHandle {
         ShardSender {
             id: self.id,
             inbox: self.inbox.clone(),
+            routes: self.routes.clone(),
         }
     }
 
@@ -157,17 +161,40 @@ pub struct ShardSender {
     /// The shard's index.
     pub id: usize,
     inbox: Arc<Inbox>,
+    routes: Arc<RouteFilter>,
 }
 
 impl ShardSender {
     /// A sender whose inbox (of `capacity` commands) no shard drains, for
-    /// testing what publishers do when a shard falls behind.
+    /// testing what publishers do when a shard falls behind. Its route filter
+    /// lets every topic through.
     #[doc(hidden)]
     pub fn detached(id: usize, capacity: usize) -> io::Result<ShardSender> {
         Ok(ShardSender {
             id,
             inbox: Arc::new(Inbox::new(capacity)?),
+            routes: RouteFilter::everything(),
         })
+    }
+
+    /// [`Self::detached`] with a route filter the caller writes, as the shard would.
+    #[doc(hidden)]
+    pub fn detached_routed(id: usize, capacity: usize) -> io::Result<(ShardSender, RouteWriter)> {
+        let (routes, writer) = RouteFilter::with_writer();
+        let sender = ShardSender {
+            id,
+            inbox: Arc::new(Inbox::new(capacity)?),
+            routes,
+        };
+        Ok((sender, writer))
+    }
+
+    /// Whether the topic of `hash` ([`topic_hash`]) may have subscribers on the
+    /// shard, or a subscribe on its way to the broker: an event of a topic it
+    /// may not hold needs no place in its inbox (`routes.rs`). Read it under
+    /// the lock subscribes are answered under.
+    pub fn may_hold(&self, hash: u64) -> bool {
+        self.routes.may_hold(hash)
     }
 
     /// Queues an encoded event frame for the shard's subscribers of `topic`.
@@ -249,6 +276,7 @@ pub fn start(
         let mut shard_cfg = cfg.clone();
         shard_cfg.cpu = cfg.cpu.map(|base| (base + id) % cpus);
         let inbox = Arc::new(Inbox::new(cfg.inbox_capacity).map_err(|e| StartError::Shard(id, e))?);
+        let (routes, writer) = RouteFilter::with_writer();
         let stats = Arc::new(ShardStats::default());
         let init = ShardInit {
             id,
@@ -257,6 +285,7 @@ pub fn start(
             inbox: inbox.clone(),
             stats: stats.clone(),
             upstream: upstream.clone(),
+            routes: writer,
             multishot_timeout: features.multishot_timeout,
         };
         let ready = ready_tx.clone();
@@ -268,6 +297,7 @@ pub fn start(
             id,
             stats,
             inbox,
+            routes,
             thread,
         });
     }

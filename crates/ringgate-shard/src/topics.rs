@@ -19,7 +19,6 @@
 //! Owns the topic table and the `Subs` type; connections are reached through the
 //! slab passed in, so nothing here holds a second reference to a record.
 
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use compact_str::CompactString;
@@ -27,6 +26,7 @@ use hashbrown::HashTable;
 use slab::Slab;
 
 use crate::conn::Conn;
+use crate::routes::{topic_hash, RouteWriter};
 
 /// One subscription as the connection records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,9 +246,11 @@ const ANNOUNCED: u32 = 1 << 31;
 pub(crate) struct TopicIndex {
     announce_first_in: bool,
     /// Slab indexes with the `ANNOUNCED` bit, hashed by their topic's name
-    /// (`hasher`, keyed per process: names come from clients).
+    /// ([`topic_hash`], keyed per process: names come from clients).
     ids: HashTable<u32>,
-    hasher: RandomState,
+    /// The broker's view of which topics may have subscribers here: every topic
+    /// of the index, and every subscribe forwarded and not yet answered.
+    routes: RouteWriter,
     topics: Slab<Topic>,
     subscriptions: usize,
     /// Topics announced (true), and announced topics that lost their last
@@ -279,7 +281,7 @@ impl TopicIndex {
     }
 
     fn hash(&self, name: &str) -> u64 {
-        self.hasher.hash_one(name)
+        topic_hash(name)
     }
 
     /// The `ids` value (slab index and `ANNOUNCED` bit) of `name`.
@@ -292,11 +294,25 @@ impl TopicIndex {
         self.ids.find(hash, names(&self.topics, name)).copied()
     }
 
-    pub fn new(announce_first_in: bool) -> Self {
+    pub fn new(announce_first_in: bool, routes: RouteWriter) -> Self {
         TopicIndex {
             announce_first_in,
+            routes,
             ..TopicIndex::default()
         }
+    }
+
+    /// A subscribe to `name` is being forwarded to the broker: every event it
+    /// numbers after answering must reach this shard (`routes.rs`), until
+    /// [`Self::answer_handled`].
+    pub fn await_answer(&mut self, name: &str) {
+        self.routes.add(topic_hash(name));
+    }
+
+    /// The broker's answer to a subscribe counted by [`Self::await_answer`]
+    /// has been handled (or the subscribe was never sent).
+    pub fn answer_handled(&mut self, name: &str) {
+        self.routes.remove(topic_hash(name));
     }
 
     pub fn topics(&self) -> usize {
@@ -369,10 +385,11 @@ impl TopicIndex {
             } else {
                 id
             };
-            let (hasher, topics) = (&self.hasher, &self.topics);
+            let topics = &self.topics;
             self.ids.insert_unique(hash, value, |&id| {
-                hasher.hash_one(topics[(id & !ANNOUNCED) as usize].name.as_str())
+                topic_hash(topics[(id & !ANNOUNCED) as usize].name.as_str())
             });
+            self.routes.add(hash);
             conn.subs.push(Sub { topic: id, pos: 0 });
             self.subscriptions += 1;
             return Subscribed::New;
@@ -451,6 +468,7 @@ impl TopicIndex {
             .expect("indexed topics have ids")
             .remove();
         let topic = self.topics.remove(id as usize);
+        self.routes.remove(hash);
         if was & ANNOUNCED != 0 {
             self.changes.push((Arc::from(topic.name.as_str()), false));
         }
@@ -485,6 +503,19 @@ impl TopicIndex {
         }
         assert_eq!(total, self.subscriptions);
         assert_eq!(self.ids.len(), self.topics.len());
+        for (_, topic) in self.topics.iter() {
+            assert!(
+                self.routes.may_hold(topic_hash(&topic.name)),
+                "{}",
+                topic.name
+            );
+        }
+    }
+
+    /// The route filter's counts, summed (tests only).
+    #[cfg(test)]
+    pub fn routes_counted(&self) -> usize {
+        self.routes.counted()
     }
 }
 
@@ -547,7 +578,7 @@ mod tests {
     #[test]
     fn a_fleet_member_announces_first_in_and_last_out() {
         let mut conns = conns(2);
-        let mut index = TopicIndex::new(true);
+        let mut index = TopicIndex::new(true, RouteWriter::default());
         index.subscribe(&mut conns, 0, "a", 64);
         index.subscribe(&mut conns, 1, "a", 64);
         index.announce("a");
@@ -670,13 +701,19 @@ mod tests {
             }
             if step % 997 == 0 {
                 index.check(&conns);
+                assert_eq!(index.routes_counted(), index.topics());
             }
         }
         index.check(&conns);
+        // A subscribe on its way counts beside the index's own count.
+        index.await_answer("t1");
+        assert_eq!(index.routes_counted(), index.topics() + 1);
+        index.answer_handled("t1");
         for key in 0..50 {
             assert!(conns[key].subs.len() <= 5);
             index.unsubscribe_all(&mut conns, key);
         }
         assert_eq!((index.topics(), index.subscriptions()), (0, 0));
+        assert_eq!(index.routes_counted(), 0, "every route counted in went out");
     }
 }

@@ -1,14 +1,17 @@
 //! The embedded broker: the one place that numbers events, keeps their history
 //! and answers subscribes.
 //!
-//! A publish (from the HTTP API or from a client allowed to publish) is
-//! all-or-nothing: a place is reserved in every shard's inbox first, and only
-//! if every shard has one does the event get its topic's next `seq`, its frame
-//! (encoded once, held in the history as is), and the pushes. A full inbox
-//! anywhere refuses the event with no `seq` used, so a retry cannot duplicate
-//! it for anyone. The topic table's lock is held from the `seq` to the last
-//! push, so events of one topic reach every inbox in `seq` order whichever
-//! thread publishes.
+//! A publish (from the HTTP API or from a client allowed to publish) goes to
+//! the shards that may hold subscribers of its topic (their route filters, read
+//! under the topic table's lock: `ringgate_shard::RouteFilter`), and is
+//! all-or-nothing: a place is reserved in each of those shards' inboxes first,
+//! and only if each has one does the event get its topic's next `seq`, its
+//! frame (encoded once, held in the history as is), and the pushes. A full
+//! inbox among them refuses the event with no `seq` used, so a retry cannot
+//! duplicate it for anyone. An event nobody subscribes to is numbered and kept
+//! in the history, handed to no shard. The topic table's lock is held from the
+//! `seq` to the last push, so events of one topic reach every inbox in `seq`
+//! order whichever thread publishes.
 //!
 //! A subscribe is answered under the same lock, into the asking shard's inbox:
 //! every event numbered before the answer is in it (its `seq`, and the replay
@@ -21,17 +24,66 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ringgate_shard::{
-    clock_ns, event_frame, valid_topic, Command, EventData, ShardSender, SubscribeAnswer,
-    SubscribeRequest,
+    clock_ns, event_frame, topic_hash, valid_topic, Command, EventData, ShardSender,
+    SubscribeAnswer, SubscribeRequest,
 };
 
 use crate::topic_table::{Epoch, HistoryLimits, TooManyTopics, TopicTable};
 
-/// A publish that reached every shard.
+/// The shards each event of a chunk goes to: those whose route filter says
+/// they may hold its topic (a subscriber, or a subscribe on its way), read
+/// once per event under the topic table's lock. A bit per shard, 64 shards
+/// a word.
+struct Routes {
+    words: usize,
+    bits: Vec<u64>,
+    shards: usize,
+}
+
+impl Routes {
+    fn new(shards: &[ShardSender], hashes: &[Option<u64>]) -> Self {
+        let words = shards.len().div_ceil(64);
+        let mut bits = vec![0u64; words * hashes.len()];
+        for (event, hash) in hashes.iter().enumerate() {
+            let Some(hash) = *hash else { continue };
+            for (s, shard) in shards.iter().enumerate() {
+                if shard.may_hold(hash) {
+                    bits[event * words + s / 64] |= 1 << (s % 64);
+                }
+            }
+        }
+        Routes {
+            words,
+            bits,
+            shards: shards.len(),
+        }
+    }
+
+    /// The shards event `i` goes to, in order.
+    fn of(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        let words = &self.bits[i * self.words..(i + 1) * self.words];
+        (0..self.shards).filter(move |s| words[s / 64] & (1 << (s % 64)) != 0)
+    }
+
+    /// How many events of the chunk go to each shard.
+    fn wanted(&self) -> Vec<usize> {
+        let events = self.bits.len().checked_div(self.words).unwrap_or(0);
+        let mut wanted = vec![0; self.shards];
+        for i in 0..events {
+            for s in self.of(i) {
+                wanted[s] += 1;
+            }
+        }
+        wanted
+    }
+}
+
+/// A publish that reached every shard that may hold its topic's subscribers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub seq: u64,
     pub epoch: Epoch,
+    /// Shards it was handed to: those that may hold subscribers of its topic.
     pub shards: usize,
     /// Fleet members that received it (Redis' count), in a fleet.
     pub hosts: Option<u64>,
@@ -143,13 +195,14 @@ impl Broker {
         }
     }
 
-    /// Numbers, encodes once, and hands the event to every shard, or to none.
+    /// Numbers, encodes once, and hands the event to every shard that may hold
+    /// its topic's subscribers, or to none.
     pub fn publish(&self, topic: &str, data: EventData<'_>) -> Result<Published, PublishError> {
         let mut answers = self.publish_many(&[(topic, data)]);
         answers.pop().expect("one answer per event")
     }
 
-    /// Publishes events in order, each to every shard or to none; one answer
+    /// Publishes events in order, each to all its shards or to none; one answer
     /// per event, in the same order. The events go in chunks of
     /// [`PUBLISH_CHUNK_EVENTS`]: one lock of the topic table, one reservation
     /// and one doorbell per shard for the chunk, not per event.
@@ -173,35 +226,52 @@ impl Broker {
         chunk: &[(&str, EventData<'_>)],
         answers: &mut Vec<Result<Published, PublishError>>,
     ) {
-        let valid = chunk.iter().filter(|(topic, _)| valid_topic(topic)).count();
-        // Held until the last commit: one topic's events enter every inbox in order.
+        // Hashed before the lock; `None` for a bad topic.
+        let hashes: Vec<Option<u64>> = chunk
+            .iter()
+            .map(|(topic, _)| valid_topic(topic).then(|| topic_hash(topic)))
+            .collect();
+        // Held until the last commit: one topic's events enter every inbox in
+        // order, and the route filters are read where subscribes are answered.
         let mut topics = self.lock();
         let draining = self.draining.load(Ordering::SeqCst);
+        // Which shards each event goes to: those that may hold its topic.
+        let routes = Routes::new(&self.shards, &hashes);
         let mut reservations: Vec<_> = if draining {
             Vec::new()
         } else {
-            self.shards.iter().map(|s| s.reserve_up_to(valid)).collect()
+            self.shards
+                .iter()
+                .zip(routes.wanted())
+                .map(|(s, wanted)| s.reserve_up_to(wanted))
+                .collect()
         };
         let now = Instant::now();
         let published_ns = clock_ns();
-        for &(topic, data) in chunk {
-            let answer = if !valid_topic(topic) {
+        for (i, &(topic, data)) in chunk.iter().enumerate() {
+            let full = || {
+                routes
+                    .of(i)
+                    .filter(|&s| reservations[s].places() == 0)
+                    .count()
+            };
+            let answer = if hashes[i].is_none() {
                 Err(PublishError::BadTopic)
             } else if draining {
                 Err(PublishError::Draining)
-            } else if reservations.iter().any(|r| r.places() == 0) {
-                // The event needs a place in every inbox: none was used for it.
+            } else if full() > 0 {
+                // The event needs a place in every inbox it goes to: none was used for it.
                 Err(PublishError::Busy {
-                    full: reservations.iter().filter(|r| r.places() == 0).count(),
-                    shards: self.shards.len(),
+                    full: full(),
+                    shards: routes.of(i).count(),
                 })
             } else {
                 topics
                     .publish(topic, now, |seq| event_frame(topic, seq, data))
                     .map_err(|TooManyTopics| PublishError::TooManyTopics)
                     .map(|numbered| {
-                        for reservation in &mut reservations {
-                            reservation.stage(Command::Deliver {
+                        for s in routes.of(i) {
+                            reservations[s].stage(Command::Deliver {
                                 topic: numbered.name.clone(),
                                 seq: numbered.seq,
                                 frame: numbered.frame.clone(),
@@ -211,7 +281,7 @@ impl Broker {
                         Published {
                             seq: numbered.seq,
                             epoch: numbered.epoch,
-                            shards: self.shards.len(),
+                            shards: routes.of(i).count(),
                             hosts: None,
                         }
                     })
@@ -415,6 +485,63 @@ mod tests {
             next.values().map(|n| n - 1).sum::<u64>(),
             events.len() as u64
         );
+    }
+
+    #[test]
+    fn an_event_goes_only_to_shards_that_may_hold_its_topic() {
+        let (a, mut routes_a) = ShardSender::detached_routed(0, 2).unwrap();
+        let (b, mut routes_b) = ShardSender::detached_routed(1, 2).unwrap();
+        let broker = broker(vec![a.clone(), b.clone()]);
+        let data = EventData::Json("1");
+        // Nobody holds it: numbered and kept, handed to no shard.
+        let nobody = broker.publish("t", data).unwrap();
+        assert_eq!((nobody.seq, nobody.shards), (1, 0));
+        routes_a.add(topic_hash("t"));
+        let one = broker.publish("t", data).unwrap();
+        assert_eq!((one.seq, one.shards), (2, 1));
+        routes_b.add(topic_hash("t"));
+        assert_eq!(broker.publish("t", data).unwrap().shards, 2);
+        // Shard a's inbox is full (two places) and holds the topic no more:
+        // it does not stop the event. Then shard b's is full too.
+        routes_a.remove(topic_hash("t"));
+        assert_eq!(broker.publish("t", data).unwrap().shards, 1);
+        let busy = broker.publish("t", data).unwrap_err();
+        assert_eq!(busy, PublishError::Busy { full: 1, shards: 1 });
+        assert_eq!(broker.publish("other", data).unwrap().shards, 0);
+        let seqs = |shard: &ShardSender| -> Vec<u64> {
+            take_all(shard)
+                .into_iter()
+                .map(|c| match c {
+                    Command::Deliver { seq, .. } => seq,
+                    Command::Subscribed(_) => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(seqs(&a), [2, 3]);
+        assert_eq!(seqs(&b), [3, 4]);
+        // With room again, the next event takes the seq the refused one did not use.
+        assert_eq!(broker.publish("t", data).unwrap().seq, 5);
+        assert_eq!(seqs(&b), [5]);
+    }
+
+    #[test]
+    fn a_batch_reserves_per_shard_only_what_goes_there() {
+        let (a, mut routes_a) = ShardSender::detached_routed(0, 3).unwrap();
+        let (b, mut routes_b) = ShardSender::detached_routed(1, 3).unwrap();
+        let broker = broker(vec![a.clone(), b.clone()]);
+        routes_a.add(topic_hash("for.a"));
+        routes_b.add(topic_hash("for.b"));
+        let data = EventData::Json("1");
+        let events: Vec<_> = (0..3)
+            .flat_map(|_| [("for.a", data), ("for.b", data)])
+            .collect();
+        // Six events, three places per inbox: each shard takes its three.
+        let answers = broker.publish_many(&events);
+        assert!(answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|p| p.shards == 1)));
+        assert_eq!(take_all(&a).len(), 3);
+        assert_eq!(take_all(&b).len(), 3);
     }
 
     #[test]

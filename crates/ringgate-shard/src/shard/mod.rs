@@ -41,6 +41,7 @@ use crate::conn::Conn;
 use crate::inbox::{Command, Inbox};
 use crate::input::{Env, Upcall};
 use crate::limits::{CQE_BATCH_MAX, CQ_ENTRIES, EXIT_GRACE, SCRATCH_KEEP, SQ_ENTRIES};
+use crate::routes::RouteWriter;
 use crate::sendq::SendPool;
 use crate::stats::{new_latency_histogram, ShardStats};
 use crate::sweep::{Due, Timeouts};
@@ -63,6 +64,8 @@ pub(crate) struct ShardInit {
     pub inbox: Arc<Inbox>,
     pub stats: Arc<ShardStats>,
     pub upstream: Option<UpstreamSender>,
+    /// The writer of the shard's route filter (the broker reads it).
+    pub routes: RouteWriter,
     /// The kernel has multishot timeouts (Linux 6.4).
     pub multishot_timeout: bool,
 }
@@ -163,6 +166,7 @@ impl Shard {
             inbox,
             stats,
             upstream,
+            routes,
             multishot_timeout,
         } = init;
         let ring = build_ring()?;
@@ -184,7 +188,7 @@ impl Shard {
         let timeouts = Timeouts::new(&cfg);
         let tick_multishot = multishot_timeout && !cfg.oneshot_tick;
         let pool = SendPool::new(cfg.recycle_send_queues);
-        let topics = TopicIndex::new(cfg.announce_first_in);
+        let topics = TopicIndex::new(cfg.announce_first_in, routes);
         let tokens = if cfg.auth.is_some() {
             auth::Tokens::with_capacity(cfg.connections_max as usize)
         } else {

@@ -48,7 +48,15 @@ impl Shard {
     pub(super) fn on_subscribed(&mut self, answer: SubscribeAnswer) {
         assert!(self.subscribes_pending > 0, "an answer nobody asked for");
         self.subscribes_pending -= 1;
+        let topic = answer.topic.clone();
+        self.handle_answer(answer);
+        // After the answer took effect: the topic is in the index now if it
+        // was subscribed, and counted there (routes.rs).
+        self.topics.answer_handled(&topic);
         self.flush_subscribes();
+    }
+
+    fn handle_answer(&mut self, answer: SubscribeAnswer) {
         let key = answer.key as usize;
         let alive = self
             .conns

@@ -218,9 +218,13 @@ impl Shard {
                 // Its connection is going: nobody waits for the answer.
                 continue;
             }
+            // Before the broker can answer: events it numbers after the answer
+            // must reach this shard (routes.rs).
+            self.topics.await_answer(&request.topic);
             match upstream(Upstream::Subscribe(request)) {
                 Ok(()) => self.subscribes_pending += 1,
                 Err(Upstream::Subscribe(request)) => {
+                    self.topics.answer_handled(&request.topic);
                     self.subscribes_waiting.push_front(request);
                     return;
                 }

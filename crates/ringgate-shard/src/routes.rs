@@ -1,0 +1,184 @@
+//! A shard's route filter: which topics may have subscribers on the shard, as
+//! the broker sees it, so an event is handed only to shards that may deliver it.
+//!
+//! With a topic per user, most events have one subscriber on one shard; staging
+//! every event into every shard's inbox cost each notification 2-3 us per
+//! shard with nothing to do (measured at six shards). The filter is a counting
+//! filter over topic hashes ([`topic_hash`], keyed once per process): one byte
+//! per bucket ([`ROUTE_BUCKETS`]), counting the topics of the shard's index and
+//! the subscribes the shard has forwarded to the broker and not yet handled the
+//! answer of. Only the shard thread writes its filter ([`RouteWriter`], one per
+//! filter, not `Clone`); the broker reads it ([`RouteFilter::may_hold`]).
+//!
+//! Exactness (no event lost): a forwarded subscribe is counted *before* it is
+//! sent, and the broker answers it under the topic table's lock, the lock it
+//! publishes under; every event numbered after the answer is published under
+//! that lock later, after the count (the channel orders the count before the
+//! broker's reading of the request), so it reaches the shard. The count stays
+//! up until the answer has been handled, by which time the topic is in the
+//! index (counted on its own) or the subscribe came to nothing. A subscribe
+//! made directly on the shard (`?topics=` at the upgrade) is counted when it is
+//! made; it promises no event published before. A false positive costs what
+//! every shard cost before the filter: a lookup that finds nobody.
+//!
+//! A bucket at 255 stays there (it never counts down again): a false positive
+//! forever for its hashes, never a false negative. With a process-secret hash
+//! that takes about 255 x [`ROUTE_BUCKETS`] topics on one shard.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use crate::limits::ROUTE_BUCKETS;
+
+/// The hash of a topic name every shard and the broker agree on: keyed once
+/// per process (names come from clients), SipHash.
+pub fn topic_hash(name: &str) -> u64 {
+    static HASHER: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+    HASHER.hash_one(name)
+}
+
+/// A bucket that no longer counts: it holds at least this many, forever.
+const STUCK: u8 = u8::MAX;
+
+/// The bucket of a hash. The index's hash table uses the low bits (bucket) and
+/// the top seven (tag) of the same hash; the filter takes bits above 20.
+fn bucket(hash: u64) -> usize {
+    (hash >> 20) as usize & (ROUTE_BUCKETS - 1)
+}
+
+/// What the broker reads: whether a topic may have subscribers on the shard.
+pub struct RouteFilter {
+    counts: Box<[AtomicU8]>,
+    /// Every topic may (a sender no shard drains, or a filter nobody writes).
+    everything: bool,
+}
+
+impl RouteFilter {
+    fn new(everything: bool) -> Self {
+        RouteFilter {
+            counts: (0..ROUTE_BUCKETS).map(|_| AtomicU8::new(0)).collect(),
+            everything,
+        }
+    }
+
+    /// A filter and its only writer.
+    pub fn with_writer() -> (Arc<RouteFilter>, RouteWriter) {
+        let filter = Arc::new(RouteFilter::new(false));
+        let writer = RouteWriter {
+            filter: filter.clone(),
+        };
+        (filter, writer)
+    }
+
+    /// A filter that lets every topic through (senders in tests).
+    pub fn everything() -> Arc<RouteFilter> {
+        Arc::new(RouteFilter {
+            counts: Box::new([]),
+            everything: true,
+        })
+    }
+
+    /// Whether the topic of `hash` may have subscribers on the shard (false:
+    /// it has none, nor a subscribe on its way; see the module doc).
+    pub fn may_hold(&self, hash: u64) -> bool {
+        // Acquire: pairs with the shard's release of a count, though the
+        // ordering that matters runs through the upstream channel and the
+        // topic table's lock (module doc).
+        self.everything || self.counts[bucket(hash)].load(Ordering::Acquire) > 0
+    }
+}
+
+/// The shard's side of its filter: the only writer, so counting needs no
+/// read-modify-write.
+pub struct RouteWriter {
+    filter: Arc<RouteFilter>,
+}
+
+impl Default for RouteWriter {
+    /// A writer of a filter nobody reads (an index in tests).
+    fn default() -> Self {
+        RouteFilter::with_writer().1
+    }
+}
+
+impl RouteWriter {
+    /// Counts a topic (of `hash`) in.
+    pub fn add(&mut self, hash: u64) {
+        let count = &self.filter.counts[bucket(hash)];
+        let now = count.load(Ordering::Relaxed);
+        if now != STUCK {
+            count.store(now + 1, Ordering::Release);
+        }
+    }
+
+    /// Counts a topic counted in before out again.
+    pub fn remove(&mut self, hash: u64) {
+        let count = &self.filter.counts[bucket(hash)];
+        let now = count.load(Ordering::Relaxed);
+        assert!(now > 0, "a route counted out more often than in");
+        if now != STUCK {
+            count.store(now - 1, Ordering::Release);
+        }
+    }
+
+    /// Whether the filter lets the topic of `hash` through (tests).
+    pub fn may_hold(&self, hash: u64) -> bool {
+        self.filter.may_hold(hash)
+    }
+
+    /// Every bucket's count, summed (tests).
+    #[cfg(test)]
+    pub(crate) fn counted(&self) -> usize {
+        let counts = self.filter.counts.iter();
+        counts.map(|c| usize::from(c.load(Ordering::Relaxed))).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_in_and_out_and_a_full_bucket_sticks() {
+        let (filter, mut writer) = RouteFilter::with_writer();
+        let a = topic_hash("a");
+        assert_eq!(a, topic_hash("a"), "one key per process");
+        assert!(!filter.may_hold(a));
+        writer.add(a);
+        writer.add(a);
+        assert!(filter.may_hold(a));
+        writer.remove(a);
+        assert!(filter.may_hold(a), "counted in twice, out once");
+        writer.remove(a);
+        assert!(!filter.may_hold(a));
+        for _ in 0..300 {
+            writer.add(a);
+        }
+        for _ in 0..300 {
+            writer.remove(a);
+        }
+        assert!(filter.may_hold(a), "a bucket at 255 never counts down");
+    }
+
+    #[test]
+    #[should_panic(expected = "counted out more often than in")]
+    fn counting_out_what_was_not_counted_in_is_a_bug() {
+        let (_, mut writer) = RouteFilter::with_writer();
+        writer.remove(topic_hash("a"));
+    }
+
+    #[test]
+    fn other_topics_mostly_miss() {
+        let (filter, mut writer) = RouteFilter::with_writer();
+        for i in 0..1000 {
+            writer.add(topic_hash(&format!("user.{i}")));
+        }
+        let hits = (1000..11_000)
+            .filter(|i| filter.may_hold(topic_hash(&format!("user.{i}"))))
+            .count();
+        // 1,000 topics in 131,072 buckets: about 0.8% of others hit.
+        assert!(hits < 300, "{hits} of 10,000 false positives");
+        assert!(RouteFilter::everything().may_hold(topic_hash("x")));
+    }
+}
