@@ -21,10 +21,12 @@
 //! made; it promises no event published before. A false positive costs what
 //! every shard cost before the filter: a lookup that finds nobody.
 //!
-//! A bucket at 255 stays there (it never counts down again): a false positive
-//! forever for its hashes, never a false negative. With a process-secret hash
-//! that takes about 255 x [`ROUTE_BUCKETS`] topics on one shard.
+//! A bucket's count past 255 (many topics in it, or a reconnect storm's
+//! subscribes to one topic in flight at once) is kept by the writer in a map of
+//! its own, the shared byte staying at 255 until the count is back under it:
+//! exact, and the map is empty but for such moments.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -38,8 +40,8 @@ pub fn topic_hash(name: &str) -> u64 {
     HASHER.hash_one(name)
 }
 
-/// A bucket that no longer counts: it holds at least this many, forever.
-const STUCK: u8 = u8::MAX;
+/// A full bucket: the rest of its count is in [`RouteWriter::over`].
+const FULL: u8 = u8::MAX;
 
 /// The bucket of a hash. The index's hash table uses the low bits (bucket) and
 /// the top seven (tag) of the same hash; the filter takes bits above 20.
@@ -67,6 +69,7 @@ impl RouteFilter {
         let filter = Arc::new(RouteFilter::new(false));
         let writer = RouteWriter {
             filter: filter.clone(),
+            over: HashMap::new(),
         };
         (filter, writer)
     }
@@ -93,6 +96,8 @@ impl RouteFilter {
 /// read-modify-write.
 pub struct RouteWriter {
     filter: Arc<RouteFilter>,
+    /// Counts past [`FULL`], by bucket (none at 0).
+    over: HashMap<usize, u32>,
 }
 
 impl Default for RouteWriter {
@@ -105,21 +110,30 @@ impl Default for RouteWriter {
 impl RouteWriter {
     /// Counts a topic (of `hash`) in.
     pub fn add(&mut self, hash: u64) {
-        let count = &self.filter.counts[bucket(hash)];
+        let at = bucket(hash);
+        let count = &self.filter.counts[at];
         let now = count.load(Ordering::Relaxed);
-        if now != STUCK {
+        if now == FULL {
+            *self.over.entry(at).or_insert(0) += 1;
+        } else {
             count.store(now + 1, Ordering::Release);
         }
     }
 
     /// Counts a topic counted in before out again.
     pub fn remove(&mut self, hash: u64) {
-        let count = &self.filter.counts[bucket(hash)];
+        let at = bucket(hash);
+        if let Some(over) = self.over.get_mut(&at) {
+            *over -= 1;
+            if *over == 0 {
+                self.over.remove(&at);
+            }
+            return;
+        }
+        let count = &self.filter.counts[at];
         let now = count.load(Ordering::Relaxed);
         assert!(now > 0, "a route counted out more often than in");
-        if now != STUCK {
-            count.store(now - 1, Ordering::Release);
-        }
+        count.store(now - 1, Ordering::Release);
     }
 
     /// Whether the filter lets the topic of `hash` through (tests).
@@ -131,7 +145,8 @@ impl RouteWriter {
     #[cfg(test)]
     pub(crate) fn counted(&self) -> usize {
         let counts = self.filter.counts.iter();
-        counts.map(|c| usize::from(c.load(Ordering::Relaxed))).sum()
+        let shared: usize = counts.map(|c| usize::from(c.load(Ordering::Relaxed))).sum();
+        shared + self.over.values().map(|&n| n as usize).sum::<usize>()
     }
 }
 
@@ -140,7 +155,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_in_and_out_and_a_full_bucket_sticks() {
+    fn counts_in_and_out_also_past_a_full_bucket() {
         let (filter, mut writer) = RouteFilter::with_writer();
         let a = topic_hash("a");
         assert_eq!(a, topic_hash("a"), "one key per process");
@@ -152,13 +167,16 @@ mod tests {
         assert!(filter.may_hold(a), "counted in twice, out once");
         writer.remove(a);
         assert!(!filter.may_hold(a));
-        for _ in 0..300 {
+        for _ in 0..1000 {
             writer.add(a);
         }
-        for _ in 0..300 {
+        for _ in 0..999 {
             writer.remove(a);
         }
-        assert!(filter.may_hold(a), "a bucket at 255 never counts down");
+        assert!(filter.may_hold(a), "one count left");
+        writer.remove(a);
+        assert!(!filter.may_hold(a), "counted out as often as in");
+        assert!(writer.over.is_empty());
     }
 
     #[test]
