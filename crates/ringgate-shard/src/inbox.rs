@@ -32,7 +32,7 @@ pub enum Command {
         topic: Arc<str>,
         /// The event's number in its topic.
         seq: u64,
-        /// The frame, shared by every shard and every subscriber.
+        /// The frame, shared by every shard it goes to and every subscriber.
         frame: Bytes,
         /// When it was published ([`crate::clock_ns`]), for the latency histogram.
         published_ns: u64,

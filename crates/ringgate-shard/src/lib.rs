@@ -229,7 +229,7 @@ impl ShardSender {
     }
 
     /// Promises a place in the shard's inbox for one command (`None`: full), so
-    /// a sender can deliver to every shard or to none.
+    /// a sender can deliver to several shards or to none.
     pub fn reserve(&self) -> Option<Reservation<'_>> {
         self.inbox.reserve()
     }

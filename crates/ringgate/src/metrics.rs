@@ -326,7 +326,7 @@ pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'s
         (
             "ringgate_publish_total",
             "counter",
-            "Events published and handed to every shard.",
+            "Events published: numbered, and handed to every shard that may hold subscribers.",
             broker.published.load(relaxed),
         ),
         (
