@@ -176,6 +176,32 @@ fn numbers_are_finite(json: &str) -> bool {
     serde_json::from_str::<Finite>(json).is_ok()
 }
 
+/// [`numbers_are_finite`] for text already known to be JSON (a batch line's or
+/// a client publish's `data`), mostly without parsing it again: a JSON number
+/// overflows a double only with an exponent (`e` right after a digit) or more
+/// than 308 digits in a row, and text with neither (strings included) cannot
+/// hold one. Text with either is parsed. Written by hand because the second
+/// parse was a fifth of the batch API's parsing (every event of a batch).
+fn known_json_numbers_are_finite(json: &str) -> bool {
+    /// Digits in a row past which a number might not fit (f64::MAX is 309 digits).
+    const DIGITS_SURELY_FINITE: usize = 308;
+    let mut digits = 0;
+    for &b in json.as_bytes() {
+        if b.is_ascii_digit() {
+            digits += 1;
+            if digits > DIGITS_SURELY_FINITE {
+                return numbers_are_finite(json);
+            }
+        } else {
+            if digits > 0 && (b == b'e' || b == b'E') {
+                return numbers_are_finite(json);
+            }
+            digits = 0;
+        }
+    }
+    true
+}
+
 /// Why a request was refused, for the error reply.
 pub(crate) type Reason = Cow<'static, str>;
 
@@ -231,7 +257,7 @@ pub(crate) fn parse_request(text: &[u8]) -> Result<Request<'_>, Reason> {
         "unsub" => Ok(Request::Unsub(topic)),
         "pub" => {
             let data = wire.data.ok_or("missing \"data\"")?.get();
-            if !numbers_are_finite(data) {
+            if !known_json_numbers_are_finite(data) {
                 return Err("numbers in \"data\" must fit a double (no 1E400)".into());
             }
             Ok(Request::Pub { topic, data })
@@ -391,7 +417,7 @@ impl<'a> EventData<'a> {
     /// Data already parsed as JSON (a batch line's `data`): `Err` if a number
     /// in it does not fit a double.
     pub fn json(json: &'a str) -> Result<EventData<'a>, &'static str> {
-        if numbers_are_finite(json) {
+        if known_json_numbers_are_finite(json) {
             Ok(EventData::Json(json.trim()))
         } else {
             Err(INFINITE_NUMBER)
@@ -607,6 +633,39 @@ mod tests {
                 Ok(EventData::Json(_))
             ));
         }
+    }
+
+    #[test]
+    fn the_quick_finiteness_check_agrees_with_parsing() {
+        let long = "9".repeat(309);
+        let long_fraction = format!("0.{}", "1".repeat(400));
+        let cases = [
+            "1",
+            "1e308",
+            "1E400",
+            "-2.5e-400",
+            "[1,-1e999]",
+            "{\"a\":{\"b\":2e308}}",
+            "\"1e999 in a string\"",
+            "{\"price\":12.5,\"id\":\"abc\"}",
+            "\"e\"",
+            &long,
+            &format!("\"{long}\""),
+            &long_fraction,
+            &"8".repeat(308),
+        ];
+        for json in cases {
+            assert!(
+                serde_json::from_str::<serde::de::IgnoredAny>(json).is_ok(),
+                "{json}"
+            );
+            assert_eq!(
+                known_json_numbers_are_finite(json),
+                numbers_are_finite(json),
+                "{json}"
+            );
+        }
+        assert!(!known_json_numbers_are_finite(&long), "309 nines overflow");
     }
 
     #[test]
