@@ -7,11 +7,12 @@
 //! - `Subscribing`: the channel's SUBSCRIBE is queued or not yet confirmed.
 //! - `Syncing`: subscribed; where the topic stands in Redis is being read.
 //!   Messages arriving meanwhile are held (`pending`).
-//! - `Live`: messages are delivered as they come: the next `seq` goes to every
-//!   shard's inbox (the frame built once); an older one is a duplicate and
-//!   dropped; a later one is a gap, and the topic syncs again.
+//! - `Live`: messages are delivered as they come: the next `seq` goes to the
+//!   inbox of every shard that may hold its subscribers (the shards' route
+//!   filters, `ringgate_shard::RouteFilter`; the frame built once); an older one
+//!   is a duplicate and dropped; a later one is a gap, and the topic syncs again.
 //! - `Stalled`: an inbox was full, so the next event could not go to every
-//!   shard: the topic syncs again on the next tick, from history.
+//!   shard it should: the topic syncs again on the next tick, from history.
 //!
 //! A sync compares Redis' `seq` and epoch with the last event this host
 //! delivered: missed events still in the history are delivered in order (a
@@ -22,7 +23,10 @@
 //!
 //! Subscribes are answered only while the topic is `Live`, with the last `seq`
 //! this host delivered: every event up to it went to the shard's inbox before
-//! the answer, every later one goes after it, as with the embedded broker.
+//! the answer, every later one goes after it, as with the embedded broker. The
+//! asking shard counted the topic in its route filter before it sent the
+//! subscribe, and everything here runs on one thread in order, so every event
+//! delivered after the answer reaches it.
 //! Recovering, the events after `since` are read from Redis' history.
 //!
 //! A topic nobody holds any more is unsubscribed after `UNSUBSCRIBE_GRACE`
@@ -38,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringgate_shard::{
-    clock_ns, event_frame, gap_notice, Command, EventData, Recovery, ShardSender, SubscribeAnswer,
-    SubscribeRequest,
+    clock_ns, event_frame, gap_notice, topic_hash, Command, EventData, Recovery, ShardSender,
+    SubscribeAnswer, SubscribeRequest,
 };
 
 use super::keys::Standing;
@@ -806,10 +810,13 @@ fn set_phase(live: &mut usize, f: &mut Follow, phase: Phase) {
     f.phase = phase;
 }
 
-/// Hands `frame` to every shard, or to none when an inbox is full.
+/// Hands `frame` to every shard that may hold subscribers of `topic`, or to
+/// none when one of their inboxes is full.
 fn deliver(shards: &[ShardSender], topic: &Arc<str>, seq: u64, frame: Bytes) -> bool {
-    let reservations: Vec<_> = shards.iter().filter_map(|s| s.reserve()).collect();
-    if reservations.len() < shards.len() {
+    let hash = topic_hash(topic);
+    let routed = shards.iter().filter(|s| s.may_hold(hash));
+    let reservations: Vec<_> = routed.clone().filter_map(|s| s.reserve()).collect();
+    if reservations.len() < routed.count() {
         return false;
     }
     let published_ns = clock_ns();

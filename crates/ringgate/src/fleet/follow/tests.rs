@@ -168,6 +168,37 @@ fn a_full_inbox_stalls_the_topic_until_the_history_delivers_it() {
 }
 
 #[test]
+fn events_go_only_to_shards_that_may_hold_the_topic() {
+    let (a, mut routes_a) = ShardSender::detached_routed(0, 100).unwrap();
+    let (b, mut routes_b) = ShardSender::detached_routed(1, 2).unwrap();
+    let shards = vec![a, b];
+    let mut f = Follows::new(
+        shards.clone(),
+        100,
+        Duration::from_secs(300),
+        Duration::from_secs(60),
+    );
+    f.link_up();
+    routes_a.add(topic_hash("t"));
+    live(&mut f, "t", 0);
+    for n in 1..=3 {
+        f.message("t", n, epoch(EPOCH), &n.to_string());
+    }
+    assert_eq!(inbox(&shards[0]), ["event 1", "event 2", "event 3"]);
+    assert!(
+        inbox(&shards[1]).is_empty(),
+        "nothing for a shard without the topic, and its small inbox stalls nothing"
+    );
+    // Shard 1 subscribes: counted before asking, as a shard does.
+    routes_b.add(topic_hash("t"));
+    f.subscribe(request(1, "t", None));
+    f.message("t", 4, epoch(EPOCH), "4");
+    assert_eq!(inbox(&shards[1]), ["answer 3 NotAsked 0", "event 4"]);
+    assert_eq!(inbox(&shards[0]), ["event 4"]);
+    f.check();
+}
+
+#[test]
 fn recoveries_read_the_history_and_answer_at_the_hosts_seq() {
     let (mut f, shards) = follows(1, 100);
     live(&mut f, "t", 5);
