@@ -101,6 +101,60 @@ fn a_recovery_after_a_disconnect_returns_exactly_the_missed_events() {
 /// Many clients drop and recover three times each while a publisher publishes
 /// as fast as the API takes events: each client's events form one contiguous,
 /// duplicate-free sequence.
+/// A client of a publisher that runs until told the clients are `done`: it
+/// subscribes to `topic`, then `rounds` times reads `quota(round)` events
+/// (each the next `seq`), drops the connection mid-stream, waits `pause`,
+/// reconnects and recovers; then reads up to the event marked the end.
+struct Recovering<'a, Q> {
+    topic: &'a str,
+    rounds: usize,
+    quota: Q,
+    pause: Duration,
+}
+
+impl<Q: Fn(usize) -> u64> Recovering<'_, Q> {
+    /// Returns the last `seq` read and how many events were read.
+    fn run(&self, server: &Server, done: &AtomicU64) -> (u64, u64) {
+        let topic = self.topic;
+        let mut s = raw_upgrade(server, "/ws");
+        let reply = sub(&mut s, topic, None);
+        let epoch = epoch_of(&reply);
+        let mut at = reply["seq"].as_u64().unwrap();
+        let mut events = 0u64;
+        for round in 0..=self.rounds {
+            let last = round == self.rounds;
+            let mut read = 0;
+            while last || read < (self.quota)(round) {
+                let event = read_json(&mut s);
+                let seq = event["seq"].as_u64().expect("an event");
+                assert_eq!(seq, at + 1, "{topic}: gap, duplicate or reordering");
+                assert_eq!(event["data"]["n"], seq);
+                at = seq;
+                read += 1;
+                events += 1;
+                if event["data"]["end"] == true {
+                    assert!(last, "{topic}: the end came early");
+                    break;
+                }
+            }
+            if last {
+                break;
+            }
+            drop(s);
+            std::thread::sleep(self.pause);
+            s = raw_upgrade(server, "/ws");
+            let reply = sub(&mut s, topic, Some((at, &epoch)));
+            assert_eq!(reply["recovered"], true, "{topic}: {reply}");
+            assert_eq!(epoch_of(&reply), epoch);
+            assert!(reply["seq"].as_u64().unwrap() >= at);
+            if round + 1 == self.rounds {
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        (at, events)
+    }
+}
+
 #[test]
 fn recoveries_while_publishing_at_full_speed_are_contiguous() {
     let server = Arc::new(Server::start(&[
@@ -148,43 +202,13 @@ fn recoveries_while_publishing_at_full_speed_are_contiguous() {
         .map(|i| {
             let (server, done) = (server.clone(), done.clone());
             std::thread::spawn(move || {
-                let mut s = raw_upgrade(&server, "/ws");
-                let reply = sub(&mut s, "fast", None);
-                let epoch = epoch_of(&reply);
-                let mut at = reply["seq"].as_u64().unwrap();
-                let mut events = 0u64;
-                for round in 0..=ROUNDS {
-                    // Read a while, then drop the connection mid-stream.
-                    let quota = 20 + 13 * (i + round) as u64;
-                    let mut read = 0;
-                    while round == ROUNDS || read < quota {
-                        let event = read_json(&mut s);
-                        let seq = event["seq"].as_u64().expect("an event");
-                        assert_eq!(seq, at + 1, "client {i}: gap, duplicate or reordering");
-                        assert_eq!(event["data"]["n"], seq);
-                        at = seq;
-                        read += 1;
-                        events += 1;
-                        if event["data"]["end"] == true {
-                            assert_eq!(round, ROUNDS, "client {i}: the end came early");
-                            break;
-                        }
-                    }
-                    if round == ROUNDS {
-                        break;
-                    }
-                    drop(s);
-                    std::thread::sleep(Duration::from_millis(5 + 20 * (i as u64 % 5)));
-                    s = raw_upgrade(&server, "/ws");
-                    let reply = sub(&mut s, "fast", Some((at, &epoch)));
-                    assert_eq!(reply["recovered"], true, "client {i}: {reply}");
-                    assert_eq!(epoch_of(&reply), epoch);
-                    assert!(reply["seq"].as_u64().unwrap() >= at);
-                    if round + 1 == ROUNDS {
-                        done.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                (at, events)
+                let client = Recovering {
+                    topic: "fast",
+                    rounds: ROUNDS,
+                    quota: |round| 20 + 13 * (i + round) as u64,
+                    pause: Duration::from_millis(5 + 20 * (i as u64 % 5)),
+                };
+                client.run(&server, &done)
             })
         })
         .collect();
@@ -305,39 +329,14 @@ fn recoveries_of_topics_with_one_subscriber_each_are_contiguous_while_publishing
                 // A failing client stops the publisher, so the others run dry
                 // (and time out) instead of reading forever.
                 let _stop = StopOnPanic(stop);
-                let mut s = raw_upgrade(&server, "/ws");
-                let reply = sub(&mut s, &topic, None);
-                let epoch = epoch_of(&reply);
-                let mut at = reply["seq"].as_u64().unwrap();
-                for round in 0..=ROUNDS {
-                    let quota = 10 + 7 * (i + round) as u64;
-                    let mut read = 0;
-                    while round == ROUNDS || read < quota {
-                        let event = read_json(&mut s);
-                        let seq = event["seq"].as_u64().expect("an event");
-                        assert_eq!(seq, at + 1, "{topic}: gap, duplicate or reordering");
-                        assert_eq!(event["data"]["n"], seq);
-                        at = seq;
-                        read += 1;
-                        if event["data"]["end"] == true {
-                            assert_eq!(round, ROUNDS, "{topic}: the end came early");
-                            break;
-                        }
-                    }
-                    if round == ROUNDS {
-                        break;
-                    }
-                    drop(s);
-                    // Its topic has no subscriber now; events go on.
-                    std::thread::sleep(Duration::from_millis(2 + 7 * (i as u64 % 4)));
-                    s = raw_upgrade(&server, "/ws");
-                    let reply = sub(&mut s, &topic, Some((at, &epoch)));
-                    assert_eq!(reply["recovered"], true, "{topic}: {reply}");
-                    if round + 1 == ROUNDS {
-                        done.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                at
+                // Between its connections the topic has no subscriber; events go on.
+                let client = Recovering {
+                    topic: &topic,
+                    rounds: ROUNDS,
+                    quota: |round| 10 + 7 * (i + round) as u64,
+                    pause: Duration::from_millis(2 + 7 * (i as u64 % 4)),
+                };
+                client.run(&server, &done).0
             })
         })
         .collect();

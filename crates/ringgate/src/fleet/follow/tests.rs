@@ -17,14 +17,19 @@ fn follows(shards: usize, capacity: usize) -> (Follows, Vec<ShardSender>) {
     let senders: Vec<ShardSender> = (0..shards)
         .map(|id| ShardSender::detached(id, capacity).unwrap())
         .collect();
+    (follows_of(&senders), senders)
+}
+
+/// Follows delivering to `shards`, linked up.
+fn follows_of(shards: &[ShardSender]) -> Follows {
     let mut f = Follows::new(
-        senders.clone(),
+        shards.to_vec(),
         100,
         Duration::from_secs(300),
         Duration::from_secs(60),
     );
     f.link_up();
-    (f, senders)
+    f
 }
 
 fn request(shard: usize, topic: &str, since: Option<(u64, &str)>) -> SubscribeRequest {
@@ -172,13 +177,7 @@ fn events_go_only_to_shards_that_may_hold_the_topic() {
     let (a, mut routes_a) = ShardSender::detached_routed(0, 100).unwrap();
     let (b, mut routes_b) = ShardSender::detached_routed(1, 2).unwrap();
     let shards = vec![a, b];
-    let mut f = Follows::new(
-        shards.clone(),
-        100,
-        Duration::from_secs(300),
-        Duration::from_secs(60),
-    );
-    f.link_up();
+    let mut f = follows_of(&shards);
     routes_a.add(topic_hash("t"));
     live(&mut f, "t", 0);
     for n in 1..=3 {
