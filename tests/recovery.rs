@@ -101,6 +101,16 @@ fn a_recovery_after_a_disconnect_returns_exactly_the_missed_events() {
 /// Many clients drop and recover three times each while a publisher publishes
 /// as fast as the API takes events: each client's events form one contiguous,
 /// duplicate-free sequence.
+/// Two shards and a history deep enough for every recovery while publishing at full speed.
+const DEEP_HISTORY: &[&str] = &[
+    "--shards",
+    "2",
+    "--history-size",
+    "100000",
+    "--history-memory",
+    "256MiB",
+];
+
 /// A client of a publisher that runs until told the clients are `done`: it
 /// subscribes to `topic`, then `rounds` times reads `quota(round)` events
 /// (each the next `seq`), drops the connection mid-stream, waits `pause`,
@@ -157,14 +167,7 @@ impl<Q: Fn(usize) -> u64> Recovering<'_, Q> {
 
 #[test]
 fn recoveries_while_publishing_at_full_speed_are_contiguous() {
-    let server = Arc::new(Server::start(&[
-        "--shards",
-        "2",
-        "--history-size",
-        "100000",
-        "--history-memory",
-        "256MiB",
-    ]));
+    let server = Arc::new(Server::start(DEEP_HISTORY));
     const CLIENTS: usize = 16;
     const ROUNDS: usize = 3;
     let done = Arc::new(AtomicU64::new(0));
@@ -308,14 +311,7 @@ fn recoveries_of_topics_with_one_subscriber_each_are_contiguous_while_publishing
     // holds it and its events go to no inbox: the recovering subscribe must
     // route the topic to its shard before the broker answers, or an event
     // published just after the answer would be lost.
-    let server = Arc::new(Server::start(&[
-        "--shards",
-        "2",
-        "--history-size",
-        "100000",
-        "--history-memory",
-        "256MiB",
-    ]));
+    let server = Arc::new(Server::start(DEEP_HISTORY));
     const CLIENTS: usize = 12;
     const ROUNDS: usize = 4;
     let topics: Vec<String> = (0..CLIENTS).map(|i| format!("own.{i}")).collect();
