@@ -814,9 +814,16 @@ fn set_phase(live: &mut usize, f: &mut Follow, phase: Phase) {
 /// none when one of their inboxes is full.
 fn deliver(shards: &[ShardSender], topic: &Arc<str>, seq: u64, frame: Bytes) -> bool {
     let hash = topic_hash(topic);
-    let routed = shards.iter().filter(|s| s.may_hold(hash));
-    let reservations: Vec<_> = routed.clone().filter_map(|s| s.reserve()).collect();
-    if reservations.len() < routed.count() {
+    // Each filter read once: a count changing between two reads could leave a
+    // shard that holds the topic without the event, or stall it for nothing.
+    let mut routed = 0;
+    let reservations: Vec<_> = shards
+        .iter()
+        .filter(|s| s.may_hold(hash))
+        .inspect(|_| routed += 1)
+        .filter_map(|s| s.reserve())
+        .collect();
+    if reservations.len() < routed {
         return false;
     }
     let published_ns = clock_ns();
