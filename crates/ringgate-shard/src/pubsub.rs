@@ -177,26 +177,54 @@ fn numbers_are_finite(json: &str) -> bool {
 }
 
 /// [`numbers_are_finite`] for text already known to be JSON (a batch line's or
-/// a client publish's `data`), mostly without parsing it again: a JSON number
-/// overflows a double only with an exponent (`e` right after a digit) or more
-/// than 308 digits in a row, and text with neither (strings included) cannot
-/// hold one. Text with either is parsed. Written by hand because the second
-/// parse was a fifth of the batch API's parsing (every event of a batch).
+/// a client publish's `data`), mostly without parsing it again. A JSON number
+/// overflows a double only with an exponent or more than 308 integer digits;
+/// the full parse also refuses what the raw capture let through: nesting past
+/// serde_json's limit (128) and `\u` escapes (a lone surrogate). So the text
+/// is scanned (strings skipped) and parsed only if it has any of those. Written
+/// by hand because the second parse was a fifth of the batch API's parsing.
 fn known_json_numbers_are_finite(json: &str) -> bool {
-    /// Digits in a row past which a number might not fit (f64::MAX is 309 digits).
+    /// Digits in a row past which a number might not fit (f64::MAX has 309).
     const DIGITS_SURELY_FINITE: usize = 308;
-    let mut digits = 0;
+    /// Nesting the full parse surely accepts (its limit is 128).
+    const DEPTH_SURELY_ACCEPTED: usize = 100;
+    let (mut digits, mut depth) = (0, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
     for &b in json.as_bytes() {
+        if in_string {
+            if escaped {
+                if b == b'u' {
+                    return numbers_are_finite(json);
+                }
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
         if b.is_ascii_digit() {
             digits += 1;
             if digits > DIGITS_SURELY_FINITE {
                 return numbers_are_finite(json);
             }
-        } else {
-            if digits > 0 && (b == b'e' || b == b'E') {
-                return numbers_are_finite(json);
+            continue;
+        }
+        if digits > 0 && (b == b'e' || b == b'E') {
+            return numbers_are_finite(json);
+        }
+        digits = 0;
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > DEPTH_SURELY_ACCEPTED {
+                    return numbers_are_finite(json);
+                }
             }
-            digits = 0;
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
     true
@@ -414,8 +442,10 @@ impl<'a> EventData<'a> {
         Err(INFINITE_NUMBER)
     }
 
-    /// Data already parsed as JSON (a batch line's `data`): `Err` if a number
-    /// in it does not fit a double.
+    /// Data already parsed as JSON (a batch line's `data`, captured raw): `Err`
+    /// if a number in it does not fit a double, or it is JSON the full parse
+    /// refuses (nesting past 128, a lone surrogate). Text that is not JSON at
+    /// all is the caller's bug: it is not checked for that.
     pub fn json(json: &'a str) -> Result<EventData<'a>, &'static str> {
         if known_json_numbers_are_finite(json) {
             Ok(EventData::Json(json.trim()))
@@ -653,12 +683,16 @@ mod tests {
             &format!("\"{long}\""),
             &long_fraction,
             &"8".repeat(308),
+            r#""\ud800 a lone surrogate""#,
+            r#"{"\udc00":1}"#,
+            r#""caf\u00e9 \" [[[ \\""#,
+            &format!("{}1{}", "[".repeat(100), "]".repeat(100)),
+            &format!("{}1{}", "[".repeat(150), "]".repeat(150)),
+            &format!(r#"["]]]]]]",{}1{}]"#, "[".repeat(126), "]".repeat(126)),
         ];
         for json in cases {
-            assert!(
-                serde_json::from_str::<serde::de::IgnoredAny>(json).is_ok(),
-                "{json}"
-            );
+            let raw = serde_json::from_str::<&serde_json::value::RawValue>(json);
+            assert!(raw.is_ok(), "the raw capture takes it: {json}");
             assert_eq!(
                 known_json_numbers_are_finite(json),
                 numbers_are_finite(json),
@@ -666,6 +700,12 @@ mod tests {
             );
         }
         assert!(!known_json_numbers_are_finite(&long), "309 nines overflow");
+        assert!(
+            !known_json_numbers_are_finite(r#""\ud800""#),
+            "refused as before"
+        );
+        let deep = format!("{}1{}", "[".repeat(150), "]".repeat(150));
+        assert!(!known_json_numbers_are_finite(&deep), "refused as before");
     }
 
     #[test]
