@@ -57,16 +57,12 @@ pub struct RouteFilter {
 }
 
 impl RouteFilter {
-    fn new(everything: bool) -> Self {
-        RouteFilter {
-            counts: (0..ROUTE_BUCKETS).map(|_| AtomicU8::new(0)).collect(),
-            everything,
-        }
-    }
-
     /// A filter and its only writer.
     pub fn with_writer() -> (Arc<RouteFilter>, RouteWriter) {
-        let filter = Arc::new(RouteFilter::new(false));
+        let filter = Arc::new(RouteFilter {
+            counts: (0..ROUTE_BUCKETS).map(|_| AtomicU8::new(0)).collect(),
+            everything: false,
+        });
         let writer = RouteWriter {
             filter: filter.clone(),
             over: HashMap::new(),
@@ -137,7 +133,8 @@ impl RouteWriter {
     }
 
     /// Whether the filter lets the topic of `hash` through (tests).
-    pub fn may_hold(&self, hash: u64) -> bool {
+    #[cfg(test)]
+    pub(crate) fn may_hold(&self, hash: u64) -> bool {
         self.filter.may_hold(hash)
     }
 

@@ -32,47 +32,37 @@ use crate::topic_table::{Epoch, HistoryLimits, TooManyTopics, TopicTable};
 
 /// The shards each event of a chunk goes to: those whose route filter says
 /// they may hold its topic (a subscriber, or a subscribe on its way), read
-/// once per event under the topic table's lock. A bit per shard, 64 shards
-/// a word.
+/// once per event under the topic table's lock. Every event's shard indexes
+/// in one array, each event's ending at `ends[event]`.
 struct Routes {
-    words: usize,
-    bits: Vec<u64>,
-    shards: usize,
+    targets: Vec<usize>,
+    ends: Vec<usize>,
 }
 
 impl Routes {
     fn new(shards: &[ShardSender], hashes: &[Option<u64>]) -> Self {
-        let words = shards.len().div_ceil(64);
-        let mut bits = vec![0u64; words * hashes.len()];
-        for (event, hash) in hashes.iter().enumerate() {
-            let Some(hash) = *hash else { continue };
-            for (s, shard) in shards.iter().enumerate() {
-                if shard.may_hold(hash) {
-                    bits[event * words + s / 64] |= 1 << (s % 64);
-                }
+        let mut targets = Vec::new();
+        let mut ends = Vec::with_capacity(hashes.len());
+        for hash in hashes {
+            if let Some(hash) = *hash {
+                targets.extend((0..shards.len()).filter(|&s| shards[s].may_hold(hash)));
             }
+            ends.push(targets.len());
         }
-        Routes {
-            words,
-            bits,
-            shards: shards.len(),
-        }
+        Routes { targets, ends }
     }
 
     /// The shards event `i` goes to, in order.
-    fn of(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
-        let words = &self.bits[i * self.words..(i + 1) * self.words];
-        (0..self.shards).filter(move |s| words[s / 64] & (1 << (s % 64)) != 0)
+    fn of(&self, i: usize) -> &[usize] {
+        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.targets[start..self.ends[i]]
     }
 
-    /// How many events of the chunk go to each shard.
-    fn wanted(&self) -> Vec<usize> {
-        let events = self.bits.len().checked_div(self.words).unwrap_or(0);
-        let mut wanted = vec![0; self.shards];
-        for i in 0..events {
-            for s in self.of(i) {
-                wanted[s] += 1;
-            }
+    /// How many events of the chunk go to each of `shards` shards.
+    fn wanted(&self, shards: usize) -> Vec<usize> {
+        let mut wanted = vec![0; shards];
+        for &s in &self.targets {
+            wanted[s] += 1;
         }
         wanted
     }
@@ -242,35 +232,38 @@ impl Broker {
         } else {
             self.shards
                 .iter()
-                .zip(routes.wanted())
+                .zip(routes.wanted(self.shards.len()))
                 .map(|(s, wanted)| s.reserve_up_to(wanted))
                 .collect()
         };
         let now = Instant::now();
         let published_ns = clock_ns();
         for (i, &(topic, data)) in chunk.iter().enumerate() {
-            let full = || {
-                routes
-                    .of(i)
-                    .filter(|&s| reservations[s].places() == 0)
+            let to = routes.of(i);
+            // Draining: nothing was reserved, and nothing goes anywhere.
+            let full = if draining {
+                0
+            } else {
+                to.iter()
+                    .filter(|&&s| reservations[s].places() == 0)
                     .count()
             };
             let answer = if hashes[i].is_none() {
                 Err(PublishError::BadTopic)
             } else if draining {
                 Err(PublishError::Draining)
-            } else if full() > 0 {
+            } else if full > 0 {
                 // The event needs a place in every inbox it goes to: none was used for it.
                 Err(PublishError::Busy {
-                    full: full(),
-                    shards: routes.of(i).count(),
+                    full,
+                    shards: to.len(),
                 })
             } else {
                 topics
                     .publish(topic, now, |seq| event_frame(topic, seq, data))
                     .map_err(|TooManyTopics| PublishError::TooManyTopics)
                     .map(|numbered| {
-                        for s in routes.of(i) {
+                        for &s in to {
                             reservations[s].stage(Command::Deliver {
                                 topic: numbered.name.clone(),
                                 seq: numbered.seq,
@@ -281,7 +274,7 @@ impl Broker {
                         Published {
                             seq: numbered.seq,
                             epoch: numbered.epoch,
-                            shards: routes.of(i).count(),
+                            shards: to.len(),
                             hosts: None,
                         }
                     })
