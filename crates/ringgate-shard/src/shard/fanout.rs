@@ -334,29 +334,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_short_send_is_a_refusal_and_the_drop_policy_skips() {
+    /// One subscriber offered three events at epoch 1 whose send was short:
+    /// the socket took 10 of 306 bytes.
+    fn after_a_short_send(policy: SlowConsumer) -> Slab<Conn> {
         let mut pool = SendPool::new(true);
         let (mut conns, _) = open_subscribers(1, "t");
         let conn = &mut conns[0];
-        offer(conn, 3, SlowConsumer::Drop, 1);
+        offer(conn, 3, policy, 1);
         let q = conn.sendq.as_mut().unwrap();
         let _ = q.next_send(1, &mut pool);
-        q.complete(10, &mut pool, |_| {}); // the socket took 10 of 306 bytes
+        q.complete(10, &mut pool, |_| {});
+        conns
+    }
+
+    #[test]
+    fn a_short_send_is_a_refusal_and_the_drop_policy_skips() {
+        let mut conns = after_a_short_send(SlowConsumer::Drop);
+        let conn = &mut conns[0];
         assert_eq!(offer(conn, 1, SlowConsumer::Drop, 1), vec![Queued::Skipped]);
         assert_eq!(conn.state, State::Open, "drop keeps the subscriber");
     }
 
     #[test]
     fn a_subscriber_waiting_for_a_send_slot_is_not_judged_by_its_last_short_send() {
-        let mut pool = SendPool::new(true);
-        let (mut conns, _) = open_subscribers(1, "t");
+        let mut conns = after_a_short_send(SlowConsumer::Close);
         let conn = &mut conns[0];
-        offer(conn, 3, SlowConsumer::Close, 1);
-        let q = conn.sendq.as_mut().unwrap();
-        let _ = q.next_send(1, &mut pool);
-        // Short: the socket was full then.
-        q.complete(10, &mut pool, |_| {});
         // It waits for a slot now: nothing was offered since, so over the
         // limit it is congested (the hard limit bounds it), not slow...
         conn.set(flag::SEND_READY);
