@@ -188,20 +188,29 @@ fn known_json_numbers_are_finite(json: &str) -> bool {
     const DIGITS_SURELY_FINITE: usize = 308;
     /// Nesting the full parse surely accepts (its limit is 128).
     const DEPTH_SURELY_ACCEPTED: usize = 100;
+    let bytes = json.as_bytes();
     let (mut digits, mut depth) = (0, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in json.as_bytes() {
-        if in_string {
-            if escaped {
-                if b == b'u' {
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        at += 1;
+        if b == b'"' {
+            // A string: jump to its end, past escapes other than `\u`.
+            loop {
+                let Some(stop) = memchr::memchr2(b'"', b'\\', &bytes[at..]) else {
+                    // Unterminated: not JSON after all; the parse says so.
                     return numbers_are_finite(json);
+                };
+                at += stop + 1;
+                if bytes[at - 1] == b'"' {
+                    break;
                 }
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+                match bytes.get(at) {
+                    Some(b'u') => return numbers_are_finite(json),
+                    Some(_) => at += 1,
+                    None => return numbers_are_finite(json),
+                }
             }
+            digits = 0;
             continue;
         }
         if b.is_ascii_digit() {
@@ -216,7 +225,6 @@ fn known_json_numbers_are_finite(json: &str) -> bool {
         }
         digits = 0;
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > DEPTH_SURELY_ACCEPTED {
@@ -686,6 +694,10 @@ mod tests {
             r#""\ud800 a lone surrogate""#,
             r#"{"\udc00":1}"#,
             r#""caf\u00e9 \" [[[ \\""#,
+            // Escapes that end where a string seems to, then a number outside.
+            r#"["\\", 1e999]"#,
+            r#"{"k":"a\"b\\\"","n":1E400,"m":"\\"}"#,
+            r#"["\"", "x\\\\", 2, "\n\t"]"#,
             &format!("{}1{}", "[".repeat(100), "]".repeat(100)),
             &format!("{}1{}", "[".repeat(150), "]".repeat(150)),
             &format!(r#"["]]]]]]",{}1{}]"#, "[".repeat(126), "]".repeat(126)),
