@@ -56,7 +56,7 @@ pub use limits::{BUFFERS_MAX, CLOSE_TIMEOUT, REJECT_SLOTS, STRIKES_MAX};
 pub use pubsub::{
     event_frame, gap_notice, publish_allowed, valid_topic, EventData, TOPIC_BYTES_MAX,
 };
-pub use routes::{topic_hash, RouteFilter, RouteWriter};
+pub use routes::{topic_hash, HashedTopic, RouteFilter, RouteWriter};
 pub use stats::{
     clock_ns, new_latency_histogram, Counter, ShardStats, LATENCY_MAX_US, RECOVERY_ORDER,
 };

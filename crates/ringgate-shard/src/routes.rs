@@ -40,6 +40,32 @@ pub fn topic_hash(name: &str) -> u64 {
     HASHER.hash_one(name)
 }
 
+/// A topic name with its [`topic_hash`], hashed once and used by every table
+/// that finds topics by it (the broker's topic table, the route filters): a
+/// publish hashes its topic once.
+#[derive(Clone, Copy, Debug)]
+pub struct HashedTopic<'a> {
+    name: &'a str,
+    hash: u64,
+}
+
+impl<'a> HashedTopic<'a> {
+    pub fn new(name: &'a str) -> Self {
+        HashedTopic {
+            name,
+            hash: topic_hash(name),
+        }
+    }
+
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+}
+
 /// A full bucket: the rest of its count is in [`RouteWriter::over`].
 const FULL: u8 = u8::MAX;
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ringgate_shard::{
-    clock_ns, event_frame, topic_hash, valid_topic, Command, EventData, ShardSender,
+    clock_ns, event_frame, valid_topic, Command, EventData, HashedTopic, ShardSender,
     SubscribeAnswer, SubscribeRequest,
 };
 
@@ -40,11 +40,12 @@ struct Routes {
 }
 
 impl Routes {
-    fn new(shards: &[ShardSender], hashes: &[Option<u64>]) -> Self {
+    fn new(shards: &[ShardSender], topics: &[Option<HashedTopic<'_>>]) -> Self {
         let mut targets = Vec::new();
-        let mut ends = Vec::with_capacity(hashes.len());
-        for hash in hashes {
-            if let Some(hash) = *hash {
+        let mut ends = Vec::with_capacity(topics.len());
+        for topic in topics {
+            if let Some(topic) = topic {
+                let hash = topic.hash();
                 targets.extend((0..shards.len()).filter(|&s| shards[s].may_hold(hash)));
             }
             ends.push(targets.len());
@@ -217,16 +218,16 @@ impl Broker {
         answers: &mut Vec<Result<Published, PublishError>>,
     ) {
         // Hashed before the lock; `None` for a bad topic.
-        let hashes: Vec<Option<u64>> = chunk
+        let hashed: Vec<Option<HashedTopic<'_>>> = chunk
             .iter()
-            .map(|(topic, _)| valid_topic(topic).then(|| topic_hash(topic)))
+            .map(|(topic, _)| valid_topic(topic).then(|| HashedTopic::new(topic)))
             .collect();
         // Held until the last commit: one topic's events enter every inbox in
         // order, and the route filters are read where subscribes are answered.
         let mut topics = self.lock();
         let draining = self.draining.load(Ordering::SeqCst);
         // Which shards each event goes to: those that may hold its topic.
-        let routes = Routes::new(&self.shards, &hashes);
+        let routes = Routes::new(&self.shards, &hashed);
         let mut reservations: Vec<_> = if draining {
             Vec::new()
         } else {
@@ -248,19 +249,16 @@ impl Broker {
                     .filter(|&&s| reservations[s].places() == 0)
                     .count()
             };
-            let answer = if hashes[i].is_none() {
-                Err(PublishError::BadTopic)
-            } else if draining {
-                Err(PublishError::Draining)
-            } else if full > 0 {
+            let answer = match hashed[i] {
+                None => Err(PublishError::BadTopic),
+                Some(_) if draining => Err(PublishError::Draining),
                 // The event needs a place in every inbox it goes to: none was used for it.
-                Err(PublishError::Busy {
+                Some(_) if full > 0 => Err(PublishError::Busy {
                     full,
                     shards: to.len(),
-                })
-            } else {
-                topics
-                    .publish(topic, now, |seq| event_frame(topic, seq, data))
+                }),
+                Some(hashed) => topics
+                    .publish(hashed, now, |seq| event_frame(topic, seq, data))
                     .map_err(|TooManyTopics| PublishError::TooManyTopics)
                     .map(|numbered| {
                         for &s in to {
@@ -277,7 +275,7 @@ impl Broker {
                             shards: to.len(),
                             hosts: None,
                         }
-                    })
+                    }),
             };
             answers.push(answer);
         }
@@ -331,6 +329,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringgate_shard::topic_hash;
     use std::time::Duration;
 
     const LIMITS: HistoryLimits = HistoryLimits {

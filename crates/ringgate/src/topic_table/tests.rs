@@ -16,7 +16,7 @@ fn frame(seq: u64) -> Bytes {
 }
 
 fn publish(t: &mut TopicTable, topic: &str, now: Instant) -> Numbered {
-    t.publish(topic, now, frame).unwrap()
+    t.publish(HashedTopic::new(topic), now, frame).unwrap()
 }
 
 fn since(seq: u64, epoch: &str) -> Since {
@@ -111,6 +111,29 @@ fn the_memory_budget_drops_the_least_recently_published_first() {
 }
 
 #[test]
+fn publish_order_is_kept_to_the_second() {
+    let t0 = Instant::now();
+    let one = History::cost(&frame(1));
+    let mut t = TopicTable::new(limits(100, 3 * one));
+    let a = publish(&mut t, "a", t0).epoch;
+    let b = publish(&mut t, "b", t0).epoch;
+    // Within the second a was first published, a stays where it was put.
+    publish(&mut t, "a", t0);
+    t.check();
+    publish(&mut t, "c", t0 + Duration::from_secs(1));
+    assert_eq!(t.evicted, 1);
+    let t1 = t0 + Duration::from_secs(1);
+    let s = t.subscribe("a", Some(&since(0, &a)), t1).unwrap();
+    assert_eq!(s.recovery, Recovery::TooOld, "a's oldest went first");
+    // A second later a publish moves a to the back: b's event goes next.
+    publish(&mut t, "a", t1);
+    assert_eq!(t.evicted, 2);
+    let s = t.subscribe("b", Some(&since(0, &b)), t1).unwrap();
+    assert_eq!(s.recovery, Recovery::TooOld, "b went before a, moved later");
+    t.check();
+}
+
+#[test]
 fn idle_topics_are_forgotten_and_come_back_with_a_new_epoch() {
     let t0 = Instant::now();
     let mut t = TopicTable::new(limits(10, 1 << 20));
@@ -174,7 +197,7 @@ fn a_full_table_forgets_the_longest_quiet_topic_but_never_one_with_subscribers()
     t.presence("c", true, now);
     t.presence("d", true, now);
     assert_eq!(
-        t.publish("e", now, frame).err(),
+        t.publish(HashedTopic::new("e"), now, frame).err(),
         Some(TooManyTopics),
         "every topic has subscribers"
     );
@@ -205,7 +228,10 @@ fn an_announcement_is_counted_even_past_the_topic_cap() {
     t.presence("b", true, now); // past the cap, but subscribers hold b
     t.presence("b", true, now); // a second shard
     assert_eq!(t.len(), 2);
-    assert_eq!(t.publish("c", now, frame).err(), Some(TooManyTopics));
+    assert_eq!(
+        t.publish(HashedTopic::new("c"), now, frame).err(),
+        Some(TooManyTopics)
+    );
     t.presence("b", false, now);
     t.presence("a", false, now);
     t.maintain(now + Duration::from_secs(601));
@@ -239,7 +265,7 @@ fn random_operations_keep_every_index_and_list_in_order() {
         let topic = format!("t{}", next(40));
         match next(10) {
             0..=4 => {
-                let _ = t.publish(&topic, now, frame);
+                let _ = t.publish(HashedTopic::new(&topic), now, frame);
             }
             5 | 6 => {
                 let _ = t.subscribe(&topic, None, now);
