@@ -34,7 +34,10 @@
 //! spread over time, wake their reader far more often per delivery than a
 //! broadcast does. So at one shard the two CPU figures are measured again with
 //! the load generator's workers polling without sleeping (`--spin`): the
-//! server's own cost per delivery, wake-ups apart.
+//! server's own cost per delivery, wake-ups apart. And the paced notifications
+//! once more in batches of 1,000: each request's fixed cost (reading it,
+//! answering, waking the publisher and the control thread) shared by ten times
+//! the events; what a publisher that batches more saves.
 
 use crate::bench::{base_args, human, start_with, warm_up, Kind, Server};
 use crate::loadgen::wire::Http;
@@ -50,6 +53,9 @@ fn stats(control: &str) -> Result<serde_json::Value, String> {
 const DELIVERIES_PER_SEC: f64 = 50_000.0;
 /// Events per batch request.
 const BATCH: usize = 100;
+/// Events per batch request in the run that shows what a request costs: the
+/// paced notifications again in batches this large (one worker process only).
+const LARGE_BATCH: usize = 1_000;
 /// Events published before each run: fills the default 64 MiB history (about
 /// 160 B per held event) or every topic's 100 events, whichever comes first.
 const WARM_UP_EVENTS_MAX: u64 = 500_000;
@@ -88,6 +94,9 @@ struct Round {
     broadcast_cpu_spin: Option<f64>,
     notify_cpu_spin: Option<f64>,
     notify_p99_ms_spin: Option<f64>,
+    /// The paced notifications in batches of `LARGE_BATCH` (one worker process only).
+    notify_cpu_large: Option<f64>,
+    notify_p99_ms_large: Option<f64>,
 }
 
 pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), String> {
@@ -121,63 +130,85 @@ pub fn run(quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<(), Str
 fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Result<Round, String> {
     let shards = s.shards.to_string();
     let mut broker = None;
-    let mut run =
-        |topics: usize, events: u64, rate: Option<f64>, spin: bool| -> Result<Report, String> {
-            let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
-            let pid = server.child.id();
-            let rss = || proc_kib(&format!("/proc/{pid}/status"), "VmRSS:");
-            let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
-            warm.pin = Some(loadgen_cpu);
-            (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
-            // One event per topic first: what the broker holds per topic.
-            let before = rss();
-            warm.events = s.conns as u64;
-            let mut refused = loadgen::publish::run(&warm)?.refused;
-            if let (Some(before), Some(after), Ok(stats)) = (before, rss(), stats(&server.control))
-            {
-                let topics = stats["totals"]["broker_topics"].as_f64().unwrap_or(0.0);
-                let held = stats["totals"]["history_bytes"].as_f64().unwrap_or(0.0);
-                if topics > 0.0 && broker.is_none() {
-                    broker = Some((after.saturating_sub(before) as f64 / topics, held / topics));
-                }
+    let mut run = |topics: usize,
+                   events: u64,
+                   rate: Option<f64>,
+                   spin: bool,
+                   batch: usize|
+     -> Result<Report, String> {
+        let server = start_with(Kind::Ringgate, server_cpu, &["--shards", &shards])?;
+        let pid = server.child.id();
+        let rss = || proc_kib(&format!("/proc/{pid}/status"), "VmRSS:");
+        let mut warm = base_args(Scenario::Publish, &server.ws, &server.control, quick);
+        warm.pin = Some(loadgen_cpu);
+        (warm.topics, warm.batch, warm.publishers) = (s.conns, 1000, Some(1));
+        // One event per topic first: what the broker holds per topic.
+        let before = rss();
+        warm.events = s.conns as u64;
+        let mut refused = loadgen::publish::run(&warm)?.refused;
+        if let (Some(before), Some(after), Ok(stats)) = (before, rss(), stats(&server.control)) {
+            let topics = stats["totals"]["broker_topics"].as_f64().unwrap_or(0.0);
+            let held = stats["totals"]["history_bytes"].as_f64().unwrap_or(0.0);
+            if topics > 0.0 && broker.is_none() {
+                broker = Some((after.saturating_sub(before) as f64 / topics, held / topics));
             }
-            warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
-            refused += loadgen::publish::run(&warm)?.refused;
-            if refused > 0 {
-                return Err(format!("{refused} warm-up events were refused"));
-            }
-            let mut a = population_args(Scenario::Fanout, s, &server, quick, loadgen_cpu);
-            (a.topics, a.events, a.rate, a.spin) = (topics, events, rate, spin);
-            a.timeout = 300.0;
-            if topics > 1 {
-                (a.batch, a.publishers) = (BATCH, Some(if rate.is_some() { 4 } else { 2 }));
-            }
-            let r = loadgen::run(&a)?;
-            r.verdict()?;
-            Ok(r)
-        };
+        }
+        warm.events = WARM_UP_EVENTS_MAX.min(s.conns as u64 * 100);
+        refused += loadgen::publish::run(&warm)?.refused;
+        if refused > 0 {
+            return Err(format!("{refused} warm-up events were refused"));
+        }
+        let mut a = population_args(Scenario::Fanout, s, &server, quick, loadgen_cpu);
+        (a.topics, a.events, a.rate, a.spin) = (topics, events, rate, spin);
+        a.timeout = 300.0;
+        if topics > 1 {
+            (a.batch, a.publishers) = (batch, Some(if rate.is_some() { 4 } else { 2 }));
+        }
+        let r = loadgen::run(&a)?;
+        r.verdict()?;
+        Ok(r)
+    };
     let broadcast_rate = DELIVERIES_PER_SEC / s.conns as f64;
     let broadcast_events = (broadcast_rate * s.seconds).ceil() as u64;
     let notify_events = (DELIVERIES_PER_SEC * s.seconds) as u64;
-    let broadcast = run(1, broadcast_events, Some(broadcast_rate), false)?;
-    let paced = run(s.conns, notify_events, Some(DELIVERIES_PER_SEC), false)?;
-    let flat_out = run(s.conns, notify_events, None, false)?;
+    let broadcast = run(1, broadcast_events, Some(broadcast_rate), false, 1)?;
+    let paced = run(
+        s.conns,
+        notify_events,
+        Some(DELIVERIES_PER_SEC),
+        false,
+        BATCH,
+    )?;
+    let flat_out = run(s.conns, notify_events, None, false, BATCH)?;
     let half_max = match flat_out.deliveries_per_second {
         Some(max) => {
             let rate = max / 2.0;
-            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate), false)?;
+            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate), false, BATCH)?;
             r.latency_ms.as_ref().map(|p| p.p99)
         }
         None => None,
     };
     // A spinning worker keeps the load generator's CPU busy: one only.
-    let (broadcast_spin, paced_spin) = if s.procs == 1 {
+    let (broadcast_spin, paced_spin, paced_large) = if s.procs == 1 {
         (
-            Some(run(1, broadcast_events, Some(broadcast_rate), true)?),
-            Some(run(s.conns, notify_events, Some(DELIVERIES_PER_SEC), true)?),
+            Some(run(1, broadcast_events, Some(broadcast_rate), true, 1)?),
+            Some(run(
+                s.conns,
+                notify_events,
+                Some(DELIVERIES_PER_SEC),
+                true,
+                BATCH,
+            )?),
+            Some(run(
+                s.conns,
+                notify_events,
+                Some(DELIVERIES_PER_SEC),
+                false,
+                LARGE_BATCH,
+            )?),
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
     // The floor needs every socket in one process: only under the open-file limit.
     let (floor_us, notify_floor_us) = if s.conns <= 10_000 {
@@ -209,6 +240,10 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
             .as_ref()
             .and_then(|r| r.server_cpu_us_per_message),
         notify_p99_ms_spin: paced_spin.and_then(|r| r.latency_ms.map(|p| p.p99)),
+        notify_cpu_large: paced_large
+            .as_ref()
+            .and_then(|r| r.server_cpu_us_per_message),
+        notify_p99_ms_large: paced_large.and_then(|r| r.latency_ms.map(|p| p.p99)),
     })
 }
 
@@ -318,6 +353,23 @@ fn print(s: &Scale, rounds: &[Round]) {
         println!(
             "    notify: publish-to-receive p99             {} ms   runs {p99_spin_runs:.2?} (target under 10 ms)",
             show(p99_spin)
+        );
+    }
+    let (large, large_runs) = col(|r| r.notify_cpu_large);
+    let (p99_large, p99_large_runs) = col(|r| r.notify_p99_ms_large);
+    if let (Some(b), Some(n)) = (bcast, large) {
+        println!("  the same in batches of {LARGE_BATCH} (a tenth of the requests):");
+        println!(
+            "    notify: CPU / delivery                     {} us   runs {large_runs:.2?}",
+            human(n)
+        );
+        println!(
+            "    notify / broadcast CPU per delivery        {:.2}x (target at most 1.3x)",
+            n / b
+        );
+        println!(
+            "    notify: publish-to-receive p99             {} ms   runs {p99_large_runs:.2?} (target under 10 ms)",
+            show(p99_large)
         );
     }
     println!(
