@@ -244,6 +244,78 @@ mod tests {
     }
 
     #[test]
+    fn random_lines_in_the_usual_form_parse_as_the_general_parser_would() {
+        // Lines near the usual form: its pieces, each sometimes swapped for
+        // another fragment, joined.
+        const FRAGMENTS: [&str; 16] = [
+            "\"",
+            "\\",
+            ",",
+            ":",
+            "}",
+            "{",
+            "[",
+            "]",
+            " ",
+            "\t",
+            "1",
+            "1E400",
+            "é",
+            "\"data\"",
+            "\"topic\"",
+            "\u{1}",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let (mut usual, mut tried) = (0, 0);
+        for _ in 0..20_000 {
+            let pieces = [
+                "{\"topic\":\"",
+                "a",
+                "b",
+                "\",\"data\":",
+                "[",
+                "1",
+                "]",
+                "}",
+            ];
+            let mut line = String::new();
+            for piece in pieces {
+                match next(8) {
+                    0 => line.push_str(FRAGMENTS[next(FRAGMENTS.len())]),
+                    1 => {}
+                    2 => {
+                        line.push_str(piece);
+                        line.push_str(FRAGMENTS[next(FRAGMENTS.len())]);
+                    }
+                    _ => line.push_str(piece),
+                }
+            }
+            tried += 1;
+            let general = serde_json::from_str::<Line<'_>>(&line)
+                .ok()
+                .map(|l| (l.topic.into_owned(), l.data.get().to_string()));
+            if let Some((topic, data)) = usual_form(&line) {
+                usual += 1;
+                assert_eq!(
+                    general,
+                    Some((topic.to_string(), data.get().to_string())),
+                    "{line:?}"
+                );
+            }
+        }
+        assert!(
+            usual > tried / 20,
+            "the usual form was tried: {usual} of {tried}"
+        );
+    }
+
+    #[test]
     fn a_batch_is_bounded() {
         assert_eq!(parse(b"\n \n", 10).unwrap_err().0, 400);
         assert_eq!(parse(b"\xff", 10).unwrap_err().0, 400);
