@@ -40,9 +40,10 @@ pub fn topic_hash(name: &str) -> u64 {
     HASHER.hash_one(name)
 }
 
-/// A topic name with its [`topic_hash`], hashed once and used by every table
-/// that finds topics by it (the broker's topic table, the route filters): a
-/// publish hashes its topic once.
+/// A topic name with its [`topic_hash`], hashed once and used by both of the
+/// broker's tables that find topics by it (its topic table, the route
+/// filters). Each shard the event goes to hashes the name again for its own
+/// index.
 #[derive(Clone, Copy, Debug)]
 pub struct HashedTopic<'a> {
     name: &'a str,

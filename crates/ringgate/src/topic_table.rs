@@ -220,8 +220,8 @@ pub struct TooManyTopics;
 
 pub struct TopicTable {
     /// Each topic's index, found by its `topic_hash` (shared with routing, so
-    /// a publish hashes once) and compared by the state's name: four bytes a
-    /// topic, and no separate name to miss in the cache.
+    /// the broker hashes a published topic once) and compared by the state's
+    /// name: four bytes a topic where a map entry took 24.
     ids: HashTable<u32>,
     topics: Slab<TopicState>,
     limits: HistoryLimits,
@@ -229,7 +229,7 @@ pub struct TopicTable {
     /// The clock's zero.
     start: Instant,
     epochs: EpochMaker,
-    /// Topics holding history, least recently published first.
+    /// Topics holding history, least recently published first (to the second).
     published: List,
     /// Topics no shard announced, longest quiet first.
     quiet: List,
@@ -540,8 +540,8 @@ impl TopicTable {
         true
     }
 
-    /// Drops the oldest events of the least recently published topics until
-    /// the histories fit `--history-memory`.
+    /// Drops the oldest events of the least recently published topics (to the
+    /// second) until the histories fit `--history-memory`.
     fn enforce_memory(&mut self) {
         while self.history_bytes > self.limits.memory {
             let id = self.published.head;
