@@ -212,7 +212,7 @@ pub struct Cli {
     pub history_ttl: Duration,
 
     /// Bytes all histories hold together; past it the oldest events of the least recently
-    /// published topics (to the second) go first.
+    /// published topics go first.
     #[arg(long, env = "RINGGATE_HISTORY_MEMORY", default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
     pub history_memory: u64,
 

@@ -12,9 +12,9 @@
 //!
 //! Layout, for a million topics: states live in a slab, found by name through a
 //! table of indexes; two intrusive lists thread through them, kept in order by
-//! moving a topic to the back when it is touched: topics holding history, least
-//! recently published first (to the second: moved once a second at most), and
-//! topics no shard announced, longest quiet first. Every bound is then O(1) per topic dropped, at 16 bytes of links per
+//! moving a topic to the back whenever it is touched: topics holding history,
+//! least recently published first, and topics no shard announced, longest quiet
+//! first. Every bound is then O(1) per topic dropped, at 16 bytes of links per
 //! topic. Times are whole seconds since the table was made (rounded up).
 
 use std::hash::{BuildHasher, Hasher};
@@ -229,7 +229,7 @@ pub struct TopicTable {
     /// The clock's zero.
     start: Instant,
     epochs: EpochMaker,
-    /// Topics holding history, least recently published first (to the second).
+    /// Topics holding history, least recently published first.
     published: List,
     /// Topics no shard announced, longest quiet first.
     quiet: List,
@@ -375,7 +375,6 @@ impl TopicTable {
         let id = self.entry(topic, now)?;
         let state = &mut self.topics[id as usize];
         let before = (state.history.bytes(), state.history.len());
-        let moved_this_second = state.last_publish == now;
         state.seq += 1;
         state.last_publish = now;
         let seq = state.seq;
@@ -392,12 +391,11 @@ impl TopicTable {
         let held = !state.history.is_empty();
         let (name, epoch) = (state.name.clone(), state.epoch);
         self.account(id, before);
-        // The most recently published topic goes to the back of the list, once
-        // a second: the list stays in the order of `last_publish` (what expiry
-        // and eviction need), and a busy topic does not touch its neighbours'
-        // links on every event.
+        // The most recently published topic goes to the back of the list, on
+        // every publish: moving it only once a second would leave a busy topic
+        // at the head all second, to be drained of its whole history by the
+        // memory bound (`a_busy_topic_keeps_its_history_under_the_memory_bound`).
         match (before.1 > 0, held) {
-            (true, true) if moved_this_second => {}
             (true, true) => self.published.move_to_back(&mut self.topics, id),
             (false, true) => self.published.push_back(&mut self.topics, id),
             (_, false) => {}
@@ -540,8 +538,8 @@ impl TopicTable {
         true
     }
 
-    /// Drops the oldest events of the least recently published topics (to the
-    /// second) until the histories fit `--history-memory`.
+    /// Drops the oldest events of the least recently published topics until
+    /// the histories fit `--history-memory`.
     fn enforce_memory(&mut self) {
         while self.history_bytes > self.limits.memory {
             let id = self.published.head;
