@@ -290,6 +290,25 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
+/// A paced notification run's rows under its heading: CPU per delivery, its
+/// ratio to `broadcast`'s, and the p99 (medians, with every run's figure).
+fn print_notify(broadcast: f64, cpu: (Option<f64>, Vec<f64>), p99: (Option<f64>, Vec<f64>)) {
+    let (Some(n), runs) = cpu else { return };
+    println!(
+        "    notify: CPU / delivery                     {} us   runs {runs:.2?}",
+        human(n)
+    );
+    println!(
+        "    notify / broadcast CPU per delivery        {:.2}x (target at most 1.3x)",
+        n / broadcast
+    );
+    let (p99, runs) = p99;
+    println!(
+        "    notify: publish-to-receive p99             {} ms   runs {runs:.2?} (target under 10 ms)",
+        p99.map_or("-".to_string(), human)
+    );
+}
+
 fn print(s: &Scale, rounds: &[Round]) {
     let col = |f: fn(&Round) -> Option<f64>| -> (Option<f64>, Vec<f64>) {
         let v: Vec<f64> = rounds.iter().filter_map(f).collect();
@@ -334,43 +353,23 @@ fn print(s: &Scale, rounds: &[Round]) {
         show(p99)
     );
     let (bcast_spin, bcast_spin_runs) = col(|r| r.broadcast_cpu_spin);
-    let (notify_spin, notify_spin_runs) = col(|r| r.notify_cpu_spin);
-    let (p99_spin, p99_spin_runs) = col(|r| r.notify_p99_ms_spin);
-    if let (Some(b), Some(n)) = (bcast_spin, notify_spin) {
+    if let Some(b) = bcast_spin {
         println!("  the same with the clients spinning (no wake-ups charged to the server):");
         println!(
             "    broadcast: CPU / delivery                  {} us   runs {bcast_spin_runs:.2?}",
             human(b)
         );
-        println!(
-            "    notify: CPU / delivery                     {} us   runs {notify_spin_runs:.2?}",
-            human(n)
-        );
-        println!(
-            "    notify / broadcast CPU per delivery        {:.2}x (target at most 1.3x)",
-            n / b
-        );
-        println!(
-            "    notify: publish-to-receive p99             {} ms   runs {p99_spin_runs:.2?} (target under 10 ms)",
-            show(p99_spin)
-        );
+        print_notify(b, col(|r| r.notify_cpu_spin), col(|r| r.notify_p99_ms_spin));
     }
-    let (large, large_runs) = col(|r| r.notify_cpu_large);
-    let (p99_large, p99_large_runs) = col(|r| r.notify_p99_ms_large);
-    if let (Some(b), Some(n)) = (bcast, large) {
-        println!("  the same in batches of {LARGE_BATCH} (a tenth of the requests):");
-        println!(
-            "    notify: CPU / delivery                     {} us   runs {large_runs:.2?}",
-            human(n)
-        );
-        println!(
-            "    notify / broadcast CPU per delivery        {:.2}x (target at most 1.3x)",
-            n / b
-        );
-        println!(
-            "    notify: publish-to-receive p99             {} ms   runs {p99_large_runs:.2?} (target under 10 ms)",
-            show(p99_large)
-        );
+    if let Some(b) = bcast {
+        if rounds.iter().any(|r| r.notify_cpu_large.is_some()) {
+            println!("  the same in batches of {LARGE_BATCH} (a tenth of the requests):");
+            print_notify(
+                b,
+                col(|r| r.notify_cpu_large),
+                col(|r| r.notify_p99_ms_large),
+            );
+        }
     }
     println!(
         "  notify flat out: deliveries/s                {}   runs {max_runs:.0?} (target 100,000 on one shard)",

@@ -201,6 +201,23 @@ mod tests {
         );
     }
 
+    /// Whether `usual_form` took the line, having checked that it took it as
+    /// the general parser does.
+    fn split_as_parsed(line: &str) -> bool {
+        let general = serde_json::from_str::<Line<'_>>(line)
+            .ok()
+            .map(|l| (l.topic.into_owned(), l.data.get().to_string()));
+        let Some((topic, data)) = usual_form(line) else {
+            return false;
+        };
+        assert_eq!(
+            general,
+            Some((topic.to_string(), data.get().to_string())),
+            "{line:?}"
+        );
+        true
+    }
+
     #[test]
     fn lines_in_the_usual_form_parse_as_the_general_parser_would() {
         let lines = [
@@ -223,20 +240,7 @@ mod tests {
             r#"{"data":1,"topic":"a"}"#,
             r#"{"topic":"a","topic":"b","data":1}"#,
         ];
-        let mut usual = 0;
-        for line in lines {
-            let general = serde_json::from_str::<Line<'_>>(line)
-                .ok()
-                .map(|l| (l.topic.into_owned(), l.data.get().to_string()));
-            if let Some((topic, data)) = usual_form(line) {
-                usual += 1;
-                assert_eq!(
-                    general,
-                    Some((topic.to_string(), data.get().to_string())),
-                    "{line}"
-                );
-            }
-        }
+        let usual = lines.into_iter().filter(|l| split_as_parsed(l)).count();
         assert_eq!(
             usual, 5,
             "the forms left to the general parser are not taken"
@@ -297,17 +301,7 @@ mod tests {
                 }
             }
             tried += 1;
-            let general = serde_json::from_str::<Line<'_>>(&line)
-                .ok()
-                .map(|l| (l.topic.into_owned(), l.data.get().to_string()));
-            if let Some((topic, data)) = usual_form(&line) {
-                usual += 1;
-                assert_eq!(
-                    general,
-                    Some((topic.to_string(), data.get().to_string())),
-                    "{line:?}"
-                );
-            }
+            usual += usize::from(split_as_parsed(&line));
         }
         assert!(
             usual > tried / 20,
