@@ -38,9 +38,9 @@ struct Line<'a> {
 /// The line as publishers write it, `{"topic":"T","data":D}` with no escape or
 /// control character in T and nothing between the keys, taken apart without
 /// the general parser's field matching (a large share of its time on such
-/// short lines); D is still parsed as the general parser parses it. `None` for any other form,
-/// which the general parser then decides: whatever this accepts, it accepts
-/// the same way (`lines_in_the_usual_form_parse_as_the_general_parser_would`).
+/// short lines); D is still parsed as the general parser parses it. `None` for
+/// any other form, which the general parser then decides: whatever this
+/// accepts, it accepts the same way (the tests below hold it to that).
 fn usual_form(line: &str) -> Option<(&str, &RawValue)> {
     let rest = line.strip_prefix(r#"{"topic":""#)?;
     let end = rest.find('"')?;
