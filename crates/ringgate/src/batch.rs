@@ -41,7 +41,7 @@ struct Line<'a> {
 /// short lines); D is still parsed as the general parser parses it. `None` for
 /// any other form, which the general parser then decides: whatever this
 /// accepts, it accepts the same way (the tests below hold it to that).
-fn usual_form(line: &str) -> Option<(&str, &RawValue)> {
+fn usual_form(line: &str) -> Option<Line<'_>> {
     let rest = line.strip_prefix(r#"{"topic":""#)?;
     let end = rest.find('"')?;
     let (topic, rest) = rest.split_at(end);
@@ -52,7 +52,15 @@ fn usual_form(line: &str) -> Option<(&str, &RawValue)> {
     // JSON's whitespace only, as the general parser skips.
     let data = data.trim_matches([' ', '\t', '\n', '\r']);
     let data = serde_json::from_str::<&RawValue>(data).ok()?;
-    Some((topic, data))
+    Some(Line {
+        topic: Cow::Borrowed(topic),
+        data,
+    })
+}
+
+/// A line as `Line`: by `usual_form` where it can, else by serde.
+fn parse_line(line: &str) -> serde_json::Result<Line<'_>> {
+    usual_form(line).map_or_else(|| serde_json::from_str(line), Ok)
 }
 
 /// A line parsed: its topic (if it had one) and its data, or why it is refused.
@@ -78,35 +86,24 @@ fn parse(body: &[u8], message_bytes_max: usize) -> Result<Vec<Parsed<'_>>, (u16,
         ));
     }
     let mut parsed = Vec::with_capacity(count);
-    let general = |line| serde_json::from_str::<Line<'_>>(line);
-    parsed.extend(lines().map(|line| {
-        match usual_form(line).map_or_else(
-            || general(line),
-            |(topic, data)| {
-                Ok(Line {
-                    topic: Cow::Borrowed(topic),
-                    data,
-                })
-            },
-        ) {
-            Err(e) => {
-                // Name the topic in the answer when the line has one.
-                let topic = serde_json::from_str::<Value>(line)
-                    .ok()
-                    .and_then(|v| Some(Cow::Owned(v.get("topic")?.as_str()?.to_string())));
-                (topic, Err(format!("not {{\"topic\":T,\"data\":D}}: {e}")))
-            }
-            Ok(Line { topic, data }) => {
-                let data = data.get();
-                let checked = if data.len() > message_bytes_max {
-                    Err(format!(
-                        "the event is larger than --max-message-size ({message_bytes_max} bytes)"
-                    ))
-                } else {
-                    EventData::json(data).map_err(str::to_string)
-                };
-                (Some(topic), checked)
-            }
+    parsed.extend(lines().map(|line| match parse_line(line) {
+        Err(e) => {
+            // Name the topic in the answer when the line has one.
+            let topic = serde_json::from_str::<Value>(line)
+                .ok()
+                .and_then(|v| Some(Cow::Owned(v.get("topic")?.as_str()?.to_string())));
+            (topic, Err(format!("not {{\"topic\":T,\"data\":D}}: {e}")))
+        }
+        Ok(Line { topic, data }) => {
+            let data = data.get();
+            let checked = if data.len() > message_bytes_max {
+                Err(format!(
+                    "the event is larger than --max-message-size ({message_bytes_max} bytes)"
+                ))
+            } else {
+                EventData::json(data).map_err(str::to_string)
+            };
+            (Some(topic), checked)
         }
     }));
     Ok(parsed)
@@ -207,7 +204,7 @@ mod tests {
         let general = serde_json::from_str::<Line<'_>>(line)
             .ok()
             .map(|l| (l.topic.into_owned(), l.data.get().to_string()));
-        let Some((topic, data)) = usual_form(line) else {
+        let Some(Line { topic, data }) = usual_form(line) else {
             return false;
         };
         assert_eq!(
