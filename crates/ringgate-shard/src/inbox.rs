@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::routes::HashedTopic;
 use crate::sys;
 use crate::upstream::SubscribeAnswer;
 
@@ -30,6 +31,10 @@ pub enum Command {
     Deliver {
         /// The topic.
         topic: Arc<str>,
+        /// `topic`'s [`crate::topic_hash`], computed once by the publisher: the
+        /// shard finds the topic by it without hashing the name again. Made by
+        /// [`Command::deliver`], which holds the two together.
+        hash: u64,
         /// The event's number in its topic.
         seq: u64,
         /// The frame, shared by every shard it goes to and every subscriber.
@@ -42,6 +47,25 @@ pub enum Command {
 }
 
 impl Command {
+    /// The delivery of `frame`, event `seq` of `topic` (`name`, the publisher's
+    /// shared copy of the same name), to the shard's subscribers.
+    pub fn deliver(
+        topic: HashedTopic<'_>,
+        name: &Arc<str>,
+        seq: u64,
+        frame: Bytes,
+        published_ns: u64,
+    ) -> Command {
+        assert_eq!(topic.name(), &**name, "a delivery's hash is its topic's");
+        Command::Deliver {
+            topic: name.clone(),
+            hash: topic.hash(),
+            seq,
+            frame,
+            published_ns,
+        }
+    }
+
     /// The bytes this command will put in send queues per subscriber.
     fn bytes(&self) -> usize {
         match self {
@@ -260,12 +284,13 @@ mod tests {
     use super::*;
 
     fn deliver(n: u8) -> Command {
-        Command::Deliver {
-            topic: Arc::from("t"),
-            seq: u64::from(n),
-            frame: Bytes::from(vec![n; usize::from(n)]),
-            published_ns: 0,
-        }
+        Command::deliver(
+            HashedTopic::new("t"),
+            &Arc::from("t"),
+            u64::from(n),
+            Bytes::from(vec![n; usize::from(n)]),
+            0,
+        )
     }
 
     /// The doorbell's count (reset by reading it), 0 if it has not rung.

@@ -47,8 +47,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
-
 pub use config::{ShardConfig, SlowConsumer};
 pub use inbox::{Command, Reservation};
 pub use kernel::Features;
@@ -195,23 +193,6 @@ impl ShardSender {
     /// the lock subscribes are answered under.
     pub fn may_hold(&self, hash: u64) -> bool {
         self.routes.may_hold(hash)
-    }
-
-    /// Queues an encoded event frame for the shard's subscribers of `topic`.
-    /// A full inbox hands the command back.
-    pub fn deliver(
-        &self,
-        topic: Arc<str>,
-        seq: u64,
-        frame: Bytes,
-        published_ns: u64,
-    ) -> Result<(), Command> {
-        self.inbox.push(Command::Deliver {
-            topic,
-            seq,
-            frame,
-            published_ns,
-        })
     }
 
     /// Queues the answer to a subscribe this shard forwarded (never refused:

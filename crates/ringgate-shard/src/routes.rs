@@ -42,8 +42,8 @@ pub fn topic_hash(name: &str) -> u64 {
 
 /// A topic name with its [`topic_hash`], hashed once and used by both of the
 /// broker's tables that find topics by it (its topic table, the route
-/// filters). Each shard the event goes to hashes the name again for its own
-/// index.
+/// filters); the deliveries carry the hash on, and each shard finds the topic
+/// in its own index by it (`Command::deliver`).
 #[derive(Clone, Copy, Debug)]
 pub struct HashedTopic<'a> {
     name: &'a str,

@@ -346,7 +346,12 @@ impl TopicIndex {
     /// broker will be told, `take_changes`), and returns its slab index (its
     /// subscribers: [`Self::subscribers_of`]): one lookup for a delivery.
     pub fn announce(&mut self, name: &str) -> Option<u32> {
-        let hash = self.hash(name);
+        self.announce_hashed(name, self.hash(name))
+    }
+
+    /// [`Self::announce`] with `name`'s hash at hand (a delivery carries it).
+    pub fn announce_hashed(&mut self, name: &str, hash: u64) -> Option<u32> {
+        debug_assert_eq!(hash, self.hash(name), "a topic's hash is topic_hash");
         let id = self.ids.find_mut(hash, names(&self.topics, name))?;
         let index = *id & !ANNOUNCED;
         if *id & ANNOUNCED == 0 {

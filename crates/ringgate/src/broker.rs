@@ -262,12 +262,13 @@ impl Broker {
                     .map_err(|TooManyTopics| PublishError::TooManyTopics)
                     .map(|numbered| {
                         for &s in to {
-                            reservations[s].stage(Command::Deliver {
-                                topic: numbered.name.clone(),
-                                seq: numbered.seq,
-                                frame: numbered.frame.clone(),
+                            reservations[s].stage(Command::deliver(
+                                hashed,
+                                &numbered.name,
+                                numbered.seq,
+                                numbered.frame.clone(),
                                 published_ns,
-                            });
+                            ));
                         }
                         Published {
                             seq: numbered.seq,

@@ -57,10 +57,11 @@ impl Shard {
             match command {
                 Command::Deliver {
                     topic,
+                    hash,
                     seq: _,
                     frame,
                     published_ns,
-                } => self.deliver(&topic, &frame, published_ns),
+                } => self.deliver(&topic, hash, &frame, published_ns),
                 Command::Subscribed(answer) => self.on_subscribed(*answer),
             }
         }

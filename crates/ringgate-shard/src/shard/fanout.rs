@@ -37,15 +37,16 @@ impl Shard {
         }
     }
 
-    /// Queues `frame` on every open local subscriber of `topic`.
-    pub(super) fn deliver(&mut self, topic: &str, frame: &Bytes, published_ns: u64) {
+    /// Queues `frame` on every open local subscriber of `topic` (`hash`, its
+    /// `topic_hash`).
+    pub(super) fn deliver(&mut self, topic: &str, hash: u64, frame: &Bytes, published_ns: u64) {
         let limits = QueueLimits::of(self);
         // The keys are copied out (a memcpy, 4 bytes per subscriber) so each
         // subscriber can be handled with the whole shard at hand. Subscribers
         // here now hold this topic's numbering: it is announced to the broker,
         // which must keep it (see topics.rs).
         let mut keys = std::mem::take(&mut self.fanout_keys);
-        let id = self.topics.announce(topic);
+        let id = self.topics.announce_hashed(topic, hash);
         if let Some(id) = id {
             keys.extend_from_slice(self.topics.subscribers_of(id));
         }

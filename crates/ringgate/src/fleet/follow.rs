@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringgate_shard::{
-    clock_ns, event_frame, gap_notice, topic_hash, Command, EventData, Recovery, ShardSender,
+    clock_ns, event_frame, gap_notice, Command, EventData, HashedTopic, Recovery, ShardSender,
     SubscribeAnswer, SubscribeRequest,
 };
 
@@ -813,7 +813,8 @@ fn set_phase(live: &mut usize, f: &mut Follow, phase: Phase) {
 /// Hands `frame` to every shard that may hold subscribers of `topic`, or to
 /// none when one of their inboxes is full.
 fn deliver(shards: &[ShardSender], topic: &Arc<str>, seq: u64, frame: Bytes) -> bool {
-    let hash = topic_hash(topic);
+    let hashed = HashedTopic::new(topic);
+    let hash = hashed.hash();
     // Each filter read once: a count changing between two reads could leave a
     // shard that holds the topic without the event, or stall it for nothing.
     let mut routed = 0;
@@ -828,12 +829,13 @@ fn deliver(shards: &[ShardSender], topic: &Arc<str>, seq: u64, frame: Bytes) -> 
     }
     let published_ns = clock_ns();
     for reservation in reservations {
-        reservation.push(Command::Deliver {
-            topic: topic.clone(),
+        reservation.push(Command::deliver(
+            hashed,
+            topic,
             seq,
-            frame: frame.clone(),
+            frame.clone(),
             published_ns,
-        });
+        ));
     }
     true
 }

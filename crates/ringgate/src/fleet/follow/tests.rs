@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringgate_shard::{Command, Recovery, ShardSender, Since, SubscribeRequest};
+use ringgate_shard::{topic_hash, Command, Recovery, ShardSender, Since, SubscribeRequest};
 use serde_json::Value;
 
 use super::*;
