@@ -562,7 +562,8 @@ pub(crate) fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
 }
 
 /// One unmasked frame whose payload is `parts` one after the other, built in
-/// a single allocation (an event's frame is built once per publish).
+/// a single allocation with its reference count when small (an event's frame
+/// is built once per publish: `one_alloc`).
 pub(crate) fn frame_of_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     let payload_len: usize = parts.iter().map(|p| p.len()).sum();
     let header = FrameHeader {
@@ -573,13 +574,17 @@ pub(crate) fn frame_of_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     };
     let mut head = [0u8; ringgate_codec::HEADER_BYTES_MAX];
     let head_len = encode_header(&header, &mut head);
-    let mut out = Vec::with_capacity(head_len + payload_len);
-    out.extend_from_slice(&head[..head_len]);
-    for part in parts {
-        out.extend_from_slice(part);
+    // The header and at most seven parts (an event's frame) without allocating.
+    let mut all: [&[u8]; 8] = [&[]; 8];
+    if parts.len() < all.len() {
+        all[0] = &head[..head_len];
+        all[1..=parts.len()].copy_from_slice(parts);
+        crate::one_alloc::concat(&all[..=parts.len()])
+    } else {
+        let mut all = vec![&head[..head_len]];
+        all.extend_from_slice(parts);
+        crate::one_alloc::concat(&all)
     }
-    assert_eq!(out.len(), head_len + payload_len, "the frame is its parts");
-    Bytes::from(out)
 }
 
 pub(crate) fn control_frame(opcode: OpCode, payload: &[u8]) -> Bytes {

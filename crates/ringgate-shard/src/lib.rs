@@ -29,6 +29,7 @@ mod inbox;
 mod input;
 mod kernel;
 pub mod limits;
+mod one_alloc;
 pub mod peers;
 mod pubsub;
 mod routes;
