@@ -33,7 +33,8 @@ pub enum Command {
         topic: Arc<str>,
         /// `topic`'s [`crate::topic_hash`], computed once by the publisher: the
         /// shard finds the topic by it without hashing the name again. Made by
-        /// [`Command::deliver`], which holds the two together.
+        /// [`Command::deliver`], which holds the two together (one made by hand
+        /// with another hash would reach nobody; debug builds check it).
         hash: u64,
         /// The event's number in its topic.
         seq: u64,

@@ -254,11 +254,12 @@ pub fn start(
     let cpus = sys::cpu_count();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut shards = Vec::with_capacity(count);
+    let mut filters = RouteFilter::with_writers(count).into_iter();
     for (id, listener) in listeners.into_iter().enumerate() {
         let mut shard_cfg = cfg.clone();
         shard_cfg.cpu = cfg.cpu.map(|base| (base + id) % cpus);
         let inbox = Arc::new(Inbox::new(cfg.inbox_capacity).map_err(|e| StartError::Shard(id, e))?);
-        let (routes, writer) = RouteFilter::with_writer();
+        let (routes, writer) = filters.next().expect("a filter per shard");
         let stats = Arc::new(ShardStats::default());
         let init = ShardInit {
             id,

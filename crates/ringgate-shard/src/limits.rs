@@ -133,7 +133,8 @@ const _: () = assert!(SUBSCRIBES_PENDING_MAX <= UPSTREAM_CAPACITY);
 /// Buckets in a shard's route filter (`routes.rs`): a count of the topics
 /// this shard holds (or has asked the broker about) per bucket of topic hashes,
 /// which the broker reads to hand an event only to shards that may have its
-/// subscribers. One byte each, 128 KiB per shard. A topic hashing into a
+/// subscribers. One byte each, 128 KiB per shard (every shard's count of a
+/// bucket side by side in one array, `routes.rs`). A topic hashing into a
 /// bucket some other topic of the shard holds is a false positive (the event
 /// goes to the shard, which finds nobody, as every shard did before the
 /// filter): with T topics on a shard about 1 - e^(-T/ROUTE_BUCKETS) of the

@@ -25,6 +25,15 @@
 //! subscribes to one topic in flight at once) is kept by the writer in a map of
 //! its own, the shared byte staying at 255 until the count is back under it:
 //! exact, and the map is empty but for such moments.
+//!
+//! Layout: the filters of a process's shards share one array, bucket by
+//! bucket, each bucket's counts for every shard side by side. The broker reads
+//! one topic's bucket for every shard on every publish: adjacent bytes, one
+//! cache line (two where they straddle one), where a filter of its own per
+//! shard cost a miss per shard once the filters outgrew the cache: at 64 shards
+//! (8 MiB of counts) about a quarter of the broker thread's time per event, at six
+//! (768 KiB) nothing measurable (BENCHMARKS.md 2026-12-02). Shards write
+//! only on subscribes and unsubscribes, each its own bytes of the shared lines.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -78,31 +87,58 @@ fn bucket(hash: u64) -> usize {
 
 /// What the broker reads: whether a topic may have subscribers on the shard.
 pub struct RouteFilter {
-    counts: Box<[AtomicU8]>,
+    /// Every filter's counts of the process, `shards` per bucket (module doc).
+    counts: Arc<[AtomicU8]>,
+    shards: usize,
+    /// This filter's place among them.
+    shard: usize,
     /// Every topic may (a sender no shard drains, or a filter nobody writes).
     everything: bool,
 }
 
 impl RouteFilter {
-    /// A filter and its only writer.
+    /// The filters of `shards` shards (their counts interleaved), each with its
+    /// only writer.
+    pub fn with_writers(shards: usize) -> Vec<(Arc<RouteFilter>, RouteWriter)> {
+        assert!(shards > 0, "at least one shard");
+        let counts: Arc<[AtomicU8]> = (0..ROUTE_BUCKETS * shards)
+            .map(|_| AtomicU8::new(0))
+            .collect();
+        (0..shards)
+            .map(|shard| {
+                let filter = Arc::new(RouteFilter {
+                    counts: counts.clone(),
+                    shards,
+                    shard,
+                    everything: false,
+                });
+                let writer = RouteWriter {
+                    filter: filter.clone(),
+                    over: HashMap::new(),
+                };
+                (filter, writer)
+            })
+            .collect()
+    }
+
+    /// A filter of its own and its only writer.
     pub fn with_writer() -> (Arc<RouteFilter>, RouteWriter) {
-        let filter = Arc::new(RouteFilter {
-            counts: (0..ROUTE_BUCKETS).map(|_| AtomicU8::new(0)).collect(),
-            everything: false,
-        });
-        let writer = RouteWriter {
-            filter: filter.clone(),
-            over: HashMap::new(),
-        };
-        (filter, writer)
+        Self::with_writers(1).pop().expect("one filter")
     }
 
     /// A filter that lets every topic through (senders in tests).
     pub fn everything() -> Arc<RouteFilter> {
         Arc::new(RouteFilter {
-            counts: Box::new([]),
+            counts: Arc::new([]),
+            shards: 1,
+            shard: 0,
             everything: true,
         })
+    }
+
+    /// This filter's count of `bucket`.
+    fn count(&self, bucket: usize) -> &AtomicU8 {
+        &self.counts[bucket * self.shards + self.shard]
     }
 
     /// Whether the topic of `hash` may have subscribers on the shard (false:
@@ -111,7 +147,7 @@ impl RouteFilter {
         // Acquire: pairs with the shard's release of a count, though the
         // ordering that matters runs through the upstream channel and the
         // topic table's lock (module doc).
-        self.everything || self.counts[bucket(hash)].load(Ordering::Acquire) > 0
+        self.everything || self.count(bucket(hash)).load(Ordering::Acquire) > 0
     }
 }
 
@@ -134,7 +170,7 @@ impl RouteWriter {
     /// Counts a topic (of `hash`) in.
     pub fn add(&mut self, hash: u64) {
         let at = bucket(hash);
-        let count = &self.filter.counts[at];
+        let count = self.filter.count(at);
         let now = count.load(Ordering::Relaxed);
         if now == FULL {
             *self.over.entry(at).or_insert(0) += 1;
@@ -153,7 +189,7 @@ impl RouteWriter {
             }
             return;
         }
-        let count = &self.filter.counts[at];
+        let count = self.filter.count(at);
         let now = count.load(Ordering::Relaxed);
         assert!(now > 0, "a route counted out more often than in");
         count.store(now - 1, Ordering::Release);
@@ -168,7 +204,7 @@ impl RouteWriter {
     /// Every bucket's count, summed (tests).
     #[cfg(test)]
     pub(crate) fn counted(&self) -> usize {
-        let counts = self.filter.counts.iter();
+        let counts = (0..ROUTE_BUCKETS).map(|b| self.filter.count(b));
         let shared: usize = counts.map(|c| usize::from(c.load(Ordering::Relaxed))).sum();
         shared + self.over.values().map(|&n| n as usize).sum::<usize>()
     }
@@ -208,6 +244,41 @@ mod tests {
     fn counting_out_what_was_not_counted_in_is_a_bug() {
         let (_, mut writer) = RouteFilter::with_writer();
         writer.remove(topic_hash("a"));
+    }
+
+    #[test]
+    fn shards_sharing_the_counts_count_apart_side_by_side() {
+        let filters = RouteFilter::with_writers(3);
+        let (mut writers, filters): (Vec<_>, Vec<_>) = filters
+            .into_iter()
+            .map(|(filter, writer)| (writer, filter))
+            .unzip();
+        let a = topic_hash("a");
+        writers[1].add(a);
+        let holds: Vec<bool> = filters.iter().map(|f| f.may_hold(a)).collect();
+        assert_eq!(holds, [false, true, false], "only shard 1 counted it");
+        for _ in 0..300 {
+            writers[2].add(a);
+        }
+        assert_eq!(
+            writers.iter().map(RouteWriter::counted).collect::<Vec<_>>(),
+            [0, 1, 300]
+        );
+        for _ in 0..300 {
+            writers[2].remove(a);
+        }
+        writers[1].remove(a);
+        assert!(filters.iter().all(|f| !f.may_hold(a)));
+        // One bucket's counts for every shard are adjacent bytes: one line read.
+        let at = bucket(a);
+        let addresses: Vec<usize> = filters
+            .iter()
+            .map(|f| f.count(at) as *const _ as usize)
+            .collect();
+        assert_eq!(
+            addresses,
+            [addresses[0], addresses[0] + 1, addresses[0] + 2]
+        );
     }
 
     #[test]

@@ -14,9 +14,11 @@ use bytes::Bytes;
 /// What one held event costs beyond its frame, measured (release build, 100,000
 /// single-event topics and 99,000 more events; BENCHMARKS.md 2026-12-01): its
 /// 40-byte slot here with the ring's slack (up to twice that), the frame's
-/// reference count (12 bytes beside a frame of up to 508 bytes, which takes
-/// one allocation rounded up by at most 31: `one_alloc` in the shard crate; a
-/// 32-byte header of its own for a larger one), and the allocator's rounding.
+/// reference count (12 bytes beside a frame of up to 508 bytes, in one
+/// allocation rounded up by at most 31: `one_alloc` in the shard crate; a
+/// 32-byte header of its own for a larger one), and the allocator's 8-byte
+/// header and rounding. A ring at its most slack holding a frame at the end of
+/// its class costs a few bytes more; the figure is the measured one.
 pub const HELD_OVERHEAD_BYTES: usize = 128;
 
 struct Held {
