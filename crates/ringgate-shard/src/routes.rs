@@ -30,10 +30,11 @@
 //! bucket, each bucket's counts for every shard side by side. The broker reads
 //! one topic's bucket for every shard on every publish: adjacent bytes, one
 //! cache line (two where they straddle one), where a filter of its own per
-//! shard cost a miss per shard once the filters outgrew the cache: at 64 shards
-//! (8 MiB of counts) about a quarter of the broker thread's time per event, at six
-//! (768 KiB) nothing measurable (BENCHMARKS.md 2026-12-02). Shards write
-//! only on subscribes and unsubscribes, each its own bytes of the shared lines.
+//! shard cost a miss per shard once the filters outgrew the cache: at 64
+//! shards (8 MiB of counts) about a quarter of the broker thread's time per
+//! event, at six (768 KiB) nothing measurable (BENCHMARKS.md 2026-12-02).
+//! Shards write only on subscribes and unsubscribes, each its own bytes of the
+//! shared lines.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
