@@ -574,17 +574,7 @@ pub(crate) fn frame_of_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     };
     let mut head = [0u8; ringgate_codec::HEADER_BYTES_MAX];
     let head_len = encode_header(&header, &mut head);
-    // The header and at most seven parts (an event's frame) without allocating.
-    let mut all: [&[u8]; 8] = [&[]; 8];
-    if parts.len() < all.len() {
-        all[0] = &head[..head_len];
-        all[1..=parts.len()].copy_from_slice(parts);
-        crate::one_alloc::concat(&all[..=parts.len()])
-    } else {
-        let mut all = vec![&head[..head_len]];
-        all.extend_from_slice(parts);
-        crate::one_alloc::concat(&all)
-    }
+    crate::one_alloc::concat(&head[..head_len], parts)
 }
 
 pub(crate) fn control_frame(opcode: OpCode, payload: &[u8]) -> Bytes {

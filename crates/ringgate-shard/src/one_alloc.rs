@@ -38,15 +38,15 @@ impl<const N: usize> AsRef<[u8]> for Inline<N> {
     }
 }
 
-/// `parts` one after the other, `len` bytes in all, in a buffer of `N`.
-fn inline<const N: usize>(parts: &[&[u8]], len: usize) -> Bytes {
+/// `head` then `parts`, `len` bytes in all, in a buffer of `N`.
+fn inline<const N: usize>(head: &[u8], parts: &[&[u8]], len: usize) -> Bytes {
     assert!(len <= N, "the frame fits its class");
     let mut frame = Inline {
         len: u32::try_from(len).expect("inline frames are small"),
         bytes: [0; N],
     };
     let mut at = 0;
-    for part in parts {
+    for part in std::iter::once(&head).chain(parts) {
         frame.bytes[at..at + part.len()].copy_from_slice(part);
         at += part.len();
     }
@@ -54,9 +54,10 @@ fn inline<const N: usize>(parts: &[&[u8]], len: usize) -> Bytes {
     Bytes::from_owner(frame)
 }
 
-/// `parts` one after the other, `len` bytes, in a `Vec` of exactly that.
-fn vec(parts: &[&[u8]], len: usize) -> Bytes {
+/// `head` then `parts`, `len` bytes, in a `Vec` of exactly that.
+fn vec(head: &[u8], parts: &[&[u8]], len: usize) -> Bytes {
     let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(head);
     for part in parts {
         out.extend_from_slice(part);
     }
@@ -67,22 +68,23 @@ fn vec(parts: &[&[u8]], len: usize) -> Bytes {
 /// Picks the smallest class that holds `len` bytes (the classes in order, the
 /// last one [`INLINE_BYTES_MAX`]).
 macro_rules! by_class {
-    ($parts:expr, $len:expr; $($class:literal)*) => {
+    ($head:expr, $parts:expr, $len:expr; $($class:literal)*) => {
         match $len {
-            $(len if len <= $class => inline::<$class>($parts, len),)*
+            $(len if len <= $class => inline::<$class>($head, $parts, len),)*
             len => panic!("{len} bytes: INLINE_BYTES_MAX must be the last class"),
         }
     };
 }
 
-/// `parts` one after the other as one shared `Bytes`, in one allocation with
-/// its reference count when it is at most [`INLINE_BYTES_MAX`] bytes.
-pub fn concat(parts: &[&[u8]]) -> Bytes {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+/// `head` then `parts`, one after the other, as one shared `Bytes`: in one
+/// allocation with its reference count when it is at most
+/// [`INLINE_BYTES_MAX`] bytes. (A frame is its header and its payload's parts.)
+pub fn concat(head: &[u8], parts: &[&[u8]]) -> Bytes {
+    let len = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
     if len > INLINE_BYTES_MAX {
-        return vec(parts, len);
+        return vec(head, parts, len);
     }
-    by_class!(parts, len;
+    by_class!(head, parts, len;
         28 44 60 76 92 108 124 140 156 172 188 204 220 236 252
         284 316 348 380 412 444 476 508)
 }
@@ -103,7 +105,7 @@ mod tests {
             // Split in three uneven parts, some empty.
             let (a, rest) = whole.split_at(len / 3);
             let (b, c) = rest.split_at(rest.len() / 2);
-            let frame = concat(&[a, &[], b, c]);
+            let frame = concat(a, &[&[], b, c]);
             assert_eq!(&frame[..], &whole[..], "length {len}");
             let copy = frame.clone();
             drop(frame);
@@ -123,10 +125,10 @@ mod tests {
         // first byte sits 12 bytes past the count (8-byte count, 4-byte length).
         // A frame from a `Vec` starts its allocation, 16-byte aligned by glibc.
         for len in [1, 28, 29, 252, 253, INLINE_BYTES_MAX] {
-            let frame = concat(&[&vec![1u8; len]]);
+            let frame = concat(&[], &[&vec![1u8; len]]);
             assert_eq!(frame.as_ptr() as usize % 16, 12, "length {len} inline");
         }
-        let large = concat(&[&vec![1u8; INLINE_BYTES_MAX + 1]]);
+        let large = concat(&[1], &[&vec![1u8; INLINE_BYTES_MAX]]);
         assert_eq!(
             large.as_ptr() as usize % 16,
             0,
