@@ -103,3 +103,58 @@ fn a_batch_is_bounded_and_guarded() {
     let (status, _) = post(guarded.control, "/publish", b"{\"topic\":\"a\",\"data\":1}");
     assert_eq!(status, 401);
 }
+
+/// A batch far larger than the shards' inboxes (four places each here) waits
+/// for room instead of being refused (`--publish-wait`): every event is
+/// accepted, numbered in line order and delivered, and the wait is counted.
+#[test]
+fn a_batch_larger_than_the_inboxes_waits_for_room_and_loses_nothing() {
+    const EVENTS: u64 = 600;
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--inbox-capacity",
+        "4",
+        "--publish-wait",
+        "8s",
+    ]);
+    let readers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|topic| {
+            let mut s = raw_upgrade(&server, &format!("/ws?topics={topic}"));
+            std::thread::spawn(move || {
+                (0..EVENTS / 2)
+                    .map(|_| read_json(&mut s)["seq"].as_u64().unwrap())
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    server.wait_for(
+        "two subscriptions",
+        std::time::Duration::from_secs(5),
+        |s| s.total("subscriptions") == 2,
+    );
+    let body: String = (0..EVENTS)
+        .map(|i| {
+            format!(
+                "{{\"topic\":\"{}\",\"data\":{i}}}\n",
+                ["a", "b"][i as usize % 2]
+            )
+        })
+        .collect();
+    let (status, answer) = post(server.control, "/publish", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    let seqs: Vec<u64> = lines(&answer)
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (1..=EVENTS / 2).flat_map(|s| [s, s]).collect();
+    assert_eq!(seqs, expected, "each topic numbered in line order");
+    for reader in readers {
+        let got = reader.join().unwrap();
+        assert_eq!(got, (1..=EVENTS / 2).collect::<Vec<u64>>());
+    }
+    assert!(server.total("publish_waits_total") >= 1, "it had to wait");
+    assert_eq!(server.total("publish_rejected_total"), 0);
+    assert_eq!(server.total("publish_total"), EVENTS);
+}

@@ -121,7 +121,15 @@ fn publish_flood(
 /// `seq`: every subscriber, on both shards, sees exactly the events answered 200.
 #[test]
 fn a_refused_publish_reaches_nobody_and_leaves_no_gap() {
-    let server = Server::start(&["--shards", "2", "--inbox-capacity", "4"]);
+    // Refused at once: this is about what a refusal leaves behind.
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--inbox-capacity",
+        "4",
+        "--publish-wait",
+        "off",
+    ]);
     let subs: Vec<TcpStream> = (0..40)
         .map(|_| subscriber_with_rcvbuf(&server, "flood", 4 << 20))
         .collect();
@@ -195,6 +203,8 @@ fn sigterm_with_full_inboxes_exits_within_the_drain_timeout_and_publishes_get_50
         "2",
         "--inbox-capacity",
         "4",
+        "--publish-wait",
+        "off",
         "--drain-timeout",
         "2s",
     ]);

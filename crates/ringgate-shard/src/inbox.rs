@@ -216,6 +216,18 @@ impl Inbox {
         self.ring();
     }
 
+    /// Commands it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Places neither taken nor reserved now.
+    pub fn room(&self) -> usize {
+        let queue = self.lock();
+        self.capacity
+            .saturating_sub(queue.commands.len() + queue.reserved)
+    }
+
     /// Promises a place for one command, or `None` if the inbox is full.
     pub fn reserve(&self) -> Option<Reservation<'_>> {
         Some(self.reserve_up_to(1)).filter(|r| r.places() == 1)

@@ -216,6 +216,16 @@ impl ShardSender {
         self.inbox.reserve()
     }
 
+    /// Commands the shard's inbox holds at most (`--inbox-capacity`).
+    pub fn capacity(&self) -> usize {
+        self.inbox.capacity()
+    }
+
+    /// Free places in the shard's inbox now (a later reservation may find fewer).
+    pub fn room(&self) -> usize {
+        self.inbox.room()
+    }
+
     /// Promises up to `wanted` places in the shard's inbox (as many as are
     /// free), for a batch of commands committed together.
     pub fn reserve_up_to(&self, wanted: usize) -> Reservation<'_> {

@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ringgate_shard::{
     clock_ns, event_frame, valid_topic, Command, EventData, HashedTopic, ShardSender,
@@ -131,6 +131,15 @@ pub struct BrokerFigures {
     pub history_evicted: u64,
 }
 
+/// What a publish does with an event that finds an inbox full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenFull {
+    /// Refuses it ([`PublishError::Busy`]) and goes on with the next.
+    Refuse,
+    /// Stops before it, for the caller to wait for room.
+    Stop,
+}
+
 /// Events published under one lock of the topic table and committed to the
 /// inboxes together: bounds how long a subscribe waits behind a batch, and is
 /// the shard's whole turn of events (`INBOX_TURN_COMMANDS_MAX`, 64).
@@ -140,8 +149,13 @@ pub struct Broker {
     shards: Vec<ShardSender>,
     topics: Mutex<TopicTable>,
     draining: AtomicBool,
+    /// How long a control-plane publish waits for room in a full inbox
+    /// before refusing what is left (`--publish-wait`; `bus.rs`).
+    pub publish_wait: Duration,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
+    /// Control-plane publishes that found an inbox full and waited for room.
+    pub waited: AtomicU64,
 }
 
 impl Broker {
@@ -154,9 +168,17 @@ impl Broker {
             shards,
             topics: Mutex::new(table),
             draining: AtomicBool::new(false),
+            publish_wait: Duration::ZERO,
             published: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
         }
+    }
+
+    /// Lets control-plane publishes wait this long for room in a full inbox.
+    pub fn with_publish_wait(mut self, wait: Duration) -> Self {
+        self.publish_wait = wait;
+        self
     }
 
     /// Refuses every publish from now on (the shards are being drained).
@@ -196,27 +218,57 @@ impl Broker {
     /// Publishes events in order, each to all its shards or to none; one answer
     /// per event, in the same order. The events go in chunks of
     /// [`PUBLISH_CHUNK_EVENTS`]: one lock of the topic table, one reservation
-    /// and one doorbell per shard for the chunk, not per event.
+    /// and one doorbell per shard for the chunk, not per event. An event that
+    /// finds an inbox full is refused at once ([`PublishError::Busy`]).
     pub fn publish_many(
         &self,
         events: &[(&str, EventData<'_>)],
     ) -> Vec<Result<Published, PublishError>> {
         let mut answers = Vec::with_capacity(events.len());
         for chunk in events.chunks(PUBLISH_CHUNK_EVENTS) {
-            self.publish_chunk(chunk, &mut answers);
+            let stopped = self.publish_chunk(chunk, &mut answers, WhenFull::Refuse);
+            assert!(stopped.is_none(), "refusing never stops");
         }
-        let accepted = answers.iter().filter(|a| a.is_ok()).count() as u64;
-        self.published.fetch_add(accepted, Ordering::Relaxed);
-        self.rejected
-            .fetch_add(answers.len() as u64 - accepted, Ordering::Relaxed);
         answers
     }
 
+    /// As [`Broker::publish_many`], but stops at the first event that finds an
+    /// inbox full instead of refusing it: `answers` gets one answer per event
+    /// before it, and the result names the full inboxes' shards (`None`: every
+    /// event was answered). The caller waits for room and goes on from there
+    /// (`bus.rs`): the publisher is slowed to what the shards take.
+    pub fn publish_until_full(
+        &self,
+        events: &[(&str, EventData<'_>)],
+        answers: &mut Vec<Result<Published, PublishError>>,
+    ) -> Option<Vec<usize>> {
+        for chunk in events.chunks(PUBLISH_CHUNK_EVENTS) {
+            if let Some(full) = self.publish_chunk(chunk, answers, WhenFull::Stop) {
+                return Some(full);
+            }
+        }
+        None
+    }
+
+    /// Whether each of `shards` has room for half its inbox's capacity: what a
+    /// publish stopped by a full inbox waits for, so that it goes on with many
+    /// events at once, not one chunk per look.
+    pub fn has_room(&self, shards: &[usize]) -> bool {
+        shards.iter().all(|&s| {
+            let shard = &self.shards[s];
+            shard.room() >= shard.capacity().div_ceil(2)
+        })
+    }
+
+    /// Publishes `chunk` under one lock, appending an answer per event to
+    /// `answers`. With [`WhenFull::Stop`], the first event that finds an inbox
+    /// full ends it there, unanswered, and the full shards are returned.
     fn publish_chunk(
         &self,
         chunk: &[(&str, EventData<'_>)],
         answers: &mut Vec<Result<Published, PublishError>>,
-    ) {
+        when_full: WhenFull,
+    ) -> Option<Vec<usize>> {
         // Hashed before the lock; `None` for a bad topic.
         let hashed: Vec<Option<HashedTopic<'_>>> = chunk
             .iter()
@@ -239,22 +291,29 @@ impl Broker {
         };
         let now = Instant::now();
         let published_ns = clock_ns();
+        let (mut accepted, mut refused) = (0, 0);
+        let mut stopped = None;
         for (i, &(topic, data)) in chunk.iter().enumerate() {
             let to = routes.of(i);
             // Draining: nothing was reserved, and nothing goes anywhere.
-            let full = if draining {
-                0
+            let full: Vec<usize> = if draining || hashed[i].is_none() {
+                Vec::new()
             } else {
                 to.iter()
-                    .filter(|&&s| reservations[s].places() == 0)
-                    .count()
+                    .copied()
+                    .filter(|&s| reservations[s].places() == 0)
+                    .collect()
             };
             let answer = match hashed[i] {
                 None => Err(PublishError::BadTopic),
                 Some(_) if draining => Err(PublishError::Draining),
+                Some(_) if !full.is_empty() && when_full == WhenFull::Stop => {
+                    stopped = Some(full);
+                    break;
+                }
                 // The event needs a place in every inbox it goes to: none was used for it.
-                Some(_) if full > 0 => Err(PublishError::Busy {
-                    full,
+                Some(_) if !full.is_empty() => Err(PublishError::Busy {
+                    full: full.len(),
                     shards: to.len(),
                 }),
                 Some(hashed) => topics
@@ -278,11 +337,18 @@ impl Broker {
                         }
                     }),
             };
+            match answer {
+                Ok(_) => accepted += 1,
+                Err(_) => refused += 1,
+            }
             answers.push(answer);
         }
         for reservation in reservations {
             reservation.commit();
         }
+        self.published.fetch_add(accepted, Ordering::Relaxed);
+        self.rejected.fetch_add(refused, Ordering::Relaxed);
+        stopped
     }
 
     /// Answers a subscribe into the asking shard's inbox: where the topic
@@ -394,6 +460,32 @@ mod tests {
             2,
             "nor a place in the history"
         );
+    }
+
+    #[test]
+    fn publishing_until_full_stops_before_the_first_event_with_no_room() {
+        let roomy = ShardSender::detached(0, 100).unwrap();
+        let tight = ShardSender::detached(1, 4).unwrap();
+        let broker = broker(vec![roomy.clone(), tight.clone()]);
+        let events = vec![("t", EventData::Json("1")); 7];
+        let mut answers = Vec::new();
+        let full = broker.publish_until_full(&events, &mut answers);
+        assert_eq!(full, Some(vec![1]), "the tight shard is full");
+        let seqs: Vec<u64> = answers.iter().map(|a| a.as_ref().unwrap().seq).collect();
+        assert_eq!(
+            seqs,
+            [1, 2, 3, 4],
+            "the rest are not answered, nor numbered"
+        );
+        assert_eq!(broker.rejected.load(Ordering::Relaxed), 0);
+        assert_eq!(roomy.take_all_for_tests().len(), 4);
+        assert!(broker.has_room(&[0]));
+        assert!(!broker.has_room(&[1]));
+        assert_eq!(tight.take_all_for_tests().len(), 4);
+        assert!(broker.has_room(&[0, 1]), "room for half of each inbox");
+        assert_eq!(broker.publish_until_full(&events[4..], &mut answers), None);
+        let seqs: Vec<u64> = answers.iter().map(|a| a.as_ref().unwrap().seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7], "it went on where it stopped");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (one host, the default) or a fleet's Redis (`--broker`). The control plane
 //! talks to this, never to either directly.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,10 @@ impl Bus {
         data: EventData<'_>,
     ) -> Result<Published, PublishError> {
         match self {
-            Bus::Embedded(broker) => broker.publish(topic, data),
+            Bus::Embedded(broker) => {
+                let mut answers = publish_waiting(broker, &[(topic, data)]).await;
+                answers.pop().expect("one answer per event")
+            }
             Bus::Fleet(fleet) => fleet.publish(topic, data).await,
         }
     }
@@ -45,7 +49,7 @@ impl Bus {
         events: &[(&str, EventData<'_>)],
     ) -> Vec<Result<Published, PublishError>> {
         match self {
-            Bus::Embedded(broker) => broker.publish_many(events),
+            Bus::Embedded(broker) => publish_waiting(broker, events).await,
             Bus::Fleet(fleet) => fleet.publish_many(events).await,
         }
     }
@@ -73,6 +77,52 @@ impl Bus {
             Bus::Fleet(fleet) => fleet.is_up(),
         }
     }
+}
+
+/// The longest `--publish-wait`: well inside a publisher's usual request
+/// timeout (and the drain ends any wait at once).
+pub const PUBLISH_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// How often a publish stopped by a full inbox looks for room again: a
+/// thousandth of what a default inbox holds takes a shard longer than this
+/// (about 11 us a send here), so the shard never runs dry while it waits.
+const ROOM_POLL: Duration = Duration::from_millis(1);
+
+/// Publishes through the embedded broker with flow control: events that find
+/// a shard's inbox full wait, in order, until that inbox is half empty, and go
+/// on from there; after `--publish-wait` whatever is left is refused as full
+/// (503, or those lines of a batch). So a publisher faster than the shards is
+/// slowed to their pace instead of having its events refused, and its waiting
+/// requests hold no shard's time. The wait ends early if the server starts
+/// draining (the rest are then refused as such).
+async fn publish_waiting(
+    broker: &Broker,
+    events: &[(&str, EventData<'_>)],
+) -> Vec<Result<Published, PublishError>> {
+    if broker.publish_wait.is_zero() {
+        return broker.publish_many(events);
+    }
+    let mut answers = Vec::with_capacity(events.len());
+    let deadline = tokio::time::Instant::now() + broker.publish_wait;
+    let mut waited = false;
+    while let Some(full) = broker.publish_until_full(&events[answers.len()..], &mut answers) {
+        if !waited {
+            waited = true;
+            broker.waited.fetch_add(1, Ordering::Relaxed);
+        }
+        loop {
+            if tokio::time::Instant::now() >= deadline {
+                let rest = broker.publish_many(&events[answers.len()..]);
+                answers.extend(rest);
+                return answers;
+            }
+            tokio::time::sleep(ROOM_POLL).await;
+            if broker.has_room(&full) || broker.is_draining() {
+                break;
+            }
+        }
+    }
+    answers
 }
 
 /// Hands the embedded broker what the shards sent, in order: client publishes
@@ -103,5 +153,151 @@ async fn maintain(broker: Arc<Broker>) {
     loop {
         tick.tick().await;
         broker.maintain();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic_table::HistoryLimits;
+    use ringgate_shard::{Command, ShardSender};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        size: 100,
+        ttl: Duration::from_secs(300),
+        memory: 1 << 20,
+        topic_idle_ttl: Duration::from_secs(600),
+    };
+
+    fn broker(capacity: usize, wait: Duration) -> (Arc<Broker>, ShardSender) {
+        let shard = ShardSender::detached(0, capacity).unwrap();
+        let broker = Broker::new(vec![shard.clone()], LIMITS).with_publish_wait(wait);
+        (Arc::new(broker), shard)
+    }
+
+    /// Each answer's `seq`, or its error.
+    fn seqs(answers: Vec<Result<Published, PublishError>>) -> Vec<Result<u64, PublishError>> {
+        answers.into_iter().map(|a| a.map(|p| p.seq)).collect()
+    }
+
+    fn events(n: usize) -> Vec<(&'static str, EventData<'static>)> {
+        vec![("t", EventData::Json("1")); n]
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_publish_waits_for_a_shard_to_take_its_events_and_loses_none() {
+        let (broker, shard) = broker(8, Duration::from_secs(30));
+        // The shard: takes what its inbox holds now and then, slower than the publisher.
+        let stop = Arc::new(AtomicBool::new(false));
+        let taker = {
+            let (shard, stop) = (shard.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for command in shard.take_all_for_tests() {
+                        match command {
+                            Command::Deliver { seq, .. } => seqs.push(seq),
+                            _ => panic!("only events were sent"),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                seqs.extend(shard.take_all_for_tests().into_iter().map(|c| match c {
+                    Command::Deliver { seq, .. } => seq,
+                    _ => panic!("only events were sent"),
+                }));
+                seqs
+            })
+        };
+        let bus = Bus::Embedded(broker.clone());
+        let answers = runtime().block_on(bus.publish_many(&events(500)));
+        stop.store(true, Ordering::Relaxed);
+        let all: Vec<u64> = (1..=500).collect();
+        assert_eq!(
+            seqs(answers),
+            all.iter().map(|&s| Ok(s)).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            taker.join().unwrap(),
+            all,
+            "the shard got every event, in order"
+        );
+        assert_eq!(
+            broker.waited.load(Ordering::Relaxed),
+            1,
+            "one request waited"
+        );
+        assert_eq!(broker.rejected.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn what_finds_no_room_within_the_wait_is_refused_as_full() {
+        let wait = Duration::from_millis(100);
+        let (broker, _shard) = broker(3, wait);
+        let bus = Bus::Embedded(broker.clone());
+        let started = Instant::now();
+        let answers = runtime().block_on(bus.publish_many(&events(5)));
+        assert!(
+            started.elapsed() >= wait,
+            "it waited {:?}",
+            started.elapsed()
+        );
+        let busy = Err(PublishError::Busy { full: 1, shards: 1 });
+        assert_eq!(
+            seqs(answers),
+            vec![Ok(1), Ok(2), Ok(3), busy.clone(), busy.clone()]
+        );
+        // A single publish alike.
+        let started = Instant::now();
+        let one = runtime().block_on(bus.publish("t", EventData::Json("1")));
+        assert!(started.elapsed() >= wait);
+        assert_eq!(one.map(|p| p.seq), busy);
+        assert_eq!(broker.waited.load(Ordering::Relaxed), 2);
+        assert_eq!(broker.rejected.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn with_no_wait_a_full_inbox_refuses_at_once() {
+        let (broker, _shard) = broker(1, Duration::ZERO);
+        let bus = Bus::Embedded(broker.clone());
+        let answers = runtime().block_on(bus.publish_many(&events(2)));
+        let busy = Err(PublishError::Busy { full: 1, shards: 1 });
+        assert_eq!(seqs(answers), vec![Ok(1), busy]);
+        assert_eq!(broker.waited.load(Ordering::Relaxed), 0, "nothing waited");
+    }
+
+    #[test]
+    fn a_drain_ends_the_wait_and_refuses_the_rest_as_draining() {
+        let (broker, _shard) = broker(2, Duration::from_secs(30));
+        let bus = Bus::Embedded(broker.clone());
+        let drainer = {
+            let broker = broker.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                broker.start_draining();
+            })
+        };
+        let started = Instant::now();
+        let answers = runtime().block_on(bus.publish_many(&events(4)));
+        drainer.join().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the drain ended the wait: {:?}",
+            started.elapsed()
+        );
+        let draining = Err(PublishError::Draining);
+        assert_eq!(
+            seqs(answers),
+            vec![Ok(1), Ok(2), draining.clone(), draining]
+        );
     }
 }

@@ -178,8 +178,8 @@ pub struct Cli {
     )]
     pub max_subscriptions: usize,
 
-    /// Events one shard's inbox holds while the shard catches up; a publish that finds a shard's
-    /// inbox full is refused (503) and reaches nobody.
+    /// Events one shard's inbox holds while the shard catches up. A control-plane publish that
+    /// finds an inbox full waits for room (`--publish-wait`); one still refused reaches nobody.
     #[arg(
         long,
         env = "RINGGATE_INBOX_CAPACITY",
@@ -187,6 +187,13 @@ pub struct Cli {
         value_name = "N"
     )]
     pub inbox_capacity: usize,
+
+    /// How long a control-plane publish (`POST /publish`, `POST /publish/{topic}`) waits for room
+    /// when a shard's inbox is full, so a publisher faster than the shards is slowed to their pace;
+    /// what is still waiting then is refused (503, or those lines of a batch). `off` (or 0) refuses
+    /// at once; at most 30s. Clients' own publishes never wait.
+    #[arg(long, env = "RINGGATE_PUBLISH_WAIT", default_value = "1s", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
+    pub publish_wait: Duration,
 
     /// What to do with a subscriber whose send queue is full when an event arrives.
     #[arg(long, env = "RINGGATE_SLOW_CONSUMER", value_enum, default_value_t = SlowConsumerPolicy::Close)]

@@ -199,6 +199,12 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     if let Some(url) = &cli.broker {
         shown.insert("broker".into(), fleet::hide_password(url).into());
     }
+    if cli.publish_wait > bus::PUBLISH_WAIT_MAX {
+        return Err(format!(
+            "--publish-wait must be at most {:?}: a publisher held longer had better be told to retry",
+            bus::PUBLISH_WAIT_MAX
+        ));
+    }
     let (upstream_tx, upstream_rx) = tokio::sync::mpsc::channel::<Upstream>(UPSTREAM_CAPACITY);
     let upstream: UpstreamSender =
         Arc::new(move |message| upstream_tx.try_send(message).map_err(|e| e.into_inner()));
@@ -206,7 +212,9 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         ringgate_shard::start(&cfg, shard_count, Some(upstream)).map_err(|e| e.to_string())?;
     let senders = runtime.shards.iter().map(|s| s.sender()).collect();
     let bus = Arc::new(match &cli.broker {
-        None => Bus::Embedded(Arc::new(Broker::new(senders, history))),
+        None => Bus::Embedded(Arc::new(
+            Broker::new(senders, history).with_publish_wait(cli.publish_wait),
+        )),
         Some(url) => Bus::Fleet(Arc::new(fleet::Fleet::new(
             url,
             fleet::FleetLimits {

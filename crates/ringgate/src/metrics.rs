@@ -336,6 +336,12 @@ pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'s
             broker.rejected.load(relaxed),
         ),
         (
+            "ringgate_publish_waits_total",
+            "counter",
+            "Control-plane publish requests that found a shard inbox full and waited for room (--publish-wait).",
+            broker.waited.load(relaxed),
+        ),
+        (
             "ringgate_broker_topics",
             "gauge",
             "Topics known: each has a seq, an epoch and maybe history.",
