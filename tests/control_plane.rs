@@ -148,3 +148,12 @@ fn readyz_turns_503_while_draining() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_publish_wait_past_its_bound_refuses_to_start() {
+    let err = refused(&["--control", "127.0.0.1:0", "--publish-wait", "31s"]);
+    assert!(err.contains("--publish-wait must be at most 30s"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let err = refused(&["--control", "127.0.0.1:0", "--publish-wait", "soon"]);
+    assert!(err.contains("invalid duration"), "{err}");
+}
