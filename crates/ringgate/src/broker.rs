@@ -8,7 +8,10 @@
 //! and only if each has one does the event get its topic's next `seq`, its
 //! frame (encoded once, held in the history as is), and the pushes. A full
 //! inbox among them refuses the event with no `seq` used, so a retry cannot
-//! duplicate it for anyone. An event nobody subscribes to is numbered and kept
+//! duplicate it for anyone; or, for the control plane's publishes
+//! ([`Broker::publish_until_full`]), stops there before it, and the caller
+//! waits for room (`bus.rs`, `--publish-wait`) and goes on where it stopped,
+//! refusing only what still finds no room at its deadline. An event nobody subscribes to is numbered and kept
 //! in the history, handed to no shard. The topic table's lock is held from the
 //! `seq` to the last push, so events of one topic reach every inbox in `seq`
 //! order whichever thread publishes.
@@ -19,7 +22,7 @@
 //! makes a recovery exact (no gap, no duplicate) while publishing goes on.
 //! During a drain every publish is refused: nobody is left to receive it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,6 +159,11 @@ pub struct Broker {
     pub rejected: AtomicU64,
     /// Control-plane publishes that found an inbox full and waited for room.
     pub waited: AtomicU64,
+    /// Control-plane publishes waiting for room now, and their queue: the one
+    /// holding the lock looks for room, the rest wait their turn in arrival
+    /// order (`bus.rs`).
+    pub waiting: AtomicUsize,
+    pub wait_turn: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -172,6 +180,8 @@ impl Broker {
             published: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             waited: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            wait_turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -394,12 +404,13 @@ impl Broker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ringgate_shard::topic_hash;
     use std::time::Duration;
 
-    const LIMITS: HistoryLimits = HistoryLimits {
+    /// History limits for tests of the broker and what drives it.
+    pub(crate) const LIMITS: HistoryLimits = HistoryLimits {
         size: 100,
         ttl: Duration::from_secs(300),
         memory: 1 << 20,

@@ -2,7 +2,7 @@
 //! (one host, the default) or a fleet's Redis (`--broker`). The control plane
 //! talks to this, never to either directly.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,13 +88,19 @@ pub const PUBLISH_WAIT_MAX: Duration = Duration::from_secs(30);
 /// send), so a look every millisecond goes on long before the shard runs dry.
 const ROOM_POLL: Duration = Duration::from_millis(1);
 
-/// Publishes through the embedded broker with flow control: events that find
+/// Publishes through the embedded broker with flow control. Events that find
 /// a shard's inbox full wait, in order, until that inbox is half empty, and go
-/// on from there; after `--publish-wait` whatever is left is refused as full
-/// (503, or those lines of a batch). So a publisher faster than the shards is
-/// slowed to their pace instead of having its events refused, and its waiting
-/// requests hold no shard's time. The wait ends early if the server starts
-/// draining (the rest are then refused as such).
+/// on from there; at `--publish-wait` what is left is published as it can be,
+/// an event that still finds an inbox full refused as such (503, or its line
+/// of a batch). So a publisher faster than the shards is slowed to their pace
+/// instead of having its events refused. The wait ends early if the server
+/// starts draining (the rest are then refused as such).
+///
+/// Requests wait in turn: once one waits, later ones queue behind it (the
+/// broker's FIFO `wait_turn`) instead of taking the places the shard frees,
+/// so none is starved to its deadline by newer ones, and only the request at
+/// the head of the queue looks for room: one look a millisecond however many
+/// wait.
 async fn publish_waiting(
     broker: &Broker,
     events: &[(&str, EventData<'_>)],
@@ -103,17 +109,23 @@ async fn publish_waiting(
         return broker.publish_many(events);
     }
     let mut answers = Vec::with_capacity(events.len());
+    // Nobody waiting: go ahead, and wait only if an inbox turns out full.
+    if broker.waiting.load(Ordering::SeqCst) == 0
+        && broker.publish_until_full(events, &mut answers).is_none()
+    {
+        return answers;
+    }
     let deadline = tokio::time::Instant::now() + broker.publish_wait;
-    let mut waited = false;
+    broker.waited.fetch_add(1, Ordering::Relaxed);
+    let _waiting = Waiting::new(&broker.waiting);
+    let Ok(_turn) = tokio::time::timeout_at(deadline, broker.wait_turn.lock()).await else {
+        answers.extend(broker.publish_many(&events[answers.len()..]));
+        return answers;
+    };
     while let Some(full) = broker.publish_until_full(&events[answers.len()..], &mut answers) {
-        if !waited {
-            waited = true;
-            broker.waited.fetch_add(1, Ordering::Relaxed);
-        }
         loop {
             if tokio::time::Instant::now() >= deadline {
-                let rest = broker.publish_many(&events[answers.len()..]);
-                answers.extend(rest);
+                answers.extend(broker.publish_many(&events[answers.len()..]));
                 return answers;
             }
             tokio::time::sleep(ROOM_POLL).await;
@@ -123,6 +135,24 @@ async fn publish_waiting(
         }
     }
     answers
+}
+
+/// Counts a request among those waiting for room while it lives (also when
+/// its client leaves and the request is dropped mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let before = self.0.fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "a waiting request counted out twice");
+    }
 }
 
 /// Hands the embedded broker what the shards sent, in order: client publishes
@@ -159,17 +189,10 @@ async fn maintain(broker: Arc<Broker>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topic_table::HistoryLimits;
+    use crate::broker::tests::LIMITS;
     use ringgate_shard::{Command, ShardSender};
     use std::sync::atomic::AtomicBool;
     use std::time::Instant;
-
-    const LIMITS: HistoryLimits = HistoryLimits {
-        size: 100,
-        ttl: Duration::from_secs(300),
-        memory: 1 << 20,
-        topic_idle_ttl: Duration::from_secs(600),
-    };
 
     fn broker(capacity: usize, wait: Duration) -> (Arc<Broker>, ShardSender) {
         let shard = ShardSender::detached(0, capacity).unwrap();
@@ -240,6 +263,42 @@ mod tests {
     }
 
     #[test]
+    fn waiting_requests_go_on_in_arrival_order() {
+        let (broker, shard) = broker(4, Duration::from_secs(30));
+        let stop = Arc::new(AtomicBool::new(false));
+        let taker = {
+            let (shard, stop) = (shard.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    drop(shard.take_all_for_tests());
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let bus = Bus::Embedded(broker.clone());
+        let first_events = events(30);
+        let later_events = events(10);
+        let (first, later) = runtime().block_on(async {
+            let later = async {
+                // Arrives once the first request waits: it must queue behind it
+                // rather than take the places the shard frees.
+                while broker.waiting.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                bus.publish_many(&later_events).await
+            };
+            tokio::join!(bus.publish_many(&first_events), later)
+        });
+        stop.store(true, Ordering::Relaxed);
+        taker.join().unwrap();
+        let numbered = |from: u64, to: u64| (from..=to).map(Ok).collect::<Vec<_>>();
+        assert_eq!(seqs(first), numbered(1, 30), "the first request all first");
+        assert_eq!(seqs(later), numbered(31, 40), "then the later one");
+        assert_eq!(broker.waited.load(Ordering::Relaxed), 2, "both waited");
+        assert_eq!(broker.waiting.load(Ordering::SeqCst), 0, "and are done");
+    }
+
+    #[test]
     fn what_finds_no_room_within_the_wait_is_refused_as_full() {
         let wait = Duration::from_millis(100);
         let (broker, _shard) = broker(3, wait);
@@ -282,7 +341,10 @@ mod tests {
         let drainer = {
             let broker = broker.clone();
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
+                // Once the publish waits (however late this thread runs).
+                while broker.waited.load(Ordering::Relaxed) == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 broker.start_draining();
             })
         };

@@ -189,9 +189,10 @@ pub struct Cli {
     pub inbox_capacity: usize,
 
     /// How long a control-plane publish (`POST /publish`, `POST /publish/{topic}`) waits for room
-    /// when a shard's inbox is full, so a publisher faster than the shards is slowed to their pace;
-    /// what is still waiting then is refused (503, or those lines of a batch). `off` (or 0) refuses
-    /// at once; at most 30s. Clients' own publishes never wait.
+    /// when a shard's inbox is full, so a publisher faster than the shards is slowed to their pace
+    /// (waiting requests go on in arrival order); then an event still finding an inbox full is
+    /// refused (503, or its line of a batch). `off` (or 0) refuses at once; at most 30s. Clients'
+    /// own publishes never wait, nor does a fleet member's (`--broker`).
     #[arg(long, env = "RINGGATE_PUBLISH_WAIT", default_value = "1s", value_parser = parse_duration_or_off, value_name = "DURATION|off")]
     pub publish_wait: Duration,
 
