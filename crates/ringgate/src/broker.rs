@@ -22,7 +22,7 @@
 //! makes a recovery exact (no gap, no duplicate) while publishing goes on.
 //! During a drain every publish is refused: nobody is left to receive it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -159,10 +159,8 @@ pub struct Broker {
     pub rejected: AtomicU64,
     /// Control-plane publishes that found an inbox full and waited for room.
     pub waited: AtomicU64,
-    /// Control-plane publishes waiting for room now, and their queue: the one
-    /// holding the lock looks for room, the rest wait their turn in arrival
-    /// order (`bus.rs`).
-    pub waiting: AtomicUsize,
+    /// The queue of control-plane publishes waiting for room: the holder
+    /// looks for room, the rest wait their turn in arrival order (`bus.rs`).
     pub wait_turn: tokio::sync::Mutex<()>,
 }
 
@@ -180,7 +178,6 @@ impl Broker {
             published: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             waited: AtomicU64::new(0),
-            waiting: AtomicUsize::new(0),
             wait_turn: tokio::sync::Mutex::new(()),
         }
     }

@@ -2,7 +2,7 @@
 //! (one host, the default) or a fleet's Redis (`--broker`). The control plane
 //! talks to this, never to either directly.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,11 +96,11 @@ const ROOM_POLL: Duration = Duration::from_millis(1);
 /// instead of having its events refused. The wait ends early if the server
 /// starts draining (the rest are then refused as such).
 ///
-/// Requests wait in turn: once one waits, later ones queue behind it (the
-/// broker's FIFO `wait_turn`) instead of taking the places the shard frees,
-/// so none is starved to its deadline by newer ones, and only the request at
-/// the head of the queue looks for room: one look a millisecond however many
-/// wait.
+/// Requests wait in turn, holding the broker's FIFO `wait_turn`: one that
+/// finds it taken queues behind the request waiting now instead of taking the
+/// places the shard frees, so none is starved to its deadline by newer ones,
+/// and only the holder looks for room: one look a millisecond however many
+/// wait. A request dropped mid-wait (its client left) gives its turn back.
 async fn publish_waiting(
     broker: &Broker,
     events: &[(&str, EventData<'_>)],
@@ -109,50 +109,40 @@ async fn publish_waiting(
         return broker.publish_many(events);
     }
     let mut answers = Vec::with_capacity(events.len());
-    // Nobody waiting: go ahead, and wait only if an inbox turns out full.
-    if broker.waiting.load(Ordering::SeqCst) == 0
-        && broker.publish_until_full(events, &mut answers).is_none()
-    {
-        return answers;
-    }
-    let deadline = tokio::time::Instant::now() + broker.publish_wait;
-    broker.waited.fetch_add(1, Ordering::Relaxed);
-    let _waiting = Waiting::new(&broker.waiting);
-    let Ok(_turn) = tokio::time::timeout_at(deadline, broker.wait_turn.lock()).await else {
-        answers.extend(broker.publish_many(&events[answers.len()..]));
-        return answers;
-    };
-    while let Some(full) = broker.publish_until_full(&events[answers.len()..], &mut answers) {
-        loop {
-            if tokio::time::Instant::now() >= deadline {
-                answers.extend(broker.publish_many(&events[answers.len()..]));
-                return answers;
-            }
-            tokio::time::sleep(ROOM_POLL).await;
-            if broker.has_room(&full) || broker.is_draining() {
-                break;
-            }
+    // Nobody waiting: go ahead, and wait (in turn already) only if an inbox
+    // turns out full.
+    let free_turn = broker.wait_turn.try_lock().ok();
+    let mut full = None;
+    if free_turn.is_some() {
+        full = broker.publish_until_full(events, &mut answers);
+        if full.is_none() {
+            return answers;
         }
     }
+    broker.waited.fetch_add(1, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + broker.publish_wait;
+    let in_time = tokio::time::timeout_at(deadline, async {
+        let _turn = match free_turn {
+            Some(turn) => turn,
+            None => broker.wait_turn.lock().await,
+        };
+        loop {
+            if let Some(full) = &full {
+                while !broker.has_room(full) && !broker.is_draining() {
+                    tokio::time::sleep(ROOM_POLL).await;
+                }
+            }
+            full = broker.publish_until_full(&events[answers.len()..], &mut answers);
+            if full.is_none() {
+                return;
+            }
+        }
+    })
+    .await;
+    if in_time.is_err() {
+        answers.extend(broker.publish_many(&events[answers.len()..]));
+    }
     answers
-}
-
-/// Counts a request among those waiting for room while it lives (also when
-/// its client leaves and the request is dropped mid-wait).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let before = self.0.fetch_sub(1, Ordering::SeqCst);
-        assert!(before > 0, "a waiting request counted out twice");
-    }
 }
 
 /// Hands the embedded broker what the shards sent, in order: client publishes
@@ -216,31 +206,34 @@ mod tests {
             .unwrap()
     }
 
+    /// The shard: takes what its inbox holds every 2 ms, slower than a
+    /// publisher, until `stop`; then what is left. Returns the events' seqs.
+    fn slow_shard(shard: ShardSender, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
+        let delivered = |commands: Vec<Command>| -> Vec<u64> {
+            commands
+                .into_iter()
+                .map(|c| match c {
+                    Command::Deliver { seq, .. } => seq,
+                    _ => panic!("only events were sent"),
+                })
+                .collect()
+        };
+        std::thread::spawn(move || {
+            let mut taken = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                taken.extend(delivered(shard.take_all_for_tests()));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            taken.extend(delivered(shard.take_all_for_tests()));
+            taken
+        })
+    }
+
     #[test]
     fn a_publish_waits_for_a_shard_to_take_its_events_and_loses_none() {
         let (broker, shard) = broker(8, Duration::from_secs(30));
-        // The shard: takes what its inbox holds now and then, slower than the publisher.
         let stop = Arc::new(AtomicBool::new(false));
-        let taker = {
-            let (shard, stop) = (shard.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut seqs = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    for command in shard.take_all_for_tests() {
-                        match command {
-                            Command::Deliver { seq, .. } => seqs.push(seq),
-                            _ => panic!("only events were sent"),
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                seqs.extend(shard.take_all_for_tests().into_iter().map(|c| match c {
-                    Command::Deliver { seq, .. } => seq,
-                    _ => panic!("only events were sent"),
-                }));
-                seqs
-            })
-        };
+        let taker = slow_shard(shard, stop.clone());
         let bus = Bus::Embedded(broker.clone());
         let answers = runtime().block_on(bus.publish_many(&events(500)));
         stop.store(true, Ordering::Relaxed);
@@ -265,27 +258,27 @@ mod tests {
     #[test]
     fn waiting_requests_go_on_in_arrival_order() {
         let (broker, shard) = broker(4, Duration::from_secs(30));
-        let stop = Arc::new(AtomicBool::new(false));
-        let taker = {
-            let (shard, stop) = (shard.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    drop(shard.take_all_for_tests());
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        };
         let bus = Bus::Embedded(broker.clone());
+        let stop = Arc::new(AtomicBool::new(false));
         let first_events = events(30);
         let later_events = events(10);
-        let (first, later) = runtime().block_on(async {
+        let (first, (later, taker)) = runtime().block_on(async {
             let later = async {
-                // Arrives once the first request waits: it must queue behind it
-                // rather than take the places the shard frees.
-                while broker.waiting.load(Ordering::SeqCst) == 0 {
+                // Once the first request waits on a full inbox, the shard takes
+                // it all but one place stays free (three reserved elsewhere):
+                // room a later request could take, and must not.
+                while broker.waited.load(Ordering::Relaxed) == 0 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                bus.publish_many(&later_events).await
+                drop(shard.take_all_for_tests());
+                let held = shard.reserve_up_to(3);
+                assert_eq!(shard.room(), 1, "less than half the inbox is free");
+                let release = async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    drop(held);
+                    slow_shard(shard.clone(), stop.clone())
+                };
+                tokio::join!(bus.publish_many(&later_events), release)
             };
             tokio::join!(bus.publish_many(&first_events), later)
         });
@@ -295,7 +288,7 @@ mod tests {
         assert_eq!(seqs(first), numbered(1, 30), "the first request all first");
         assert_eq!(seqs(later), numbered(31, 40), "then the later one");
         assert_eq!(broker.waited.load(Ordering::Relaxed), 2, "both waited");
-        assert_eq!(broker.waiting.load(Ordering::SeqCst), 0, "and are done");
+        assert!(broker.wait_turn.try_lock().is_ok(), "and are done");
     }
 
     #[test]
