@@ -18,7 +18,10 @@
 //! Rows: CPU per delivery of each and their ratio (target at most 1.3), the
 //! publish-to-receive p99 of the notifications at that rate (target under
 //! 10 ms), the most notifications a second one shard takes (target 100,000)
-//! and the p99 at half of what it took. Beside them, the kernel's floor at 10,000 sockets (`cargo xtask
+//! and the p99 at half of what it took. Under each p99 row, run by run, the
+//! server's own share (its publish-to-send-completion p99, from `/stats`) and
+//! the hypervisor's steal over the run, which on a shared host the tail
+//! follows. Beside them, the kernel's floor at 10,000 sockets (`cargo xtask
 //! floor` at the same write rate, no server): the CPU one 64 B write to a
 //! sleeping loopback reader costs here, and so the most writes a second one
 //! CPU can make whatever the server. The paced runs publish from four
@@ -91,6 +94,12 @@ struct Round {
     notify_max_rate: Option<f64>,
     /// Publish-to-receive p99 at half the rate the flat-out run reached.
     notify_half_max_p99_ms: Option<f64>,
+    /// Beside each p99: the server's own (publish to send completion) and the
+    /// hypervisor's steal over the run (percent), which the p99 follows.
+    notify_server_p99_ms: Option<f64>,
+    notify_steal: Option<f64>,
+    half_max_server_p99_ms: Option<f64>,
+    half_max_steal: Option<f64>,
     /// The paced runs again with spinning clients (one worker process only).
     broadcast_cpu_spin: Option<f64>,
     notify_cpu_spin: Option<f64>,
@@ -184,8 +193,13 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
     let half_max = match flat_out.deliveries_per_second {
         Some(max) => {
             let rate = max / 2.0;
-            let r = run(s.conns, (rate * s.seconds) as u64, Some(rate), false, BATCH)?;
-            r.latency_ms.as_ref().map(|p| p.p99)
+            Some(run(
+                s.conns,
+                (rate * s.seconds) as u64,
+                Some(rate),
+                false,
+                BATCH,
+            )?)
         }
         None => None,
     };
@@ -235,7 +249,15 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         notify_cpu: paced.server_cpu_us_per_message,
         notify_p99_ms: paced.latency_ms.as_ref().map(|p| p.p99),
         notify_max_rate: flat_out.deliveries_per_second,
-        notify_half_max_p99_ms: half_max,
+        notify_half_max_p99_ms: half_max
+            .as_ref()
+            .and_then(|r| r.latency_ms.as_ref().map(|p| p.p99)),
+        notify_server_p99_ms: paced.server.delivery_ms.map(|(_, p99)| p99),
+        notify_steal: paced.server.steal_percent,
+        half_max_server_p99_ms: half_max
+            .as_ref()
+            .and_then(|r| r.server.delivery_ms.map(|(_, p99)| p99)),
+        half_max_steal: half_max.as_ref().and_then(|r| r.server.steal_percent),
         broadcast_cpu_spin: broadcast_spin.and_then(|r| r.server_cpu_us_per_message),
         notify_cpu_spin: paced_spin
             .as_ref()
@@ -322,6 +344,12 @@ fn print(s: &Scale, rounds: &[Round]) {
     let (floor, floor_runs) = col(|r| r.floor_us);
     let (notify_floor, notify_floor_runs) = col(|r| r.notify_floor_us);
     let (rss, rss_runs) = col(|r| r.rss_per_conn);
+    // Under a p99 row: the server's share and the machine's steal, run by run.
+    let beside = |server: fn(&Round) -> Option<f64>, steal: fn(&Round) -> Option<f64>| {
+        let (_, server) = col(server);
+        let (_, steal) = col(steal);
+        println!("    of it the server (publish to sent) p99 runs {server:.2?} ms; machine steal runs {steal:.1?}%");
+    };
     let (broker, _) = col(|r| r.broker_per_topic);
     let (held, _) = col(|r| r.history_per_topic);
     println!(
@@ -351,6 +379,7 @@ fn print(s: &Scale, rounds: &[Round]) {
         DELIVERIES_PER_SEC,
         show(p99)
     );
+    beside(|r| r.notify_server_p99_ms, |r| r.notify_steal);
     let (bcast_spin, bcast_spin_runs) = col(|r| r.broadcast_cpu_spin);
     if let Some(b) = bcast_spin {
         println!("  the same with the clients spinning (no wake-ups charged to the server):");
@@ -378,6 +407,7 @@ fn print(s: &Scale, rounds: &[Round]) {
         "  notify at half that: publish-to-receive p99  {} ms   runs {half_runs:.2?}",
         show(half)
     );
+    beside(|r| r.half_max_server_p99_ms, |r| r.half_max_steal);
     println!(
         "  server RSS / subscribed connection, a topic each  {} B   runs {rss_runs:.0?} (target at most 128 B)",
         show(rss)

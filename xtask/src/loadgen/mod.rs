@@ -516,6 +516,24 @@ pub fn run(args: &Args) -> Result<Report, String> {
             .as_ref()
             .and_then(|a| before.mem_available.zip(a.mem_available))
             .map(|(a, b)| a.saturating_sub(b)),
+        // The measured work's window, as for the CPU figures of fanout and echo.
+        steal_percent: after
+            .as_ref()
+            .and_then(|a| a.ticks)
+            .zip(work_end.ticks)
+            .and_then(|(a, b)| a.steal_percent(b)),
+        // ringgate's own histogram (publish to send completion) over the
+        // server's life: the run's deliveries when the server was started for it.
+        delivery_ms: (args.scenario == Scenario::Fanout)
+            .then(|| {
+                let p = |q: &str| {
+                    stats_end.as_ref()?["totals"][&format!("delivery_latency_{q}_seconds")]
+                        .as_f64()
+                        .map(|s| s * 1e3)
+                };
+                p("p50").zip(p("p99"))
+            })
+            .flatten(),
         connections_before,
         connections_after: total(&stats_after, "connections"),
         connections_end,
@@ -677,6 +695,7 @@ struct Sample {
     rss: Option<u64>,
     cpu: Option<f64>,
     machine_cpu: Option<f64>,
+    ticks: Option<CpuTicks>,
     mem_available: Option<u64>,
 }
 
@@ -687,6 +706,7 @@ impl Sample {
             rss: pid.and_then(|p| proc_kib(&format!("/proc/{p}/status"), "VmRSS:")),
             cpu: pid.and_then(cpu_seconds),
             machine_cpu: machine_cpu_seconds(),
+            ticks: CpuTicks::read(),
             mem_available: proc_kib("/proc/meminfo", "MemAvailable:"),
         }
     }
@@ -706,6 +726,37 @@ fn machine_cpu_seconds() -> Option<f64> {
     let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
     // SAFETY: sysconf has no pointer arguments.
     Some(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// Every CPU's time so far, and of it what the hypervisor gave to other
+/// guests (`steal`), in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    all: u64,
+    steal: u64,
+}
+
+impl CpuTicks {
+    fn read() -> Option<CpuTicks> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().next()?.strip_prefix("cpu ")?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest and guest_nice
+        // are already in user and nice).
+        Some(CpuTicks {
+            all: f.iter().take(8).sum(),
+            steal: *f.get(7)?,
+        })
+    }
+
+    /// The share of the time from `self` to `later` stolen, in percent.
+    fn steal_percent(self, later: CpuTicks) -> Option<f64> {
+        let all = later.all.checked_sub(self.all).filter(|&t| t > 0)?;
+        Some(100.0 * later.steal.saturating_sub(self.steal) as f64 / all as f64)
+    }
 }
 
 pub(crate) fn proc_kib(path: &str, key: &str) -> Option<u64> {
@@ -974,6 +1025,15 @@ pub fn percentiles(parts: impl Iterator<Item = Vec<(u64, u64)>>) -> Option<Perce
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_stolen_share_of_the_window() {
+        let at = |all, steal| CpuTicks { all, steal };
+        assert_eq!(at(1000, 10).steal_percent(at(1400, 30)), Some(5.0));
+        assert_eq!(at(1000, 10).steal_percent(at(1000, 10)), None, "no time passed");
+        let now = CpuTicks::read().expect("/proc/stat has a cpu line");
+        assert!(now.steal <= now.all);
+    }
 
     #[test]
     fn sources_parse() {

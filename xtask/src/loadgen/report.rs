@@ -145,6 +145,14 @@ pub struct ServerFigures {
     pub rss_after: Option<u64>,
     pub cpu_seconds: Option<f64>,
     pub mem_available_drop: Option<u64>,
+    /// The share of every CPU's time the hypervisor gave to other guests
+    /// while the work ran, in percent: on a shared host, what the latencies
+    /// and CPU figures of a run lost to its neighbours.
+    pub steal_percent: Option<f64>,
+    /// The server's own publish-to-send-completion p50 and p99 (ms), when its
+    /// `/stats` reports them (ringgate does): the server's share of the
+    /// publish-to-receive latency.
+    pub delivery_ms: Option<(f64, f64)>,
     pub connections_before: Option<u64>,
     pub connections_after: Option<u64>,
     pub connections_end: Option<u64>,
@@ -433,6 +441,18 @@ impl Report {
                     "publish-to-receive ms"
                 },
                 p.text(),
+            );
+        }
+        if let Some((p50, p99)) = self.server.delivery_ms {
+            row(
+                "server: publish to sent ms",
+                format!("p50 {p50:.3}  p99 {p99:.3}  (its own histogram: to send completion)"),
+            );
+        }
+        if let Some(s) = self.server.steal_percent {
+            row(
+                "machine steal",
+                format!("{s:.1}% of the CPUs' time went to other guests"),
             );
         }
         if let Some(r) = self.rss_per_connection {
