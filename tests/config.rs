@@ -76,13 +76,18 @@ fn config_errors_name_the_key_and_the_line() {
         err.contains("only redis://") && !err.contains("pw"),
         "{err}"
     );
+    let long_wait = temp_file("long-wait.toml", "publish-wait = \"60s\"\n");
+    let out = ringgate(&["check-config", long_wait.to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "a start would refuse it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--publish-wait must be at most 30s"), "{err}");
     let broker = temp_file("broker.toml", "broker = \"redis://127.0.0.1:1/\"\n");
     let out = ringgate(&["check-config", broker.to_str().unwrap()], &[]);
     assert!(
         out.status.success(),
         "a fleet member's file checks without Redis"
     );
-    for f in [file, bad_value, bad_broker, broker] {
+    for f in [file, bad_value, bad_broker, long_wait, broker] {
         let _ = std::fs::remove_file(f);
     }
 }

@@ -116,6 +116,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 .and_then(|cfg| cfg.validate())
                 .and_then(|()| history_limits(&loaded.cli).map(drop))
                 .and_then(|()| control_token(&loaded.cli).map(drop))
+                .and_then(|()| publish_wait_bounded(&loaded.cli))
                 .and_then(|()| match &loaded.cli.broker {
                     Some(url) => fleet::open(url).map(drop),
                     None => Ok(()),
@@ -134,6 +135,17 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--publish-wait` within its bound, checked before anything is bound.
+fn publish_wait_bounded(cli: &Cli) -> Result<(), String> {
+    if cli.publish_wait > bus::PUBLISH_WAIT_MAX {
+        return Err(format!(
+            "--publish-wait must be at most {:?}: a publisher held longer had better be told to retry",
+            bus::PUBLISH_WAIT_MAX
+        ));
+    }
+    Ok(())
 }
 
 fn first_line(text: &str) -> String {
@@ -172,6 +184,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     let cfg = shard_config(&cli, shard_count)?;
     let history = history_limits(&cli)?;
     let token = control_token(&cli)?;
+    publish_wait_bounded(&cli)?;
     if !cli.takeover {
         address_is_free(cli.listen)?;
     }
@@ -198,12 +211,6 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     }
     if let Some(url) = &cli.broker {
         shown.insert("broker".into(), fleet::hide_password(url).into());
-    }
-    if cli.publish_wait > bus::PUBLISH_WAIT_MAX {
-        return Err(format!(
-            "--publish-wait must be at most {:?}: a publisher held longer had better be told to retry",
-            bus::PUBLISH_WAIT_MAX
-        ));
     }
     let (upstream_tx, upstream_rx) = tokio::sync::mpsc::channel::<Upstream>(UPSTREAM_CAPACITY);
     let upstream: UpstreamSender =
