@@ -86,6 +86,7 @@ pub fn string_after<'a>(haystack: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 
 /// A keep-alive HTTP/1.1 connection to the control plane.
 pub struct Http {
+    addr: SocketAddr,
     stream: TcpStream,
     buf: Vec<u8>,
 }
@@ -99,6 +100,7 @@ impl Http {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| e.to_string())?;
         Ok(Http {
+            addr,
             stream,
             buf: Vec::with_capacity(4096),
         })
@@ -151,8 +153,16 @@ impl Http {
     }
 
     /// `GET /stats`, parsed.
+    /// A connection left idle through a long run may have been closed by the
+    /// server's idle timeout: a GET is safe to send again on a new one.
     pub fn stats(&mut self) -> Result<serde_json::Value, String> {
-        let (status, body) = self.request("GET", "/stats", b"")?;
+        let (status, body) = match self.request("GET", "/stats", b"") {
+            Ok(answer) => answer,
+            Err(_) => {
+                *self = Http::connect(self.addr)?;
+                self.request("GET", "/stats", b"")?
+            }
+        };
         if status != 200 {
             return Err(format!("/stats answered {status}"));
         }
