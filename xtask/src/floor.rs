@@ -11,8 +11,12 @@
 //!
 //! Two ways of writing are measured in one run: plain `send()` per socket (what
 //! an epoll server does) and io_uring `Send` on registered files submitted in
-//! batches (what ringgate does), without any WebSocket work. `--echo` measures
-//! the echo case instead (floor_echo.rs).
+//! batches (what ringgate does), without any WebSocket work. `--spread N`
+//! writes N sockets per event instead of every one, the next ones in turn, or
+//! with `--scatter` far apart over the table, as notifications to random
+//! subscribers are. Past one process's open files (`CONNS_ONE_PROCESS`), only
+//! the io_uring way, over several rings and reader processes (floor_wide.rs).
+//! `--echo` measures the echo case instead (floor_echo.rs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,20 +30,20 @@ use io_uring::{opcode, types, IoUring};
 pub struct Args {
     /// Sockets written to per event (default 10,000), or echo clients (default 100).
     #[arg(long)]
-    conns: Option<usize>,
+    pub(crate) conns: Option<usize>,
     /// Events (one write to every socket each) per way of writing.
     #[arg(long, default_value_t = 60)]
-    events: usize,
+    pub(crate) events: usize,
     /// Events per second.
     #[arg(long, default_value_t = 5.0)]
-    rate: f64,
+    pub(crate) rate: f64,
     /// Bytes per write.
     #[arg(long, default_value_t = 64)]
-    size: usize,
+    pub(crate) size: usize,
     /// The reader polls without sleeping, so the sender is not charged for
     /// waking it (as `loadgen --spin`).
     #[arg(long)]
-    spin: bool,
+    pub(crate) spin: bool,
     /// Measure an echo instead: a bare epoll server answering clients that
     /// keep one message in flight each (see floor_echo.rs).
     #[arg(long)]
@@ -58,11 +62,20 @@ pub struct Args {
     /// (a topic per subscriber: 100 at --rate 500 is 50,000 writes a second, each socket
     /// written every 200 ms, as notifications in batches of 100).
     #[arg(long)]
-    spread: Option<usize>,
+    pub(crate) spread: Option<usize>,
+    /// With --spread, each event's sockets scattered over the table instead of
+    /// the next ones in turn: notifications to random subscribers, whose
+    /// sockets' kernel memory is cold and far apart.
+    #[arg(long, requires = "spread")]
+    pub(crate) scatter: bool,
 }
 
+/// Sockets one process holds on each side, with its plain fds: under the
+/// open-file limit (20,000 here). Past it, floor_wide.rs.
+const CONNS_ONE_PROCESS: usize = 18_000;
+
 /// io_uring submission queue size for the batched sends.
-const SQ_ENTRIES: u32 = 4096;
+pub(crate) const SQ_ENTRIES: u32 = 4096;
 
 pub fn run(args: &Args) -> Result<(), String> {
     if args.slab {
@@ -81,18 +94,29 @@ pub fn run(args: &Args) -> Result<(), String> {
         );
         return Ok(());
     }
-    let floor = measure_floor(args)?;
+    let conns = args.conns.unwrap_or(10_000);
     let spread = args.spread.map_or(String::new(), |n| {
-        format!(", {n} sockets per event in turn")
+        let how = if args.scatter { "scattered" } else { "in turn" };
+        format!(", {n} sockets per event {how}")
     });
     println!(
-        "floor: {} loopback sockets x {} events at {}/s{spread}, {} B per write (sender on CPU 0, reader on CPU 1{})",
-        args.conns.unwrap_or(10_000),
+        "floor: {conns} loopback sockets x {} events at {}/s{spread}, {} B per write (sender on CPU 0, {} on CPU 1{})",
         args.events,
         args.rate,
         args.size,
+        if conns > CONNS_ONE_PROCESS { "readers" } else { "reader" },
         if args.spin { ", spinning" } else { ", sleeping in epoll" }
     );
+    if conns > CONNS_ONE_PROCESS {
+        // Past one process's open files: direct descriptors only (floor_wide.rs).
+        let rings = conns.div_ceil(crate::floor_wide::FILES_PER_RING);
+        println!(
+            "  io_uring Send, batched submits   {:.2} us of sender CPU per write ({rings} rings, sockets as direct descriptors only)",
+            crate::floor_wide::measure_wide(args)?
+        );
+        return Ok(());
+    }
+    let floor = measure_floor(args)?;
     println!(
         "  plain send() per socket          {:.2} us of sender CPU per write",
         floor.plain_us
@@ -136,30 +160,66 @@ impl Args {
             slab: false,
             park_after: 0,
             spread: None,
+            scatter: false,
         }
     }
 }
 
 impl Args {
-    /// Each event writes to `n` sockets, the next ones in turn.
-    pub fn spread(mut self, n: usize) -> Args {
+    /// Each event writes to `n` sockets scattered over the table.
+    pub fn scatter(mut self, n: usize) -> Args {
         self.spread = Some(n);
+        self.scatter = true;
         self
     }
+
+    /// Sockets written per event.
+    pub(crate) fn per_event(&self, conns: usize) -> usize {
+        self.spread.unwrap_or(conns).clamp(1, conns)
+    }
+
+    /// The socket the `write`th write of the run goes to, of `conns`: in turn,
+    /// or scattered by a stride coprime with `conns` (so every socket is still
+    /// written equally often).
+    pub(crate) fn socket_of(&self, write: usize, conns: usize) -> usize {
+        if !self.scatter {
+            return write % conns;
+        }
+        let coprime = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a == 1
+        };
+        // A prime near 8,000: neighbours in the run land far apart.
+        let stride = (7919..)
+            .find(|&s| coprime(s, conns))
+            .expect("a coprime stride");
+        (write % conns) * stride % conns
+    }
+}
+
+/// The sockets event `event` writes to, in order, into `out`.
+pub(crate) fn event_sockets(args: &Args, conns: usize, event: usize, out: &mut Vec<usize>) {
+    let per_event = args.per_event(conns);
+    out.clear();
+    out.extend((event * per_event..(event + 1) * per_event).map(|w| args.socket_of(w, conns)));
 }
 
 /// Runs the measurement (see the module comment).
 pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     let conns = args.conns.unwrap_or(10_000);
-    if conns == 0 || conns > 18_000 {
-        return Err("--conns must be from 1 to 18000 (one process holds each side)".into());
+    if conns == 0 || conns > CONNS_ONE_PROCESS {
+        return Err(format!(
+            "--conns must be from 1 to {CONNS_ONE_PROCESS} (one process holds each side)"
+        ));
     }
     if args.events == 0 || args.size == 0 || args.rate <= 0.0 {
         return Err("--events, --size and --rate must be above 0".into());
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let per_event = args.spread.unwrap_or(conns).clamp(1, conns);
+    let per_event = args.per_event(conns);
     let expected = (per_event * args.events * args.size * 2) as u64;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut reader = KillOnDrop(
@@ -178,15 +238,18 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     let sockets = accept_all(&listener, conns, false)?;
     pin(0);
     let payload = vec![b'x'; args.size];
+    let mut targets = Vec::with_capacity(per_event);
     let plain = measure(args, per_event, |event| {
-        for k in 0..per_event {
-            send_plain(&sockets[(event * per_event + k) % conns], &payload)?;
+        event_sockets(args, conns, event, &mut targets);
+        for &socket in &targets {
+            send_plain(&sockets[socket], &payload)?;
         }
         Ok(())
     })?;
     let mut ring = Ring::new(&sockets)?;
     let uring = measure(args, per_event, |event| {
-        ring.send_range(event * per_event, per_event, &payload)
+        event_sockets(args, conns, event, &mut targets);
+        ring.send_to(&targets, &payload)
     })?;
     let mut out = String::new();
     reader
@@ -209,7 +272,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
 }
 
 /// Sender CPU time per write over `args.events` events at `args.rate`.
-fn measure(
+pub(crate) fn measure(
     args: &Args,
     per_event: usize,
     mut event: impl FnMut(usize) -> Result<(), String>,
@@ -248,7 +311,6 @@ fn send_plain(s: &TcpStream, payload: &[u8]) -> Result<(), String> {
 /// A ring set up as ringgate's are, with the sockets as registered files.
 struct Ring {
     ring: IoUring,
-    files: usize,
 }
 
 impl Ring {
@@ -264,54 +326,66 @@ impl Ring {
         ring.submitter()
             .register_files(&fds)
             .map_err(|e| format!("register_files: {e}"))?;
-        Ok(Ring {
-            ring,
-            files: fds.len(),
-        })
+        Ok(Ring { ring })
     }
 
-    /// One send to each of `count` registered sockets from `first` on (round
-    /// the table), submitted a full SQ at a time.
-    fn send_range(&mut self, first: usize, count: usize, payload: &[u8]) -> Result<(), String> {
-        let mut next = 0;
-        while next < count {
-            let batch = (count - next).min(SQ_ENTRIES as usize);
-            {
-                let mut sq = self.ring.submission();
-                for i in next..next + batch {
-                    let file = (first + i) % self.files;
-                    let sqe = opcode::Send::new(
-                        types::Fixed(file as u32),
-                        payload.as_ptr(),
-                        payload.len() as u32,
-                    )
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(i as u64);
-                    // SAFETY: `payload` outlives the operation: every send
-                    // completes before this function returns.
-                    unsafe { sq.push(&sqe) }.map_err(|_| "SQ full")?;
-                }
-            }
-            self.ring
-                .submit_and_wait(batch)
-                .map_err(|e| format!("submit: {e}"))?;
-            for cqe in self.ring.completion() {
-                if cqe.result() != payload.len() as i32 {
-                    return Err(format!("io_uring send: {}", cqe.result()));
-                }
-            }
-            next += batch;
+    /// One send to each of the registered sockets in `slots`, submitted a
+    /// full SQ at a time.
+    fn send_to(&mut self, slots: &[usize], payload: &[u8]) -> Result<(), String> {
+        for batch in slots.chunks(SQ_ENTRIES as usize) {
+            send_batch(&mut self.ring, batch, payload)?;
         }
         Ok(())
     }
 }
 
+/// One `Send` to each registered file of `slots` (at most an SQ's worth), in
+/// one submit; every send completes before it returns.
+pub(crate) fn send_batch(
+    ring: &mut IoUring,
+    slots: &[usize],
+    payload: &[u8],
+) -> Result<(), String> {
+    {
+        let mut sq = ring.submission();
+        for (i, &slot) in slots.iter().enumerate() {
+            let sqe = opcode::Send::new(
+                types::Fixed(slot as u32),
+                payload.as_ptr(),
+                payload.len() as u32,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(i as u64);
+            // SAFETY: `payload` outlives the operation: every send completes
+            // before this function returns.
+            unsafe { sq.push(&sqe) }.map_err(|_| "SQ full")?;
+        }
+    }
+    ring.submit_and_wait(slots.len())
+        .map_err(|e| format!("submit: {e}"))?;
+    for cqe in ring.completion() {
+        if cqe.result() != payload.len() as i32 {
+            return Err(format!("io_uring send: {}", cqe.result()));
+        }
+    }
+    Ok(())
+}
+
 /// The reader process: connect `conns` sockets to `addr`, then read with epoll
 /// until `expected` bytes have arrived; print the count.
-pub fn reader(addr: &str, conns: usize, expected: u64, spin: bool) -> Result<(), String> {
+pub fn reader(
+    addr: &str,
+    conns: usize,
+    expected: u64,
+    spin: bool,
+    source: Option<&str>,
+) -> Result<(), String> {
     pin(1);
-    let sockets = connect_all(addr, conns)?;
+    let sockets = match source {
+        None => connect_all(addr, conns)?,
+        Some(source) => connect_all_from(addr, conns, source)?,
+    };
     let epoll = Epoll::new(&sockets)?;
     let mut ready = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -358,6 +432,50 @@ pub(crate) fn connect_all(addr: &str, conns: usize) -> Result<Vec<TcpStream>, St
     (0..conns)
         .map(|_| {
             let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// `conns` connections like [`connect_all`]'s, each from the loopback address
+/// `source` (a port of its own there), so that many readers do not exhaust one
+/// address's ports.
+fn connect_all_from(addr: &str, conns: usize, source: &str) -> Result<Vec<TcpStream>, String> {
+    use socket2::{Domain, Socket, Type};
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let source: std::net::IpAddr = source.parse().map_err(|e| format!("{source}: {e}"))?;
+    (0..conns)
+        .map(|_| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)
+                .map_err(|e| format!("socket: {e}"))?;
+            // The port is chosen at connect, by the whole 4-tuple: choosing it
+            // at bind searches for one no socket holds, slower with every one.
+            let on: libc::c_int = 1;
+            // SAFETY: passes a live int of the size given for a socket we own.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "IP_BIND_ADDRESS_NO_PORT: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            socket
+                .bind(&SocketAddr::new(source, 0).into())
+                .map_err(|e| format!("bind {source}: {e}"))?;
+            socket
+                .connect(&addr.into())
+                .map_err(|e| format!("connect from {source}: {e}"))?;
+            let s: TcpStream = socket.into();
             s.set_nodelay(true).map_err(|e| e.to_string())?;
             s.set_nonblocking(true).map_err(|e| e.to_string())?;
             Ok(s)

@@ -17,6 +17,7 @@ mod fleet_bench;
 mod floor;
 mod floor_echo;
 mod floor_slab;
+mod floor_wide;
 mod history_memory;
 mod loadgen;
 mod process;
@@ -62,6 +63,9 @@ enum Task {
         conns: usize,
         expected: u64,
         mode: String,
+        /// Connect from this loopback address.
+        #[arg(long)]
+        source: Option<String>,
     },
     /// (internal) The client side of `floor --echo`.
     #[command(hide = true)]
@@ -116,7 +120,8 @@ fn main() -> ExitCode {
             conns,
             expected,
             mode,
-        } => floor::reader(&addr, conns, expected, mode == "spin"),
+            source,
+        } => floor::reader(&addr, conns, expected, mode == "spin", source.as_deref()),
         Task::FloorEchoClient {
             addr,
             conns,

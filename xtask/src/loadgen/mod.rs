@@ -1030,7 +1030,11 @@ mod tests {
     fn steal_is_the_stolen_share_of_the_window() {
         let at = |all, steal| CpuTicks { all, steal };
         assert_eq!(at(1000, 10).steal_percent(at(1400, 30)), Some(5.0));
-        assert_eq!(at(1000, 10).steal_percent(at(1000, 10)), None, "no time passed");
+        assert_eq!(
+            at(1000, 10).steal_percent(at(1000, 10)),
+            None,
+            "no time passed"
+        );
         let now = CpuTicks::read().expect("/proc/stat has a cpu line");
         assert!(now.steal <= now.all);
     }
