@@ -178,12 +178,13 @@ impl Args {
         self.spread.unwrap_or(conns).clamp(1, conns)
     }
 
-    /// The socket the `write`th write of the run goes to, of `conns`: in turn,
-    /// or scattered by a stride coprime with `conns` (so every socket is still
-    /// written equally often).
-    pub(crate) fn socket_of(&self, write: usize, conns: usize) -> usize {
+    /// The step from one write's socket to the next's, of `conns`: 1 in
+    /// turn; scattered, a prime near 8,000 coprime with `conns`, so that
+    /// neighbours in the run land far apart and every socket is still written
+    /// equally often.
+    pub(crate) fn stride(&self, conns: usize) -> usize {
         if !self.scatter {
-            return write % conns;
+            return 1;
         }
         let coprime = |mut a: usize, mut b: usize| {
             while b != 0 {
@@ -191,19 +192,23 @@ impl Args {
             }
             a == 1
         };
-        // A prime near 8,000: neighbours in the run land far apart.
-        let stride = (7919..)
+        (7919..)
             .find(|&s| coprime(s, conns))
-            .expect("a coprime stride");
-        (write % conns) * stride % conns
+            .expect("a coprime stride")
     }
+}
+
+/// The socket the `write`th write of the run goes to, of `conns`, for
+/// `stride` ([`Args::stride`]).
+pub(crate) fn socket_of(write: usize, conns: usize, stride: usize) -> usize {
+    (write % conns) * stride % conns
 }
 
 /// The sockets event `event` writes to, in order, into `out`.
 pub(crate) fn event_sockets(args: &Args, conns: usize, event: usize, out: &mut Vec<usize>) {
-    let per_event = args.per_event(conns);
+    let (per_event, stride) = (args.per_event(conns), args.stride(conns));
     out.clear();
-    out.extend((event * per_event..(event + 1) * per_event).map(|w| args.socket_of(w, conns)));
+    out.extend((event * per_event..(event + 1) * per_event).map(|w| socket_of(w, conns, stride)));
 }
 
 /// Runs the measurement (see the module comment).
@@ -450,28 +455,7 @@ fn connect_all_from(addr: &str, conns: usize, source: &str) -> Result<Vec<TcpStr
         .map(|_| {
             let socket = Socket::new(Domain::IPV4, Type::STREAM, None)
                 .map_err(|e| format!("socket: {e}"))?;
-            // The port is chosen at connect, by the whole 4-tuple: choosing it
-            // at bind searches for one no socket holds, slower with every one.
-            let on: libc::c_int = 1;
-            // SAFETY: passes a live int of the size given for a socket we own.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    (&on as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(format!(
-                    "IP_BIND_ADDRESS_NO_PORT: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            socket
-                .bind(&SocketAddr::new(source, 0).into())
-                .map_err(|e| format!("bind {source}: {e}"))?;
+            crate::loadgen::worker::bind_source(&socket, source)?;
             socket
                 .connect(&addr.into())
                 .map_err(|e| format!("connect from {source}: {e}"))?;
@@ -586,5 +570,29 @@ pub(crate) fn pin(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scattered_writes_reach_every_socket_equally_and_far_apart() {
+        for conns in [2_000, 10_000, 100_000] {
+            let args = Args::new(conns, 1, 1.0, 64).scatter(100);
+            let stride = args.stride(conns);
+            let mut writes = vec![0u8; conns];
+            for w in 0..2 * conns {
+                writes[socket_of(w, conns, stride)] += 1;
+            }
+            assert!(writes.iter().all(|&n| n == 2), "{conns}: not a permutation");
+            let (a, b) = (socket_of(0, conns, stride), socket_of(1, conns, stride));
+            assert!(a.abs_diff(b) > 1_000, "{conns}: neighbours {a} and {b}");
+        }
+        let in_turn = Args::new(10, 1, 1.0, 64);
+        let mut out = Vec::new();
+        event_sockets(&in_turn, 10, 1, &mut out);
+        assert_eq!(out, (0..10).collect::<Vec<_>>(), "every socket, in order");
     }
 }

@@ -20,7 +20,9 @@ use std::process::{Command, Stdio};
 
 use io_uring::IoUring;
 
-use crate::floor::{event_sockets, measure, pin, send_batch, Args, KillOnDrop, SQ_ENTRIES};
+use crate::floor::{
+    event_sockets, measure, pin, send_batch, socket_of, Args, KillOnDrop, SQ_ENTRIES,
+};
 
 /// Registered files per ring: under the open-file limit (20,000 here), which
 /// bounds a ring's table.
@@ -51,8 +53,9 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
     // run): what each reader will read, as the pattern writes.
     let readers = conns.div_ceil(SOCKETS_PER_READER);
     let mut expected = vec![0u64; readers];
+    let stride = args.stride(conns);
     for write in 0..args.events * per_event {
-        expected[args.socket_of(write, conns) / SOCKETS_PER_READER] += args.size as u64;
+        expected[socket_of(write, conns, stride) / SOCKETS_PER_READER] += args.size as u64;
     }
     let mut rings = (0..conns.div_ceil(FILES_PER_RING))
         .map(|r| Ring::new(FILES_PER_RING.min(conns - r * FILES_PER_RING)))

@@ -1,5 +1,6 @@
 //! `cargo xtask floor` runs end to end at small scale: every byte written is
-//! read by the reader process, and both figures are printed.
+//! read by the reader processes, and the figures are printed; past one
+//! process's open files too.
 
 use std::process::Command;
 
@@ -50,11 +51,53 @@ fn echo_floor_counts_the_same_echoes_on_both_sides() {
 }
 
 #[test]
-fn floor_refuses_what_one_process_cannot_hold() {
+fn past_one_process_the_floor_holds_direct_descriptors_and_checks_every_byte() {
+    // 20,000 sockets: past one process's open files, so two rings and two
+    // reader processes; notifications' pattern, scattered over both.
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["floor", "--conns", "50000"])
+        .args([
+            "floor",
+            "--conns",
+            "20000",
+            "--events",
+            "20",
+            "--rate",
+            "100",
+            "--spread",
+            "100",
+            "--scatter",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Each reader exits once it has read what the pattern wrote to its
+    // sockets; the run fails otherwise.
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("100 sockets per event scattered"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("io_uring Send"))
+        .expect("a figure");
+    assert!(line.contains("(2 rings"), "{line}");
+    assert!(
+        !stdout.contains("plain send()"),
+        "no fd per socket: {stdout}"
+    );
+}
+
+#[test]
+fn floor_refuses_more_than_it_can_hold() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["floor", "--conns", "500000"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--conns"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--conns must be from 1 to 400000"));
 }

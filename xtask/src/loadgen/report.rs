@@ -446,7 +446,7 @@ impl Report {
         if let Some((p50, p99)) = self.server.delivery_ms {
             row(
                 "server: publish to sent ms",
-                format!("p50 {p50:.3}  p99 {p99:.3}  (its own histogram: to send completion)"),
+                format!("p50 {p50:.3}  p99 {p99:.3}  (its own histogram since it started: to send completion)"),
             );
         }
         if let Some(s) = self.server.steal_percent {

@@ -546,30 +546,7 @@ impl Worker {
         socket.set_tcp_nodelay(true).map_err(|e| cause(&e))?;
         if !self.job.sources.is_empty() {
             let source = self.job.sources[(self.job.first + index) % self.job.sources.len()];
-            // The port is chosen at connect, for the whole 4-tuple: a bind with
-            // port 0 would skip every port still in TIME_WAIT from an earlier
-            // run to any server, and with 100,000 of them connects slow down
-            // until upgrades miss the server's handshake timeout.
-            let on: libc::c_int = 1;
-            // SAFETY: sets an int option from a live local on a socket this function owns.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    (&on as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(format!(
-                    "IP_BIND_ADDRESS_NO_PORT: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            socket
-                .bind(&SocketAddr::new(source, 0).into())
-                .map_err(|e| format!("bind {source}: {}", cause(&e)))?;
+            bind_source(&socket, source)?;
         }
         match socket.connect(&self.job.target.into()) {
             Ok(()) => {}
@@ -942,6 +919,35 @@ fn recorded(h: &Histogram<u64>) -> Vec<(u64, u64)> {
 }
 
 /// A short name for an error, to count failures by cause.
+/// Binds `socket` to the address `source`, its port left to the connect.
+///
+/// The port is chosen at connect, for the whole 4-tuple: a bind with port 0
+/// would skip every port still in TIME_WAIT from an earlier run to any server,
+/// and search the address's taken ports for a free one, so with 100,000 of
+/// them connects slow down until upgrades miss the server's handshake timeout.
+pub(crate) fn bind_source(socket: &Socket, source: IpAddr) -> Result<(), String> {
+    let on: libc::c_int = 1;
+    // SAFETY: sets an int option from a live local on a socket the caller owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "IP_BIND_ADDRESS_NO_PORT: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .map_err(|e| format!("bind {source}: {}", cause(&e)))
+}
+
 fn cause(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "refused".into(),
