@@ -20,17 +20,21 @@
 //! 10 ms), the most notifications a second one shard takes (target 100,000)
 //! and the p99 at half of what it took. Under each p99 row, run by run, the
 //! server's own share (its publish-to-send-completion p99, from `/stats`) and
-//! the hypervisor's steal over the run, which on a shared host the tail
-//! follows. Beside them, the kernel's floor at the same
-//! sockets (`cargo xtask floor` at the same write rate, no server; past one
-//! process's open files, on six rings of direct descriptors as ringgate holds
-//! them): the CPU one 64 B write to a sleeping loopback reader costs here, and
-//! so the most writes a second one CPU can make whatever the server; once in
-//! the broadcast's pattern (every socket in table order) and once in the
-//! notifications' (100 sockets per event scattered over the table, as random
-//! subscribers are). At 100,000 sockets a scattered write costs the kernel more
-//! than one in order (their memory is cold and far apart), so the floors' own
-//! ratio is what a server that cost nothing would show against the 1.3x target. The paced runs publish from four
+//! the hypervisor's steal over the run, with which on a shared host the tail
+//! grows.
+//!
+//! Beside them, the kernel's floor at the same sockets (`cargo xtask floor` at
+//! the same write rate, no server; past one process's open files, on six rings
+//! of direct descriptors as ringgate holds them): the CPU one 64 B write to a
+//! sleeping loopback reader costs here, and so the most writes a second one CPU
+//! can make whatever the server. Once in the broadcast's pattern (every socket
+//! in table order) and once in the notifications' (100 sockets per event
+//! scattered over the table, as random subscribers are). At 100,000 sockets a
+//! scattered write costs the kernel more than one in order (their memory is
+//! cold and far apart), so the floors' own ratio is what a server that cost
+//! nothing would show against the 1.3x target.
+//!
+//! The paced runs publish from four
 //! connections so that one slow answer does not make the schedule slip (a
 //! single publisher waiting for each answer falls behind, then catches up in a
 //! burst the server must queue). Without `--quick`, the same again with 100,000 subscribers and
@@ -101,7 +105,7 @@ struct Round {
     /// Publish-to-receive p99 at half the rate the flat-out run reached.
     notify_half_max_p99_ms: Option<f64>,
     /// Beside each p99: the server's own (publish to send completion) and the
-    /// hypervisor's steal over the run (percent), which the p99 follows.
+    /// hypervisor's steal over the run (percent).
     notify_server_p99_ms: Option<f64>,
     notify_steal: Option<f64>,
     half_max_server_p99_ms: Option<f64>,

@@ -153,6 +153,7 @@ impl Http {
     }
 
     /// `GET /stats`, parsed.
+    ///
     /// A connection left idle through a long run may have been closed by the
     /// server's idle timeout: a GET is safe to send again on a new one.
     pub fn stats(&mut self) -> Result<serde_json::Value, String> {

@@ -918,7 +918,6 @@ fn recorded(h: &Histogram<u64>) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// A short name for an error, to count failures by cause.
 /// Binds `socket` to the address `source`, its port left to the connect.
 ///
 /// The port is chosen at connect, for the whole 4-tuple: a bind with port 0
@@ -948,6 +947,7 @@ pub(crate) fn bind_source(socket: &Socket, source: IpAddr) -> Result<(), String>
         .map_err(|e| format!("bind {source}: {}", cause(&e)))
 }
 
+/// A short name for an error, to count failures by cause.
 fn cause(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "refused".into(),
