@@ -132,6 +132,27 @@ pub fn run(args: &Args) -> Result<(), String> {
 /// run leaves nothing behind.
 pub(crate) struct KillOnDrop(pub std::process::Child);
 
+impl KillOnDrop {
+    /// Waits for a floor reader (`name` in the error) to exit and checks the
+    /// byte count it printed against `expected`.
+    pub(crate) fn read_all(&mut self, name: &str, expected: u64) -> Result<(), String> {
+        let mut out = String::new();
+        self.0
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)
+            .map_err(|e| e.to_string())?;
+        let status = self.0.wait().map_err(|e| e.to_string())?;
+        if !status.success() || out.trim() != expected.to_string() {
+            return Err(format!(
+                "{name} did not get every byte: {out:?} of {expected}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -256,20 +277,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
         event_sockets(args, conns, event, &mut targets);
         ring.send_to(&targets, &payload)
     })?;
-    let mut out = String::new();
-    reader
-        .0
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut out)
-        .map_err(|e| e.to_string())?;
-    let status = reader.0.wait().map_err(|e| e.to_string())?;
-    if !status.success() || out.trim() != expected.to_string() {
-        return Err(format!(
-            "the reader did not get every byte: {out:?} of {expected}"
-        ));
-    }
+    reader.read_all("the reader", expected)?;
     Ok(Floor {
         plain_us: plain,
         uring_us: uring,
@@ -320,13 +328,7 @@ struct Ring {
 
 impl Ring {
     fn new(sockets: &[TcpStream]) -> Result<Ring, String> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_submit_all()
-            .setup_cqsize(4 * SQ_ENTRIES)
-            .build(SQ_ENTRIES)
-            .map_err(|e| format!("io_uring: {e}"))?;
+        let ring = sender_ring()?;
         let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
         ring.submitter()
             .register_files(&fds)
@@ -342,6 +344,17 @@ impl Ring {
         }
         Ok(())
     }
+}
+
+/// A ring set up as a shard's is (one issuer, deferred task work).
+pub(crate) fn sender_ring() -> Result<IoUring, String> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_submit_all()
+        .setup_cqsize(4 * SQ_ENTRIES)
+        .build(SQ_ENTRIES)
+        .map_err(|e| format!("io_uring: {e}"))
 }
 
 /// One `Send` to each registered file of `slots` (at most an SQ's worth), in

@@ -13,7 +13,6 @@
 //!
 //! There is no plain `send()` row here: it needs an fd per socket.
 
-use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
@@ -21,7 +20,7 @@ use std::process::{Command, Stdio};
 use io_uring::IoUring;
 
 use crate::floor::{
-    event_sockets, measure, pin, send_batch, socket_of, Args, KillOnDrop, SQ_ENTRIES,
+    event_sockets, measure, pin, send_batch, sender_ring, socket_of, Args, KillOnDrop, SQ_ENTRIES,
 };
 
 /// Registered files per ring: under the open-file limit (20,000 here), which
@@ -110,21 +109,7 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
         Ok(())
     })?;
     for (r, reader) in children.iter_mut().enumerate() {
-        let mut out = String::new();
-        reader
-            .0
-            .stdout
-            .take()
-            .expect("piped")
-            .read_to_string(&mut out)
-            .map_err(|e| e.to_string())?;
-        let status = reader.0.wait().map_err(|e| e.to_string())?;
-        if !status.success() || out.trim() != expected[r].to_string() {
-            return Err(format!(
-                "reader {r} did not get every byte: {out:?} of {}",
-                expected[r]
-            ));
-        }
+        reader.read_all(&format!("reader {r}"), expected[r])?;
     }
     Ok(us)
 }
@@ -136,13 +121,7 @@ struct Ring {
 
 impl Ring {
     fn new(files: usize) -> Result<Ring, String> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_submit_all()
-            .setup_cqsize(4 * SQ_ENTRIES)
-            .build(SQ_ENTRIES)
-            .map_err(|e| format!("io_uring: {e}"))?;
+        let ring = sender_ring()?;
         ring.submitter()
             .register_files_sparse(files as u32)
             .map_err(|e| format!("register_files_sparse: {e}"))?;

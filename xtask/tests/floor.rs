@@ -2,23 +2,37 @@
 //! read by the reader processes, and the figures are printed; past one
 //! process's open files too.
 
-use std::process::Command;
+use std::process::{Command, Output};
+
+fn floor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("floor")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `cargo xtask floor ARGS`'s stdout, once it has succeeded. A floor run
+/// fails unless every reader got every byte written to it (every echo).
+fn floor_ok(args: &[&str]) -> String {
+    let out = floor(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 #[test]
 fn floor_measures_both_ways_of_writing_and_checks_every_byte() {
     for spin in [false, true] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-        cmd.args(["floor", "--conns", "200", "--events", "3", "--rate", "50"]);
+        let mut args = vec!["--conns", "200", "--events", "3", "--rate", "50"];
         if spin {
-            cmd.arg("--spin");
+            args.push("--spin");
         }
-        let out = cmd.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = floor_ok(&args);
         for way in ["plain send()", "io_uring Send"] {
             let line = stdout.lines().find(|l| l.contains(way)).expect(way);
             let us: f64 = line
@@ -32,17 +46,7 @@ fn floor_measures_both_ways_of_writing_and_checks_every_byte() {
 
 #[test]
 fn echo_floor_counts_the_same_echoes_on_both_sides() {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["floor", "--echo", "--conns", "10", "--seconds", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // The run fails unless the server echoed exactly what the clients counted.
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = floor_ok(&["--echo", "--conns", "10", "--seconds", "1"]);
     let line = stdout
         .lines()
         .find(|l| l.contains("per echo"))
@@ -53,30 +57,18 @@ fn echo_floor_counts_the_same_echoes_on_both_sides() {
 #[test]
 fn past_one_process_the_floor_holds_direct_descriptors_and_checks_every_byte() {
     // 20,000 sockets: past one process's open files, so two rings and two
-    // reader processes; notifications' pattern, scattered over both.
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "floor",
-            "--conns",
-            "20000",
-            "--events",
-            "20",
-            "--rate",
-            "100",
-            "--spread",
-            "100",
-            "--scatter",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Each reader exits once it has read what the pattern wrote to its
-    // sockets; the run fails otherwise.
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // reader processes; the notifications' pattern, scattered over both.
+    let stdout = floor_ok(&[
+        "--conns",
+        "20000",
+        "--events",
+        "20",
+        "--rate",
+        "100",
+        "--spread",
+        "100",
+        "--scatter",
+    ]);
     assert!(
         stdout.contains("100 sockets per event scattered"),
         "{stdout}"
@@ -94,10 +86,7 @@ fn past_one_process_the_floor_holds_direct_descriptors_and_checks_every_byte() {
 
 #[test]
 fn floor_refuses_more_than_it_can_hold() {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["floor", "--conns", "500000"])
-        .output()
-        .unwrap();
+    let out = floor(&["--conns", "500000"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--conns must be from 1 to 400000"));
 }
