@@ -236,13 +236,7 @@ fn round(s: &Scale, quick: bool, server_cpu: usize, loadgen_cpu: usize) -> Resul
         (None, None)
     };
     // The kernel's floor for both patterns of writes, with no server.
-    let floor = |args: &crate::floor::Args| -> Result<f64, String> {
-        if s.conns <= crate::floor_wide::FILES_PER_RING {
-            Ok(crate::floor::measure_floor(args)?.uring_us)
-        } else {
-            crate::floor_wide::measure_wide(args)
-        }
-    };
+    let floor = crate::floor::uring_us;
     let events = (broadcast_rate * s.seconds).ceil() as usize;
     let batches = DELIVERIES_PER_SEC / BATCH as f64;
     let floor_us = Some(floor(&crate::floor::Args::new(

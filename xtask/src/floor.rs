@@ -194,42 +194,61 @@ impl Args {
         self
     }
 
-    /// Sockets written per event.
-    pub(crate) fn per_event(&self, conns: usize) -> usize {
-        self.spread.unwrap_or(conns).clamp(1, conns)
-    }
-
-    /// The step from one write's socket to the next's, of `conns`: 1 in
-    /// turn; scattered, a prime near 8,000 coprime with `conns`, so that
-    /// neighbours in the run land far apart and every socket is still written
-    /// equally often.
-    pub(crate) fn stride(&self, conns: usize) -> usize {
-        if !self.scatter {
-            return 1;
-        }
+    /// Which sockets the run writes, of `conns`.
+    pub(crate) fn pattern(&self, conns: usize) -> Pattern {
         let coprime = |mut a: usize, mut b: usize| {
             while b != 0 {
                 (a, b) = (b, a % b);
             }
             a == 1
         };
-        (7919..)
-            .find(|&s| coprime(s, conns))
-            .expect("a coprime stride")
+        Pattern {
+            conns,
+            per_event: self.spread.unwrap_or(conns).clamp(1, conns),
+            stride: if self.scatter {
+                (7919..)
+                    .find(|&s| coprime(s, conns))
+                    .expect("a coprime stride")
+            } else {
+                1
+            },
+        }
     }
 }
 
-/// The socket the `write`th write of the run goes to, of `conns`, for
-/// `stride` ([`Args::stride`]).
-pub(crate) fn socket_of(write: usize, conns: usize, stride: usize) -> usize {
-    (write % conns) * stride % conns
+/// Which sockets a run writes: `per_event` an event, the next ones in turn
+/// (`stride` 1) or scattered (`stride` a prime near 8,000 coprime with
+/// `conns`, so that neighbours in the run land far apart and every socket is
+/// still written equally often).
+pub(crate) struct Pattern {
+    conns: usize,
+    pub per_event: usize,
+    stride: usize,
 }
 
-/// The sockets event `event` writes to, in order, into `out`.
-pub(crate) fn event_sockets(args: &Args, conns: usize, event: usize, out: &mut Vec<usize>) {
-    let (per_event, stride) = (args.per_event(conns), args.stride(conns));
-    out.clear();
-    out.extend((event * per_event..(event + 1) * per_event).map(|w| socket_of(w, conns, stride)));
+impl Pattern {
+    /// The socket the `write`th write of the run goes to.
+    pub fn socket_of(&self, write: usize) -> usize {
+        (write % self.conns) * self.stride % self.conns
+    }
+
+    /// The sockets event `event` writes to, in order, into `out`.
+    pub fn event(&self, event: usize, out: &mut Vec<usize>) {
+        out.clear();
+        out.extend(
+            (event * self.per_event..(event + 1) * self.per_event).map(|w| self.socket_of(w)),
+        );
+    }
+}
+
+/// io_uring's sender CPU per write, in microseconds, with the sockets in one
+/// process ([`measure_floor`]) or past its open files (floor_wide.rs).
+pub fn uring_us(args: &Args) -> Result<f64, String> {
+    if args.conns.unwrap_or(10_000) <= CONNS_ONE_PROCESS {
+        Ok(measure_floor(args)?.uring_us)
+    } else {
+        crate::floor_wide::measure_wide(args)
+    }
 }
 
 /// Runs the measurement (see the module comment).
@@ -245,7 +264,8 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     }
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let per_event = args.per_event(conns);
+    let pattern = args.pattern(conns);
+    let per_event = pattern.per_event;
     let expected = (per_event * args.events * args.size * 2) as u64;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut reader = KillOnDrop(
@@ -266,7 +286,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     let payload = vec![b'x'; args.size];
     let mut targets = Vec::with_capacity(per_event);
     let plain = measure(args, per_event, |event| {
-        event_sockets(args, conns, event, &mut targets);
+        pattern.event(event, &mut targets);
         for &socket in &targets {
             send_plain(&sockets[socket], &payload)?;
         }
@@ -274,7 +294,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     })?;
     let mut ring = Ring::new(&sockets)?;
     let uring = measure(args, per_event, |event| {
-        event_sockets(args, conns, event, &mut targets);
+        pattern.event(event, &mut targets);
         ring.send_to(&targets, &payload)
     })?;
     reader.read_all("the reader", expected)?;
@@ -593,19 +613,18 @@ mod tests {
     #[test]
     fn scattered_writes_reach_every_socket_equally_and_far_apart() {
         for conns in [2_000, 10_000, 100_000] {
-            let args = Args::new(conns, 1, 1.0, 64).scatter(100);
-            let stride = args.stride(conns);
+            let pattern = Args::new(conns, 1, 1.0, 64).scatter(100).pattern(conns);
             let mut writes = vec![0u8; conns];
             for w in 0..2 * conns {
-                writes[socket_of(w, conns, stride)] += 1;
+                writes[pattern.socket_of(w)] += 1;
             }
             assert!(writes.iter().all(|&n| n == 2), "{conns}: not a permutation");
-            let (a, b) = (socket_of(0, conns, stride), socket_of(1, conns, stride));
+            let (a, b) = (pattern.socket_of(0), pattern.socket_of(1));
             assert!(a.abs_diff(b) > 1_000, "{conns}: neighbours {a} and {b}");
         }
-        let in_turn = Args::new(10, 1, 1.0, 64);
+        let in_turn = Args::new(10, 1, 1.0, 64).pattern(10);
         let mut out = Vec::new();
-        event_sockets(&in_turn, 10, 1, &mut out);
+        in_turn.event(1, &mut out);
         assert_eq!(out, (0..10).collect::<Vec<_>>(), "every socket, in order");
     }
 }

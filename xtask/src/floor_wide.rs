@@ -19,9 +19,7 @@ use std::process::{Command, Stdio};
 
 use io_uring::IoUring;
 
-use crate::floor::{
-    event_sockets, measure, pin, send_batch, sender_ring, socket_of, Args, KillOnDrop, SQ_ENTRIES,
-};
+use crate::floor::{measure, pin, send_batch, sender_ring, Args, KillOnDrop, SQ_ENTRIES};
 
 /// Registered files per ring: under the open-file limit (20,000 here), which
 /// bounds a ring's table.
@@ -46,15 +44,15 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
     if args.events == 0 || args.size == 0 || args.rate <= 0.0 {
         return Err("--events, --size and --rate must be above 0".into());
     }
-    let per_event = args.per_event(conns);
+    let pattern = args.pattern(conns);
+    let per_event = pattern.per_event;
     // Socket i is the (i % FILES_PER_RING)th of ring i / FILES_PER_RING, and
     // one of reader i / SOCKETS_PER_READER's (each reader's are accepted in a
     // run): what each reader will read, as the pattern writes.
     let readers = conns.div_ceil(SOCKETS_PER_READER);
     let mut expected = vec![0u64; readers];
-    let stride = args.stride(conns);
     for write in 0..args.events * per_event {
-        expected[socket_of(write, conns, stride) / SOCKETS_PER_READER] += args.size as u64;
+        expected[pattern.socket_of(write) / SOCKETS_PER_READER] += args.size as u64;
     }
     let mut rings = (0..conns.div_ceil(FILES_PER_RING))
         .map(|r| Ring::new(FILES_PER_RING.min(conns - r * FILES_PER_RING)))
@@ -96,7 +94,7 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
     let us = measure(args, per_event, |event| {
         // The event's sockets by ring, then each ring's in submits of at most
         // a full SQ, as a shard submits its own.
-        event_sockets(args, conns, event, &mut targets);
+        pattern.event(event, &mut targets);
         slots.iter_mut().for_each(Vec::clear);
         for &socket in &targets {
             slots[socket / FILES_PER_RING].push(socket % FILES_PER_RING);

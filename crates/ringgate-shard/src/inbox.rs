@@ -6,9 +6,10 @@
 //! when it flips `notified` from false to true, and the shard clears `notified`
 //! (under the queue's lock) only when it takes the last queued command. A full
 //! queue is back-pressure: the command is handed back to the sender, which
-//! reports it or waits for room (the broker: a client's publish is refused,
-//! the publish API waits up to `--publish-wait`, then answers 503). A sender that must deliver to
-//! several inboxes or none reserves a place in each first ([`Inbox::reserve`]).
+//! reports it or waits for room (the broker: a client's publish is refused;
+//! the publish API waits up to `--publish-wait`, then refuses what still finds
+//! no room with 503). A sender that must deliver to several inboxes or none
+//! reserves a place in each first ([`Inbox::reserve`]).
 //!
 //! Shutdown is a separate flag plus an unconditional ring: a shard whose queue
 //! is full of events still learns that it must stop.

@@ -11,8 +11,8 @@
 //! duplicate it for anyone; or, for the control plane's publishes
 //! ([`Broker::publish_until_full`]), stops there before it, and the caller
 //! waits for room (`bus.rs`, `--publish-wait`) and goes on where it stopped,
-//! refusing only what still finds no room at its deadline. An event nobody subscribes to is numbered and kept
-//! in the history, handed to no shard. The topic table's lock is held from the
+//! refusing only what still finds no room at its deadline. An event nobody
+//! subscribes to is numbered and kept in the history, handed to no shard. The topic table's lock is held from the
 //! `seq` to the last push, so events of one topic reach every inbox in `seq`
 //! order whichever thread publishes.
 //!

@@ -547,7 +547,7 @@ pub fn run(args: &Args) -> Result<Report, String> {
                 Some(HoldFigures {
                     seconds: h.at.duration_since(a.at).as_secs_f64(),
                     server_cpu_seconds: h.cpu? - a.cpu?,
-                    machine_cpu_seconds: h.machine_cpu.zip(a.machine_cpu).map(|(h, a)| h - a),
+                    machine_cpu_seconds: h.ticks.zip(a.ticks).map(|(h, a)| a.busy_seconds(h)),
                     pings_sent: total(stats_held, "pings_sent_total")
                         .zip(total(&stats_after, "pings_sent_total"))
                         .map(|(h, a)| h.saturating_sub(a)),
@@ -694,7 +694,6 @@ struct Sample {
     at: Instant,
     rss: Option<u64>,
     cpu: Option<f64>,
-    machine_cpu: Option<f64>,
     ticks: Option<CpuTicks>,
     mem_available: Option<u64>,
 }
@@ -705,34 +704,20 @@ impl Sample {
             at: Instant::now(),
             rss: pid.and_then(|p| proc_kib(&format!("/proc/{p}/status"), "VmRSS:")),
             cpu: pid.and_then(cpu_seconds),
-            machine_cpu: machine_cpu_seconds(),
             ticks: CpuTicks::read(),
             mem_available: proc_kib("/proc/meminfo", "MemAvailable:"),
         }
     }
 }
 
-/// CPU time every CPU of the machine spent busy (user, nice, system, irq and
-/// softirq: kernel work such as TCP keepalive probes that no process is charged
-/// for), in seconds.
-fn machine_cpu_seconds() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?.strip_prefix("cpu ")?;
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq ...
-    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
-    // SAFETY: sysconf has no pointer arguments.
-    Some(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
-}
-
-/// Every CPU's time so far, and of it what the hypervisor gave to other
-/// guests (`steal`), in clock ticks.
+/// Every CPU's time so far, in clock ticks: all of it, what was busy (user,
+/// nice, system, irq and softirq: kernel work such as TCP keepalive probes
+/// that no process is charged for), and what the hypervisor gave to other
+/// guests (`steal`).
 #[derive(Clone, Copy)]
 struct CpuTicks {
     all: u64,
+    busy: u64,
     steal: u64,
 }
 
@@ -748,8 +733,16 @@ impl CpuTicks {
         // are already in user and nice).
         Some(CpuTicks {
             all: f.iter().take(8).sum(),
+            busy: f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?,
             steal: *f.get(7)?,
         })
+    }
+
+    /// The busy time from `self` to `later`, in seconds.
+    fn busy_seconds(self, later: CpuTicks) -> f64 {
+        // SAFETY: sysconf has no pointer arguments.
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        later.busy.saturating_sub(self.busy) as f64 / tick
     }
 
     /// The share of the time from `self` to `later` stolen, in percent.
@@ -1028,7 +1021,11 @@ mod tests {
 
     #[test]
     fn steal_is_the_stolen_share_of_the_window() {
-        let at = |all, steal| CpuTicks { all, steal };
+        let at = |all, steal| CpuTicks {
+            all,
+            busy: 0,
+            steal,
+        };
         assert_eq!(at(1000, 10).steal_percent(at(1400, 30)), Some(5.0));
         assert_eq!(
             at(1000, 10).steal_percent(at(1000, 10)),
