@@ -81,6 +81,71 @@ fn sigterm_sends_1001_to_every_client_and_exits_0() {
     drop(clients);
 }
 
+/// Events answered 200 before a shutdown reach every subscriber before its
+/// Close 1001. The shard used to close every connection on the doorbell that
+/// carried the shutdown, and what its inbox still held then went to nobody.
+/// Two send slots and a short fanout backlog make the shard take the batch
+/// from its inbox over many turns, so most of it is still there at SIGTERM.
+#[test]
+fn events_accepted_before_sigterm_reach_every_subscriber_before_1001() {
+    const SUBSCRIBERS: usize = 40;
+    const EVENTS: u64 = 2000;
+    let mut server = Server::start(&[
+        "--shards",
+        "1",
+        "--send-slots",
+        "2",
+        "--fanout-backlog",
+        "4",
+        "--drain-timeout",
+        "30s",
+    ]);
+    let readers: Vec<_> = (0..SUBSCRIBERS)
+        .map(|_| {
+            let mut s = raw_upgrade(&server, "/ws?topics=last");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                loop {
+                    match read_frame(&mut s) {
+                        Some((b0, payload)) if b0 == FIN | TEXT => {
+                            let event: serde_json::Value =
+                                serde_json::from_slice(&payload).unwrap();
+                            seqs.push(event["seq"].as_u64().unwrap());
+                        }
+                        Some((b0, payload)) if b0 == FIN | CLOSE => {
+                            return (seqs, u16::from_be_bytes([payload[0], payload[1]]));
+                        }
+                        Some((b0, _)) if b0 == FIN | PING => {}
+                        other => panic!("after {} events: {other:?}", seqs.len()),
+                    }
+                }
+            })
+        })
+        .collect();
+    server.wait_for("the subscriptions", Duration::from_secs(10), |s| {
+        s.total("subscriptions") == SUBSCRIBERS as u64
+    });
+    let body: String = (1..=EVENTS)
+        .map(|i| format!("{{\"topic\":\"last\",\"data\":{i}}}\n"))
+        .collect();
+    let (status, answer) = post(server.control, "/publish", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    server.signal(libc::SIGTERM);
+    let wanted: Vec<u64> = (1..=EVENTS).collect();
+    for reader in readers {
+        let (seqs, code) = reader.join().unwrap();
+        assert_eq!(code, 1001);
+        assert!(
+            seqs == wanted,
+            "{} of {EVENTS} events before the close",
+            seqs.len()
+        );
+    }
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn clients_that_never_close_are_cut_at_the_drain_timeout() {
     let mut server = Server::start(&["--drain-timeout", "1s"]);

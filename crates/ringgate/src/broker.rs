@@ -188,8 +188,12 @@ impl Broker {
         self
     }
 
-    /// Refuses every publish from now on (the shards are being drained).
+    /// Refuses every publish from now on (the shards are being drained). Set
+    /// under the topic table's lock, which a publish holds from reading the flag
+    /// to its last commit: once this returns, every event answered as accepted
+    /// is in its inboxes, so a shutdown requested next finds it there.
     pub fn start_draining(&self) {
+        let _topics = self.lock();
         self.draining.store(true, Ordering::SeqCst);
     }
 

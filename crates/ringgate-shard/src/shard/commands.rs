@@ -132,12 +132,16 @@ impl Shard {
         true
     }
 
+    /// Stops taking connections at once; closes the open ones once the inbox
+    /// is empty (`close_open_connections`). The broker refuses publishes before
+    /// a shutdown is requested, so what the inbox holds then is all there is.
     pub(super) fn begin_shutdown(&mut self, deadline: Instant) {
         if self.shutdown_deadline.is_some() {
             return;
         }
         tracing::info!(shard = self.id, connections = self.conns.len(), "draining");
         self.shutdown_deadline = Some(deadline);
+        self.going_away = true;
         self.cancel_accepts();
         // The armed accept holds its own reference to the socket until the
         // cancel completes (a turn from now); then closing ours takes this shard
@@ -146,19 +150,33 @@ impl Shard {
         self.listener = None;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
+            if self.conns[key].state == State::Handshake {
+                self.finish(key);
+                self.drive(key);
+            }
+        }
+    }
+
+    /// Sends every open connection Close 1001, after whatever it has queued.
+    pub(super) fn close_open_connections(&mut self) {
+        assert!(
+            self.going_away && !self.inbox_pending,
+            "connections close once the inbox is empty"
+        );
+        self.going_away = false;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
             let conn = &mut self.conns[key];
-            match conn.state {
-                State::Open => input::start_close(
+            if conn.state == State::Open {
+                input::start_close(
                     conn,
                     close_code::GOING_AWAY,
                     "server shutting down",
                     self.now,
                     &mut self.pool,
-                ),
-                State::Handshake => self.finish(key),
-                _ => {}
+                );
+                self.drive(key);
             }
-            self.drive(key);
         }
     }
 }

@@ -155,6 +155,11 @@ pub(crate) struct Shard {
     next_generation: u32,
     accepting: accept::Accepting,
     shutdown_deadline: Option<Instant>,
+    /// Shutting down, and the open connections are still to be sent Close
+    /// 1001: that waits until the inbox is empty, so every event accepted
+    /// before the shutdown reaches its subscribers first (the drain deadline
+    /// bounds the wait).
+    going_away: bool,
 }
 
 impl Shard {
@@ -240,6 +245,7 @@ impl Shard {
             next_generation: 0,
             accepting,
             shutdown_deadline: None,
+            going_away: false,
         })
     }
 
@@ -304,6 +310,9 @@ impl Shard {
             if self.inbox_pending && !self.fanout_pending() && !self.is_congested() {
                 self.handle_commands();
                 self.offer_send_slots();
+            }
+            if self.going_away && !self.inbox_pending {
+                self.close_open_connections();
             }
         }
         assert!(
