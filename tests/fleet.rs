@@ -329,6 +329,26 @@ fn the_last_local_subscriber_leaving_drops_the_hosts_redis_subscription() {
     });
 }
 
+/// The link pings its pub/sub connection every 5 s. A subscribed RESP2
+/// connection answers ["pong", ""], which the link took for a failure: once the
+/// host followed a topic it dropped the link and made it again every 5 s.
+#[test]
+fn a_host_following_a_topic_keeps_its_link_past_two_pings() {
+    let redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    let mut client = raw_upgrade(&a, "/ws?topics=kept");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.numsub("kept") != 1 {
+        assert!(Instant::now() < deadline, "the host never followed kept");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(metric(&a, "broker_reconnects_total"), 0);
+    assert_eq!(metric(&a, "broker_up"), 1);
+    publish(&a, "kept", 1);
+    read_events(&mut client, "kept", 1..=1);
+}
+
 /// Two hosts on one Redis, A through a partition it is cut off by while B
 /// publishes `missed` events.
 struct Partitioned {

@@ -431,10 +431,18 @@ impl Link {
         let generation = self.generation;
         let events = self.events.clone();
         tokio::spawn(async move {
-            let result = tokio::time::timeout(BROKER_TIMEOUT, sink.ping::<String>())
+            // Any reply but an error will do, and its form varies: a
+            // subscribed RESP2 connection answers ["pong", ""], not PONG
+            // (redis-rs passes it on as is). Reading it as a String failed, and
+            // lost the link every PING_EVERY once the host followed a topic.
+            let result = tokio::time::timeout(BROKER_TIMEOUT, sink.ping::<redis::Value>())
                 .await
                 .map_err(|_| "no answer in time".to_string())
-                .and_then(|r| r.map(drop).map_err(|e| e.to_string()));
+                .and_then(|r| match r {
+                    Ok(redis::Value::ServerError(e)) => Err(e.to_string()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                });
             let _ = events.send(Event::Pinged { generation, result });
         });
     }
