@@ -351,8 +351,14 @@ fn parse_frames(conn: &mut Conn, p: &mut Partial, data: &mut [u8], env: &mut Env
             _ => {
                 // An unfinished frame: keep its bytes (bounded by the frame limit),
                 // in an allocation of exactly the frame's size once it is known.
-                // `started` stays: it is when this connection's input became
-                // unfinished (a new Partial, or a message already in progress).
+                // `started` is when this connection's input became unfinished:
+                // now, unless a message is in progress (then it stays). A kept
+                // Partial (a read that ended inside a frame) must not carry it
+                // over whole messages, or a client streaming without pause
+                // would be cut by the message timeout.
+                if !p.state.in_message() {
+                    p.started = env.now;
+                }
                 p.tail
                     .reserve_exact(frame_len.min(MAX_TAIL_RESERVE) as usize);
                 p.tail.extend_from_slice(&data[pos..]);

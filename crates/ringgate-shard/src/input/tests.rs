@@ -513,6 +513,27 @@ fn a_tail_records_when_it_started_and_fragments_do_not_move_it() {
 }
 
 #[test]
+fn a_client_streaming_whole_messages_never_ages_its_input() {
+    // Found in review: a read ending inside a frame kept the Partial, and its
+    // `started` from the first such read, across every message completed
+    // after it; a client streaming without pause was cut by the timeout.
+    let mut h = Harness::open();
+    let message = client_frame(true, OpCode::Binary, b"0123456789");
+    for now in [5, 20, 40, 60] {
+        h.now = now;
+        // The previous message's end, a whole one, and the next one's start.
+        let mut read = message[4..].to_vec();
+        read.extend_from_slice(&message);
+        read.extend_from_slice(&message[..4]);
+        if now == 5 {
+            read = message[..4].to_vec();
+        }
+        h.feed(&read);
+        assert_eq!(h.conn.partial.as_ref().unwrap().started, now);
+    }
+}
+
+#[test]
 fn absolute_form_and_many_headers_are_served() {
     let mut request = String::from_utf8(ws_request("http://example.com/ws?topics=a")).unwrap();
     let extra: String = (0..50).map(|i| format!("X-Proxy-{i}: 1\r\n")).collect();
