@@ -217,11 +217,13 @@ impl ShardConfig {
     /// What a `/ws` connection's send queue never passes, whatever the kernel
     /// does: twice `--send-queue-limit` (a subscriber over the limit with bytes
     /// not yet offered to the kernel gets a turn's events more) plus one largest
-    /// event, which always fits an empty queue. This is the memory bound per
-    /// connection, frames counted with their slot overhead.
+    /// event (data of at most `--max-message-size` in its envelope), which
+    /// always fits an empty queue. This is the memory bound per connection,
+    /// frames counted with their slot overhead.
     pub fn send_queue_hard_max(&self) -> usize {
         2 * self.send_queue_bytes_max
             + self.limits.message_bytes_max as usize
+            + crate::pubsub::EVENT_ENVELOPE_BYTES_MAX
             + ringgate_codec::SERVER_HEADER_BYTES_MAX
             + crate::limits::FRAME_OVERHEAD_BYTES
     }

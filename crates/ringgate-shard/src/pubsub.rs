@@ -450,6 +450,26 @@ impl<'a> EventData<'a> {
         Err(INFINITE_NUMBER)
     }
 
+    /// Bytes of the data as the event's frame carries it: JSON as is, text as
+    /// a JSON string (quoted, and its quotes, backslashes and control
+    /// characters escaped, as `serde_json` writes it: up to six bytes for one).
+    pub fn json_len(&self) -> usize {
+        match self {
+            EventData::Json(json) => json.len(),
+            EventData::Text(text) => {
+                let escaped: usize = text
+                    .bytes()
+                    .map(|b| match b {
+                        b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+                        0..=0x1f => 6,
+                        _ => 1,
+                    })
+                    .sum();
+                escaped + 2
+            }
+        }
+    }
+
     /// Data already parsed as JSON (a batch line's `data`, captured raw): `Err`
     /// if a number in it does not fit a double, or it is JSON the full parse
     /// refuses (nesting past 128, a lone surrogate). Text that is not JSON at
@@ -462,6 +482,11 @@ impl<'a> EventData<'a> {
         }
     }
 }
+
+/// The most an event's frame payload adds to its data (`EventData::json_len`):
+/// `{"topic":"T","seq":N,"data":` and `}`, with the longest topic and seq.
+pub const EVENT_ENVELOPE_BYTES_MAX: usize =
+    r#"{"topic":""#.len() + TOPIC_BYTES_MAX + r#"","seq":"#.len() + 20 + r#","data":"#.len() + 1;
 
 /// Builds the one WebSocket text frame of an event, ready to be sent as is to
 /// every subscriber: `{"topic":T,"seq":N,"data":D}`.
@@ -843,6 +868,29 @@ mod tests {
         assert!(!publish_allowed("chat.*", "chatter"));
         assert!(publish_allowed("exact", "exact"));
         assert!(!publish_allowed("exact", "exact.more"));
+    }
+
+    #[test]
+    fn json_len_is_the_data_s_length_in_the_frame() {
+        let every_ascii: String = (0u8..0x80).map(char::from).collect();
+        for text in [&every_ascii[..], "", "plain", "é \u{2028} 😀", "\"\\\u{7f}"] {
+            let data = EventData::Text(text);
+            assert_eq!(
+                data.json_len(),
+                serde_json::to_vec(text).unwrap().len(),
+                "{text:?}"
+            );
+        }
+        assert_eq!(EventData::Json(r#"{"a":1}"#).json_len(), 7);
+        // The envelope bound holds for the longest topic and seq.
+        let topic = "t".repeat(TOPIC_BYTES_MAX);
+        let data = EventData::Text("\u{1}");
+        let frame = event_frame(&topic, u64::MAX, data);
+        let header = 4; // a payload of 126 to 65,535 bytes
+        assert_eq!(
+            frame.len() - header,
+            data.json_len() + EVENT_ENVELOPE_BYTES_MAX
+        );
     }
 
     #[test]
