@@ -329,6 +329,37 @@ fn the_last_local_subscriber_leaving_drops_the_hosts_redis_subscription() {
     });
 }
 
+/// The history's last entry must be event `seq`. A host with no history
+/// numbered its events without keeping them, so after a publish through it the
+/// list lacked those events, and a recovery across them delivered the data of
+/// older events under their numbers.
+#[test]
+fn a_host_keeping_no_history_never_makes_a_recovery_deliver_wrong_events() {
+    let redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    let b = host(&redis.url(), &["--history-size", "0"]);
+    let epoch = publish(&a, "mixed", 1)["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for n in 2..=5 {
+        publish(&a, "mixed", n);
+    }
+    for n in 6..=7 {
+        publish(&b, "mixed", n);
+    }
+    publish(&a, "mixed", 8);
+    // From 5: events 6 and 7 were never kept, so the history cannot give 6..=8.
+    let mut c = raw_upgrade(&a, "/ws");
+    let reply = sub(&mut c, "mixed", Some((5, &epoch)));
+    assert_eq!(reply["recovered"], false, "{reply}");
+    // From 7: event 8 is kept, and is itself.
+    let mut c = raw_upgrade(&a, "/ws");
+    let reply = sub(&mut c, "mixed", Some((7, &epoch)));
+    assert_eq!(reply["recovered"], true, "{reply}");
+    read_events(&mut c, "mixed", 8..=8);
+}
+
 /// The link pings its pub/sub connection every 5 s. A subscribed RESP2
 /// connection answers ["pong", ""], which the link took for a failure: once the
 /// host followed a topic it dropped the link and made it again every 5 s.

@@ -44,7 +44,9 @@ pub fn topic_of_channel(channel: &str) -> Option<&str> {
 }
 
 /// Numbers, keeps and publishes events, atomically and in order (one event, or
-/// a chunk of a batch).
+/// a chunk of a batch). The history's last entry is always event `seq`: a host
+/// that keeps none (`--history-size 0`) empties it, so a fleet of mixed
+/// settings loses history, never misnumbers it.
 /// KEYS: meta and history of each event's topic, in turn. ARGV: history size,
 /// history TTL (s), meta TTL (s), then for each event its channel, its data
 /// and a fresh epoch (used if the topic has no state).
@@ -69,6 +71,8 @@ for i = 1, #KEYS / 2 do
     redis.call('RPUSH', history, now .. ':' .. data)
     redis.call('LTRIM', history, -size, -1)
     redis.call('EXPIRE', history, ARGV[2])
+  else
+    redis.call('DEL', history)
   end
   local hosts = redis.call('PUBLISH', channel, seq .. ':' .. epoch .. ':' .. data)
   answers[i] = {seq, epoch, hosts}
