@@ -329,6 +329,32 @@ fn the_last_local_subscriber_leaving_drops_the_hosts_redis_subscription() {
     });
 }
 
+/// Scripts in Redis' cache (`INFO memory`).
+fn cached_scripts(redis: &Redis) -> u64 {
+    let info = redis.query(&["INFO", "memory"]).unwrap();
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("number_of_cached_scripts:"))
+        .expect("INFO memory counts scripts");
+    line.trim().parse().unwrap()
+}
+
+/// A publish's EVALSHA meeting an empty script cache (a restarted Redis) made
+/// redis-rs load the script and send it again, so a publish sent meanwhile
+/// could be numbered first. The link loads both scripts before it is up.
+#[test]
+fn a_host_loads_its_scripts_before_its_link_is_up() {
+    let mut redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    assert_eq!(cached_scripts(&redis), 2);
+    redis.kill();
+    redis.restart();
+    a.wait_for("the link again", Duration::from_secs(20), |s| {
+        metric(s, "broker_reconnects_total") >= 1 && metric(s, "broker_up") == 1
+    });
+    assert_eq!(cached_scripts(&redis), 2);
+}
+
 /// The history's last entry must be event `seq`. A host with no history
 /// numbered its events without keeping them, so after a publish through it the
 /// list lacked those events, and a recovery across them delivered the data of

@@ -175,9 +175,16 @@ impl Link {
                 .set_connection_timeout(Some(BROKER_TIMEOUT))
                 .set_response_timeout(Some(BROKER_TIMEOUT));
             let connected = async {
-                let commands = client
+                let mut commands = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
+                // Loaded before any publish can use this connection: an EVALSHA
+                // meeting an empty script cache (a restarted Redis) makes
+                // redis-rs load the script and send the call again, and a
+                // publish sent meanwhile would be numbered before it.
+                for script in [keys::PUBLISH, keys::STANDING] {
+                    redis::Script::new(script).load_async(&mut commands).await?;
+                }
                 let pubsub = tokio::time::timeout(BROKER_TIMEOUT, client.get_async_pubsub())
                     .await
                     .map_err(|_| {
