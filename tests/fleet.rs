@@ -573,6 +573,55 @@ fn a_host_starts_without_redis_serves_clients_and_joins_when_it_comes() {
 }
 
 /// The settings shown never carry the broker's password.
+/// A subscribe waits while Redis is away, and the connection's later requests
+/// wait behind it. They were held outside every budget (32 of up to
+/// --max-op-size each, per connection, for as long as Redis stayed away); they
+/// now count against the shard's --max-unfinished-bytes, and past it a request
+/// is answered busy at once.
+#[test]
+fn requests_waiting_behind_a_subscribe_stay_within_the_shards_input_budget() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let a = Server::start(&[
+        "--shards",
+        "1",
+        "--broker",
+        &url,
+        "--max-message-size",
+        "16KiB",
+        "--max-frame-size",
+        "16KiB",
+        "--max-unfinished-bytes",
+        "40KiB",
+    ]);
+    let mut client = raw_upgrade(&a, "/ws");
+    send_text(&mut client, r#"{"op":"sub","topic":"held"}"#);
+    let pad = "x".repeat(15_000);
+    for _ in 0..3 {
+        send_text(
+            &mut client,
+            &format!(r#"{{"op":"unsub","topic":"held","pad":"{pad}"}}"#),
+        );
+    }
+    // Two wait (30 KB); the third would pass 40 KiB.
+    let reply = read_json(&mut client);
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert_eq!(reply["code"], "busy", "{reply}");
+    assert_eq!(a.total("unfinished_refused_total"), 1);
+    // What waits is answered, in order, once Redis is there.
+    let mut redis = Redis { child: None, port };
+    redis.restart();
+    assert_eq!(read_json(&mut client)["op"], "subscribed");
+    for _ in 0..2 {
+        let reply = read_json(&mut client);
+        assert_eq!(reply["op"], "error", "an unknown field: {reply}");
+    }
+}
+
 #[test]
 fn the_brokers_password_is_not_shown() {
     let a = Server::start(&["--broker", "redis://:sekrit@127.0.0.1:1/"]);

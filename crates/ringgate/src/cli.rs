@@ -99,8 +99,9 @@ pub struct Cli {
     #[arg(long, env = "RINGGATE_MAX_OP_SIZE", default_value = "16KiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_op_size: u64,
 
-    /// Bytes one shard holds at most for unfinished frames, messages and request heads, over all
-    /// its connections; input past it closes its connection (1013, or 503 during the upgrade).
+    /// Bytes one shard holds at most for unfinished frames, messages and request heads, and for
+    /// `/ws` requests waiting behind a subscribe, over all its connections; input past it closes
+    /// its connection (1013, or 503 during the upgrade), a waiting request past it is answered busy.
     #[arg(long, env = "RINGGATE_MAX_UNFINISHED_BYTES", default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_unfinished_bytes: u64,
 

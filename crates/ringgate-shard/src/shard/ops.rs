@@ -270,7 +270,7 @@ impl Shard {
         self.unfinished -= input::drop_partial(conn);
         self.end_replay(key);
         // Answers still on their way find the generation gone.
-        self.outstanding.remove(&key);
+        self.drop_outstanding(key);
         self.forget_token(key);
         self.release_peer(key);
         if self.conns[key].subs.len() > 0 {

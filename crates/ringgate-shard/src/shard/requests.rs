@@ -40,6 +40,8 @@ pub(super) struct Outstanding {
     pub pending: u16,
     /// Requests received since, in order.
     pub deferred: VecDeque<Box<[u8]>>,
+    /// Their bytes, counted in the shard's unfinished input.
+    pub deferred_bytes: usize,
 }
 
 impl Shard {
@@ -98,11 +100,28 @@ impl Shard {
         if !replaying && !waiting {
             return self.handle_request(key, &text);
         }
+        // A waiting request is input not yet acted on: it counts against the
+        // shard's budget for unfinished input, as the bytes of a request still
+        // arriving do, so connections holding requests cannot take more.
+        let len = text.len();
+        if self.unfinished + len > self.cfg.unfinished_bytes_max {
+            self.stats.unfinished_refused.add(1);
+            return self.error(key, "busy", "the server is busy, slow down");
+        }
         let entry = self.outstanding_of(key, generation);
         if entry.deferred.len() >= REQUESTS_DEFERRED_MAX {
             return self.error(key, "busy", "too many requests in flight, slow down");
         }
         entry.deferred.push_back(text);
+        entry.deferred_bytes += len;
+        self.unfinished += len;
+    }
+
+    /// Forgets what connection `key` waits for, its waiting requests with it.
+    pub(super) fn drop_outstanding(&mut self, key: usize) {
+        if let Some(entry) = self.outstanding.remove(&key) {
+            self.unfinished -= entry.deferred_bytes;
+        }
     }
 
     /// The connection's entry of what it waits for, made if it has none.
@@ -111,6 +130,7 @@ impl Shard {
             generation,
             pending: 0,
             deferred: VecDeque::new(),
+            deferred_bytes: 0,
         });
         assert_eq!(entry.generation, generation, "a stale outstanding entry");
         entry
@@ -130,11 +150,13 @@ impl Shard {
                 return;
             }
             let Some(text) = waiting.deferred.pop_front() else {
-                self.outstanding.remove(&key);
+                self.drop_outstanding(key);
                 return;
             };
+            waiting.deferred_bytes -= text.len();
+            self.unfinished -= text.len();
             if self.conns[key].state != State::Open {
-                self.outstanding.remove(&key);
+                self.drop_outstanding(key);
                 return;
             }
             self.handle_request(key, &text);

@@ -110,7 +110,13 @@ impl Shard {
                 due.push((key, d));
             }
         }
-        // The running count of unfinished input must agree with the records.
+        unfinished += self
+            .outstanding
+            .values()
+            .map(|o| o.deferred_bytes)
+            .sum::<usize>();
+        // The running count of unfinished input (waiting requests included)
+        // must agree with the records.
         assert_eq!(
             unfinished, self.unfinished,
             "unfinished-input accounting drifted"
