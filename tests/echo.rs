@@ -179,3 +179,42 @@ fn the_pubsub_endpoint_upgrades_and_answers_pings() {
         Some((FIN | PONG, b"are you there".to_vec()))
     );
 }
+
+/// A client that sends its Close and at once shuts down its side (a half
+/// close) still gets everything owed to it, and then the server's Close. The
+/// peer's FIN ended the connection at once, cancelling the send under way (here
+/// a 4 MiB echo the client had not read yet) and the Close reply behind it.
+#[test]
+fn a_close_followed_by_a_half_close_is_answered_after_what_was_owed() {
+    let server = Server::start(&[
+        "--echo",
+        "--shards",
+        "1",
+        "--max-frame-size",
+        "8MiB",
+        "--max-message-size",
+        "8MiB",
+    ]);
+    let mut s = raw_upgrade(&server, "/echo");
+    let big = vec![7u8; 4 << 20];
+    let mut bytes = frame(FIN | BINARY, &big);
+    bytes.extend_from_slice(&frame(FIN | CLOSE, &1000u16.to_be_bytes()));
+    // Written by a thread: the server's echo fills the socket while we write.
+    let mut writer = s.try_clone().unwrap();
+    let wrote = std::thread::spawn(move || {
+        writer.write_all(&bytes).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // Let the FIN arrive while the echo is still being sent.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let echoed = read_frame(&mut s).expect("the echo");
+    wrote.join().unwrap();
+    assert_eq!(echoed.0, FIN | BINARY);
+    assert!(
+        echoed.1 == big,
+        "the echo came back cut: {} bytes",
+        echoed.1.len()
+    );
+    assert_eq!(read_close_code(&mut s), 1000);
+    assert!(reaches_eof(&mut s));
+}

@@ -52,8 +52,8 @@ impl Shard {
             return;
         }
         match -result {
-            // EOF: the peer is gone or answered our shutdown.
-            0 => self.finish(key),
+            // EOF: the peer is gone, answered our shutdown, or half-closed.
+            0 => self.on_eof(key),
             libc::ENOBUFS => {
                 // Flow control, not loss: the bytes wait in the socket.
                 self.stats.buffer_ring_exhausted.add(1);
@@ -72,6 +72,21 @@ impl Shard {
                 self.finish(key);
             }
         }
+    }
+
+    /// The peer's FIN: nothing more will come from it. A connection that still
+    /// owes the peer bytes after the close began (an HTTP error, a close frame,
+    /// what was queued before them) flushes them first, as `Flushing`: ending
+    /// it now would cancel them. Everything else ends now. The close timeout
+    /// bounds the flush.
+    fn on_eof(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let owes = conn.sendq.is_some() || conn.has(flag::SEND_INFLIGHT | flag::SEND_READY);
+        if owes && matches!(conn.state, State::Draining | State::Flushing) {
+            conn.state = State::Flushing;
+            return;
+        }
+        self.finish(key);
     }
 
     /// Re-arms the recvs that ran out of buffers, once buffers have come back.
@@ -327,7 +342,10 @@ impl Shard {
             self.staged.push(sqe);
             conn.set(flag::POLL_ARMED);
         }
+        // Flushing, the peer has nothing more to send (its Close or its FIN
+        // came): the recv armed before is left to end, and never re-armed.
         let wants_recv = !parked
+            && conn.state != State::Flushing
             && !conn
                 .has(flag::RECV_ARMED | flag::READ_PAUSED | flag::REARM_WAIT | flag::POLL_ARMED);
         if wants_recv {
