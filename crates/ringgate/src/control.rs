@@ -46,6 +46,20 @@ use crate::bus::Bus;
 /// above what publishers and scrapers need.
 pub const CONNECTIONS_MAX: usize = 512;
 
+/// Bytes of publish bodies the control plane holds at once over all its
+/// connections (being read, parsed, or waiting for inbox room): four of the
+/// largest batch ([`crate::batch::BATCH_BYTES_MAX`]), or one largest event
+/// where `--max-message-size` is larger ([`bodies_budget`]). Without it,
+/// [`CONNECTIONS_MAX`] publishers could make it hold 512 batches of 16 MiB. A
+/// request reserves its body's bound (its Content-Length, else its route's
+/// limit) before reading it, and waits `--control-timeout` at most for room.
+pub const BODIES_BYTES_MAX: usize = 4 * crate::batch::BATCH_BYTES_MAX;
+
+/// The bodies' budget for a largest event of `message_bytes_max`.
+pub fn bodies_budget(message_bytes_max: usize) -> usize {
+    BODIES_BYTES_MAX.max(message_bytes_max)
+}
+
 /// The connection cap on this host: [`CONNECTIONS_MAX`], or a quarter of the
 /// soft RLIMIT_NOFILE where that is lower, so the control plane alone can never
 /// run the process out of descriptors.
@@ -73,6 +87,8 @@ pub struct Control {
     pub message_bytes_max: usize,
     /// Time allowed for a request's headers, and again for its body.
     pub timeout: Duration,
+    /// Room for publish bodies, in bytes ([`bodies_budget`]).
+    pub bodies: Arc<Semaphore>,
     /// Connections open now.
     pub connections: AtomicU64,
     /// Connections refused at the cap.
@@ -221,6 +237,33 @@ fn answer(status: StatusCode, body: Value) -> Answer {
     (status, Json(body))
 }
 
+/// Reserves room in the bodies' budget for a body of at most `limit` bytes
+/// (its Content-Length where that is smaller), waiting `--control-timeout` at
+/// most; 503 past it. The room is given back when the permit drops.
+async fn reserve_body(
+    control: &Control,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Answer> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let bytes = declared.map_or(limit, |n| n.min(limit));
+    let permits = u32::try_from(bytes).expect("bodies are at most 1 GiB");
+    let reserve = control.bodies.clone().acquire_many_owned(permits);
+    match tokio::time::timeout(control.timeout, reserve).await {
+        Ok(permit) => Ok(permit.expect("the bodies' semaphore is never closed")),
+        Err(_) => {
+            let msg = "the control plane holds as many publish bodies as it may: retry later";
+            Err(answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": msg }),
+            ))
+        }
+    }
+}
+
 /// Whether `headers` carry `Authorization: Bearer TOKEN` for the configured
 /// token; a refusal is counted.
 fn authorized(control: &Control, headers: &axum::http::HeaderMap) -> bool {
@@ -260,6 +303,10 @@ async fn publish(
         let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
         return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg }));
     }
+    let _room = match reserve_body(&control, &headers, control.message_bytes_max).await {
+        Ok(room) => room,
+        Err(refused) => return refused,
+    };
     let limited = Limited::new(body, control.message_bytes_max);
     let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -329,6 +376,10 @@ async fn publish_batch(
         let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
         return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg })).into_response();
     }
+    let _room = match reserve_body(&control, &headers, crate::batch::BATCH_BYTES_MAX).await {
+        Ok(room) => room,
+        Err(refused) => return refused.into_response(),
+    };
     let limited = Limited::new(body, crate::batch::BATCH_BYTES_MAX);
     let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -509,6 +560,7 @@ mod tests {
             token: None,
             message_bytes_max: 1024,
             timeout: Duration::from_secs(10),
+            bodies: Arc::new(Semaphore::new(bodies_budget(1024))),
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
@@ -581,6 +633,45 @@ mod tests {
         let (status, body) = call(control_with_inbox(10), "t", b"1E400");
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body["error"].as_str().unwrap().contains("double"), "{body}");
+    }
+
+    #[test]
+    fn bodies_wait_for_room_in_their_budget_then_get_503() {
+        let mut control = Arc::try_unwrap(control_with_inbox(10)).ok().unwrap();
+        control.timeout = Duration::from_millis(200);
+        let control = Arc::new(control);
+        let others = BODIES_BYTES_MAX - 500;
+        let held = control
+            .bodies
+            .clone()
+            .try_acquire_many_owned(others as u32)
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let post = |length: Option<usize>| {
+            let mut headers = axum::http::HeaderMap::new();
+            if let Some(n) = length {
+                headers.insert(axum::http::header::CONTENT_LENGTH, n.into());
+            }
+            runtime.block_on(publish(
+                State(control.clone()),
+                Path("t".to_string()),
+                headers,
+                Body::from("1"),
+            ))
+        };
+        // No length given: the route's limit (1,024) does not fit in 500.
+        let (status, Json(body)) = post(None);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+        // A declared length that fits goes through, and gives its room back.
+        assert_eq!(post(Some(1)).0, StatusCode::OK);
+        assert_eq!(control.bodies.available_permits(), 500);
+        drop(held);
+        assert_eq!(post(None).0, StatusCode::OK);
+        assert_eq!(control.bodies.available_permits(), BODIES_BYTES_MAX);
     }
 
     #[test]

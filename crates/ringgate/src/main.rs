@@ -248,6 +248,9 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         token,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
         timeout: cli.control_timeout,
+        bodies: Arc::new(tokio::sync::Semaphore::new(control::bodies_budget(
+            usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
+        ))),
         connections: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         unauthorized: AtomicU64::new(0),
