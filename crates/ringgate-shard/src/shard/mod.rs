@@ -303,8 +303,10 @@ impl Shard {
         self.offer_send_slots();
         // Once every completion is in, a send still in flight from an earlier
         // epoch is one the kernel refused: it gives its slot back, and such
-        // sends are what judge a slow consumer. New work only then.
-        if self.ring.completion().is_empty() {
+        // sends are what judge a slow consumer. New work only then. Completions
+        // the kernel holds past a full CQ are not in yet (the next enter
+        // flushes them): an empty ring says nothing while the overflow flag is up.
+        if self.ring.completion().is_empty() && !self.ring.submission().cq_overflow() {
             self.park_refused_sends();
             self.offer_send_slots();
             if self.inbox_pending && !self.fanout_pending() && !self.is_congested() {
