@@ -355,6 +355,33 @@ fn a_host_loads_its_scripts_before_its_link_is_up() {
     assert_eq!(cached_scripts(&redis), 2);
 }
 
+/// The link counted as up while both its connections were: a Redis refusing
+/// every write (a read-only replica, a failed save, too few replicas) left the
+/// host ready while every publish got 503. A write probe with each ping (every
+/// 5 s) now takes it out of readiness, and back in.
+#[test]
+fn a_redis_refusing_writes_makes_the_host_unready_until_it_takes_them() {
+    let redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    redis
+        .query(&["CONFIG", "SET", "min-replicas-to-write", "1"])
+        .unwrap();
+    a.wait_for("unready", Duration::from_secs(15), |s| {
+        s.control_get("/readyz") == (503, "the broker (Redis) refuses writes\n".to_string())
+    });
+    assert_eq!(metric(&a, "broker_up"), 0);
+    let (status, body) = post(a.control, "/publish/t", b"1");
+    assert_eq!(status, 503, "{body}");
+    redis
+        .query(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+        .unwrap();
+    a.wait_for("ready again", Duration::from_secs(15), |s| {
+        s.control_get("/readyz").0 == 200
+    });
+    assert_eq!(metric(&a, "broker_up"), 1);
+    assert_eq!(publish(&a, "t", 1)["seq"], 1);
+}
+
 /// The history's last entry must be event `seq`. A host with no history
 /// numbered its events without keeping them, so after a publish through it the
 /// list lacked those events, and a recovery across them delivered the data of

@@ -69,12 +69,13 @@ impl Bus {
         }
     }
 
-    /// Whether events can flow: always for the embedded broker; while the
-    /// link to Redis is up for a fleet member.
-    pub fn is_up(&self) -> bool {
+    /// Why events cannot flow, if they cannot: never for the embedded broker;
+    /// for a fleet member, while its link to Redis is down or Redis refuses
+    /// writes.
+    pub fn why_down(&self) -> Option<&'static str> {
         match self {
-            Bus::Embedded(_) => true,
-            Bus::Fleet(fleet) => fleet.is_up(),
+            Bus::Embedded(_) => None,
+            Bus::Fleet(fleet) => fleet.why_down(),
         }
     }
 }

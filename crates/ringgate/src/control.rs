@@ -6,7 +6,7 @@
 //! other UTF-8 text is sent as a JSON string; with `--control-token` it needs
 //! `Authorization: Bearer TOKEN`), `POST /publish` (a batch, `batch.rs`), `GET /healthz` (200 while every shard runs),
 //! `GET /readyz` (200 while every shard runs, the server is not draining and,
-//! for a fleet member, its link to Redis is up),
+//! for a fleet member, its link to Redis is up and Redis takes writes),
 //! `GET /metrics` and `GET /stats` (JSON: every counter per shard and summed,
 //! with uptime, version and the settings, secrets redacted). `--metrics ADDR`
 //! serves `/metrics`, `/healthz` and `/readyz` alone on a second listener, for
@@ -434,22 +434,21 @@ async fn healthz(State(control): State<Arc<Control>>) -> (StatusCode, &'static s
     }
 }
 
-async fn readyz(State(control): State<Arc<Control>>) -> (StatusCode, &'static str) {
+async fn readyz(State(control): State<Arc<Control>>) -> (StatusCode, String) {
     let all_alive = control
         .alive
         .iter()
         .all(|a| a.load(std::sync::atomic::Ordering::Relaxed));
-    if !all_alive {
-        (StatusCode::SERVICE_UNAVAILABLE, "a shard has stopped\n")
+    let why = if !all_alive {
+        Some("a shard has stopped")
     } else if control.bus.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !control.bus.is_up() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the broker (Redis) is unreachable\n",
-        )
+        Some("shutting down")
     } else {
-        (StatusCode::OK, "ready\n")
+        control.bus.why_down()
+    };
+    match why {
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        None => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 

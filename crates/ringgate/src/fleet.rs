@@ -63,6 +63,10 @@ pub struct FleetLimits {
 pub struct FleetFigures {
     /// Both connections up (commands and pub/sub).
     pub up: AtomicBool,
+    /// Redis took the link's last write probe (a read-only replica, a failed
+    /// save with stop-writes-on-bgsave-error, or too few replicas refuse
+    /// every write, and with them every publish and subscribe).
+    pub writable: AtomicBool,
     pub messages_in: AtomicU64,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
@@ -144,8 +148,15 @@ impl Fleet {
         self.draining.load(Ordering::SeqCst)
     }
 
-    pub fn is_up(&self) -> bool {
-        self.figures.up.load(Ordering::Relaxed)
+    /// Why events cannot flow, if they cannot.
+    pub fn why_down(&self) -> Option<&'static str> {
+        if !self.figures.up.load(Ordering::Relaxed) {
+            Some("the broker (Redis) is unreachable")
+        } else if !self.figures.writable.load(Ordering::Relaxed) {
+            Some("the broker (Redis) refuses writes")
+        } else {
+            None
+        }
     }
 
     fn fresh_epoch(&self) -> Epoch {

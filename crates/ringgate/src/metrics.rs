@@ -320,7 +320,7 @@ pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'s
         (
             "ringgate_broker_up",
             "gauge",
-            "1 while events can flow: always for the embedded broker; while the link to Redis is up for a fleet member.",
+            "1 while events can flow: always for the embedded broker; while the link to Redis is up and Redis takes writes for a fleet member.",
             1,
         ),
         (
@@ -383,8 +383,8 @@ fn fleet_figures(fleet: &Fleet) -> Vec<(&'static str, &'static str, &'static str
         (
             "ringgate_broker_up",
             "gauge",
-            "1 while events can flow: always for the embedded broker; while the link to Redis is up for a fleet member.",
-            u64::from(f.up.load(relaxed)),
+            "1 while events can flow: always for the embedded broker; while the link to Redis is up and Redis takes writes for a fleet member.",
+            u64::from(f.up.load(relaxed) && f.writable.load(relaxed)),
         ),
         (
             "ringgate_publish_total",

@@ -38,6 +38,9 @@ pub fn channel(topic: &str) -> String {
     format!("{PREFIX}{topic}}}:events")
 }
 
+/// A key the link's write probe expires and nobody sets.
+pub const WRITE_PROBE: &str = "ringgate:write-probe";
+
 /// The topic a channel name carries, if it is one of ours.
 pub fn topic_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix(PREFIX)?.strip_suffix("}:events")

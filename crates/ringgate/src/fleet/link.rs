@@ -58,6 +58,11 @@ enum Event {
         generation: u64,
         result: Result<(), String>,
     },
+    /// Redis took the write probe on the command connection, or refused it.
+    Probed {
+        generation: u64,
+        result: Result<(), String>,
+    },
     Synced {
         generation: u64,
         sync: Sync,
@@ -256,8 +261,10 @@ impl Link {
                 self.ping_out = false;
                 self.sink = Some(sink);
                 self.stream = Some(stream);
+                self.fleet.figures.writable.store(true, Ordering::Relaxed);
                 self.fleet.figures.up.store(true, Ordering::Relaxed);
                 self.follows.link_up();
+                self.probe_writes();
             }
             Event::ConnectFailed(why) => {
                 self.connecting = false;
@@ -278,6 +285,27 @@ impl Link {
                     self.lost(&format!(
                         "the pub/sub connection did not answer a ping: {e}"
                     ));
+                }
+            }
+            Event::Probed { generation, result } => {
+                if generation != self.generation {
+                    return;
+                }
+                let writable = result.is_ok();
+                let was = self
+                    .fleet
+                    .figures
+                    .writable
+                    .swap(writable, Ordering::Relaxed);
+                match result {
+                    Err(e) if was => tracing::warn!(
+                        broker = %self.fleet.shown_url,
+                        "the broker refuses writes: {e}; not ready until it takes them"
+                    ),
+                    Ok(()) if !was => {
+                        tracing::info!(broker = %self.fleet.shown_url, "the broker takes writes again")
+                    }
+                    _ => {}
                 }
             }
             Event::Subscribed {
@@ -451,6 +479,28 @@ impl Link {
                     Err(e) => Err(e.to_string()),
                 });
             let _ = events.send(Event::Pinged { generation, result });
+        });
+        self.probe_writes();
+    }
+
+    /// Checks, with each ping, that Redis takes writes: an EXPIRE of a key
+    /// nobody sets is a write command that writes nothing, refused as every
+    /// write is by a read-only replica, a failed save (MISCONF) or too few
+    /// replicas. A broken connection is the ping's to find.
+    fn probe_writes(&self) {
+        let Some((generation, mut commands)) = lock(&self.fleet.command).clone() else {
+            return;
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(keys::WRITE_PROBE).arg(60);
+            let probe = expire.query_async::<i64>(&mut commands);
+            let result = match tokio::time::timeout(BROKER_TIMEOUT, probe).await {
+                Ok(Err(e)) if !super::is_broken(&e) => Err(e.to_string()),
+                _ => Ok(()),
+            };
+            let _ = events.send(Event::Probed { generation, result });
         });
     }
 
