@@ -382,6 +382,36 @@ fn a_redis_refusing_writes_makes_the_host_unready_until_it_takes_them() {
     assert_eq!(publish(&a, "t", 1)["seq"], 1);
 }
 
+/// A topic whose numbering in Redis is not of ringgate's making (an epoch
+/// that is not ten of [0-9a-z], a seq that is no count: a hand edit, another
+/// program) was wedged for good: its subscribes never answered, its publishes
+/// 503 after running. Such a numbering now counts as none: the topic starts
+/// a new one.
+#[test]
+fn a_corrupt_numbering_in_redis_starts_the_topic_afresh() {
+    let redis = Redis::start();
+    let a = host(&redis.url(), &[]);
+    for (topic, seq, epoch) in [("e", "5", "NOT-OURS!"), ("s", "many", "0123456789")] {
+        let meta = format!("ringgate:{{{topic}}}:meta");
+        redis
+            .query(&["HSET", &meta, "seq", seq, "epoch", epoch])
+            .unwrap();
+        let mut c = raw_upgrade(&a, "/ws");
+        let reply = sub(&mut c, topic, None);
+        assert_eq!(reply["op"], "subscribed", "{reply}");
+        assert_eq!(reply["seq"], 0, "{reply}");
+        let answer = publish(&a, topic, 1);
+        assert_eq!(answer["seq"], 1, "{answer}");
+        assert_eq!(answer["epoch"], reply["epoch"], "{answer}");
+        read_events(&mut c, topic, 1..=1);
+    }
+    // Published to before anyone subscribed: the publish starts it afresh.
+    redis
+        .query(&["HSET", "ringgate:{p}:meta", "seq", "x", "epoch", "bad"])
+        .unwrap();
+    assert_eq!(publish(&a, "p", 1)["seq"], 1);
+}
+
 /// The history's last entry must be event `seq`. A host with no history
 /// numbered its events without keeping them, so after a publish through it the
 /// list lacked those events, and a recovery across them delivered the data of

@@ -62,8 +62,16 @@ local answers = {}
 for i = 1, #KEYS / 2 do
   local meta, history = KEYS[2 * i - 1], KEYS[2 * i]
   local channel, data, fresh = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  -- A numbering not of our making (a seq that is no count, an epoch not ten
+  -- of [0-9a-z]) is no numbering: the topic starts a new one.
+  local count, epoch = unpack(redis.call('HMGET', meta, 'seq', 'epoch'))
+  if (count and not string.match(count, '^%d+$'))
+    or (epoch and not string.match(epoch, '^[0-9a-z]+$'))
+    or (epoch and #epoch ~= 10) then
+    redis.call('HDEL', meta, 'seq', 'epoch')
+    epoch = nil
+  end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = fresh
     redis.call('HSET', meta, 'epoch', epoch)
@@ -94,8 +102,12 @@ return answers
 /// fewer entries than `seq - first + 1` means the history no longer reaches it.
 pub const STANDING: &str = r"
 redis.replicate_commands()
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local count, epoch = unpack(redis.call('HMGET', KEYS[1], 'seq', 'epoch'))
+local seq = count and string.match(count, '^%d+$') and tonumber(count)
+-- An epoch not of our making (ten of [0-9a-z]) is no epoch.
+if epoch and (#epoch ~= 10 or not string.match(epoch, '^[0-9a-z]+$')) then
+  epoch = nil
+end
 if epoch and seq and epoch == ARGV[4] and seq < tonumber(ARGV[5]) then
   epoch = nil
 end
