@@ -69,6 +69,11 @@ pub const RECOVERY_READS_MAX: u32 = 8;
 /// `Future`.
 pub const AHEAD_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a `sub` waits for its topic to be live (Redis away, or its sync
+/// failing) before it is refused (`busy`), so the client hears within that
+/// time and may try again; its requests behind it wait no longer either.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Subscribing,
@@ -80,8 +85,8 @@ enum Phase {
 struct Follow {
     /// Shards that announced local subscribers (a bit per shard).
     present: Vec<u64>,
-    /// Subscribes waiting for the topic to be live.
-    waiting: Vec<SubscribeRequest>,
+    /// Subscribes waiting for the topic to be live, with when they came.
+    waiting: VecDeque<(SubscribeRequest, Instant)>,
     /// Recoveries reading the history now.
     reading: usize,
     phase: Phase,
@@ -184,6 +189,8 @@ pub struct Follows {
     pending_bytes: usize,
     /// Topics with recoveries waiting in `ahead`, by when they came.
     ahead_queue: VecDeque<(Arc<str>, Instant)>,
+    /// Topics with subscribes waiting in `waiting`, by when they came.
+    waiting_queue: VecDeque<(Arc<str>, Instant)>,
     /// Followed topics that are live.
     live: usize,
     /// Work for the link: channels to subscribe and unsubscribe, topics to sync.
@@ -224,6 +231,7 @@ impl Follows {
             follows_made: 0,
             pending_bytes: 0,
             ahead_queue: VecDeque::new(),
+            waiting_queue: VecDeque::new(),
             live: 0,
             to_subscribe: Vec::new(),
             to_unsubscribe: Vec::new(),
@@ -278,7 +286,7 @@ impl Follows {
                 topic.clone(),
                 Follow {
                     present: vec![0; words],
-                    waiting: Vec::new(),
+                    waiting: VecDeque::new(),
                     reading: 0,
                     phase: Phase::Subscribing,
                     epoch,
@@ -363,7 +371,9 @@ impl Follows {
         let f = self.follow(&topic, Instant::now());
         f.unused_since = None;
         if f.phase != Phase::Live {
-            f.waiting.push(request);
+            let now = Instant::now();
+            f.waiting.push_back((request, now));
+            self.waiting_queue.push_back((topic, now));
             return;
         }
         let (epoch, delivered) = (f.epoch.expect("a live topic has synced"), f.delivered);
@@ -678,7 +688,7 @@ impl Follows {
             // Messages were dropped while syncing: the history has them.
             return self.start_sync(topic);
         }
-        for request in std::mem::take(&mut f.waiting) {
+        for (request, _) in std::mem::take(&mut f.waiting) {
             self.subscribe(request);
         }
         if !self.topics[topic].ahead.is_empty() {
@@ -754,6 +764,24 @@ impl Follows {
                     self.to_touch.push(topic.clone());
                 }
                 self.touch_queue.push_back((topic, now));
+            }
+        }
+        while let Some((topic, at)) = self.waiting_queue.front().cloned() {
+            if now.duration_since(at) < SUBSCRIBE_WAIT {
+                break;
+            }
+            self.waiting_queue.pop_front();
+            let Some(f) = self.topics.get_mut(&topic) else {
+                continue;
+            };
+            // Those that came by then (answered ones left the list already).
+            let due = f.waiting.iter().take_while(|(_, came)| *came <= at).count();
+            let expired: Vec<_> = f.waiting.drain(..due).collect();
+            for (request, _) in expired {
+                self.refuse(
+                    request,
+                    "the broker (Redis) did not answer in time: subscribe again later",
+                );
             }
         }
         while let Some((topic, at)) = self.ahead_queue.front().cloned() {

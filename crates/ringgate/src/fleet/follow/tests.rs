@@ -111,6 +111,27 @@ fn a_subscribe_waits_for_the_topic_to_be_live_and_is_answered_at_its_seq() {
 }
 
 #[test]
+fn a_subscribe_waiting_past_the_limit_is_refused_and_a_later_one_still_waits() {
+    let (mut f, shards) = follows(1, 100);
+    f.subscribe(request(0, "t", None));
+    let first = Instant::now();
+    std::thread::sleep(Duration::from_millis(5));
+    f.subscribe(request(0, "t", None));
+    f.tick(first + SUBSCRIBE_WAIT + Duration::from_millis(1));
+    let answers = shards[0].take_all_for_tests();
+    assert_eq!(answers.len(), 1, "the first only");
+    match &answers[0] {
+        Command::Subscribed(a) => assert!(a.refused.unwrap().contains("in time")),
+        Command::Deliver { .. } => panic!("an answer expected"),
+    }
+    // The second is answered once the topic is live.
+    confirm(&mut f);
+    let sync = f.to_sync.pop_front().unwrap();
+    f.synced(&sync, Ok(standing(4, EPOCH, 5)));
+    assert_eq!(inbox(&shards[0]), ["answer 4 NotAsked 0"]);
+}
+
+#[test]
 fn live_messages_are_delivered_once_in_order_and_a_gap_is_repaired_from_history() {
     let (mut f, shards) = follows(1, 100);
     live(&mut f, "t", 2);
