@@ -7,8 +7,8 @@
 //! no publish and no announced subscriber for `--topic-idle-ttl` is forgotten;
 //! if it comes back it gets a new epoch, so no client can take a restarted
 //! numbering for the old one. At most `TOPICS_MAX` topics are known; past it the
-//! longest-quiet topic is forgotten early, and if every topic has subscribers a
-//! new one is refused.
+//! longest-quiet topic is forgotten early if it has been quiet
+//! `QUIET_BEFORE_FORGOTTEN_SECS`, and otherwise a new one is refused.
 //!
 //! Layout, for a million topics: states live in a slab, found by name through a
 //! table of indexes; two intrusive lists thread through them, kept in order by
@@ -32,6 +32,13 @@ use crate::history::History;
 /// every topic has subscribers, is refused. About 200 bytes each without
 /// history (BENCHMARKS.md 2026-12-01).
 pub const TOPICS_MAX: usize = 1_000_000;
+
+/// How long a topic must have been quiet (no announced subscriber, no publish
+/// or subscribe) before the topic cap may forget it. A subscribe answered just
+/// now leaves the topic quiet until its shard's announcement arrives: forgotten
+/// meanwhile, the topic would come back numbered from 1 under a new epoch while
+/// that subscriber expects the old numbering, and event frames carry no epoch.
+pub const QUIET_BEFORE_FORGOTTEN_SECS: u32 = 10;
 
 /// Characters in an epoch.
 pub const EPOCH_LEN: usize = 10;
@@ -290,8 +297,11 @@ impl TopicTable {
         if let Some(id) = self.find(topic) {
             return Ok(id);
         }
-        if self.topics.len() >= self.topics_max && !self.forget_oldest_quiet() {
-            return Err(TooManyTopics);
+        if self.topics.len() >= self.topics_max {
+            if !self.may_forget_oldest_quiet(now) {
+                return Err(TooManyTopics);
+            }
+            self.forget_oldest_quiet();
         }
         Ok(self.insert(topic, now))
     }
@@ -515,12 +525,19 @@ impl TopicTable {
         }
     }
 
-    /// Forgets the topic that has been without subscribers the longest.
-    fn forget_oldest_quiet(&mut self) -> bool {
+    /// Whether the topic cap may forget the longest-quiet topic now: it has
+    /// been quiet `QUIET_BEFORE_FORGOTTEN_SECS` at least.
+    fn may_forget_oldest_quiet(&self, now: u32) -> bool {
         let id = self.quiet.head;
-        if id == NIL {
-            return false;
-        }
+        id != NIL
+            && now.saturating_sub(self.topics[id as usize].quiet_since)
+                >= QUIET_BEFORE_FORGOTTEN_SECS
+    }
+
+    /// Forgets the topic that has been without subscribers the longest.
+    fn forget_oldest_quiet(&mut self) {
+        let id = self.quiet.head;
+        assert_ne!(id, NIL, "a quiet topic to forget");
         self.quiet.unlink(&mut self.topics, id);
         let state = &mut self.topics[id as usize];
         assert_eq!(state.present, 0, "a topic with subscribers was quiet");
@@ -535,7 +552,6 @@ impl TopicTable {
             .expect("every topic is in the index")
             .remove();
         self.forgotten += 1;
-        true
     }
 
     /// Drops the oldest events of the least recently published topics until

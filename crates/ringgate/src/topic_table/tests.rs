@@ -192,12 +192,19 @@ fn a_subscribe_keeps_a_quiet_topic_for_another_idle_ttl() {
 
 #[test]
 fn a_full_table_forgets_the_longest_quiet_topic_but_never_one_with_subscribers() {
-    let now = Instant::now();
+    let start = Instant::now();
     let mut t = TopicTable::with_topics_max(limits(10, 1 << 20), 3);
     for topic in ["a", "b", "c"] {
-        publish(&mut t, topic, now);
+        publish(&mut t, topic, start);
     }
-    t.presence("a", true, now);
+    t.presence("a", true, start);
+    // Quiet a moment only: an announcement may still be on its way.
+    assert_eq!(
+        t.publish(HashedTopic::new("d"), start + Duration::from_secs(5), frame)
+            .err(),
+        Some(TooManyTopics)
+    );
+    let now = start + Duration::from_secs(u64::from(QUIET_BEFORE_FORGOTTEN_SECS));
     publish(&mut t, "d", now); // b has been quiet longest
     assert_eq!(t.len(), 3);
     assert_eq!(t.subscribe("a", None, now).unwrap().seq, 1, "a kept");
