@@ -224,6 +224,40 @@ fn audience_and_issuer_are_enforced_when_set() {
     }
 }
 
+/// A refused refresh costs a signature check: found in review, a connection
+/// could send them without end and keep its shard verifying. Each is now a
+/// strike, as a bad request is.
+#[test]
+fn refused_refreshes_count_as_bad_requests() {
+    let server = server();
+    let token = hs256(json!({"sub": "u1", "topics": ["a"]}));
+    let (mut s, head) = upgrade(&server, &format!("/ws?token={token}"), "");
+    assert_eq!(status(&head), 101, "{head}");
+    let stranger = hs256(json!({"sub": "u2", "topics": ["a"]}));
+    let refresh = json!({"op": "refresh", "token": stranger}).to_string();
+    for _ in 0..20 {
+        send_text(&mut s, &refresh);
+    }
+    let mut refused = 0;
+    let (code, reason) = loop {
+        let (b0, payload) = read_frame(&mut s).expect("a frame, not EOF");
+        match b0 & 0x0f {
+            0x1 => {
+                let reply: Value = serde_json::from_slice(&payload).unwrap();
+                assert_eq!(reply["code"], "unauthorized", "{reply}");
+                refused += 1;
+            }
+            0x8 => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                break (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+            _ => {}
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "too many bad requests"));
+    assert!(refused <= 12, "{refused} refused before the close");
+}
+
 /// Reads frames until a close frame; returns its code and reason.
 fn read_close(s: &mut TcpStream) -> (u16, String) {
     loop {

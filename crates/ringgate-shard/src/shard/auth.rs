@@ -51,8 +51,10 @@ pub(super) struct Tokens {
     /// By connection key (the table's keys are dense and reused).
     by_key: Vec<Option<ConnAuth>>,
     authenticated: usize,
-    /// One `Arc` per distinct ACL in use.
-    acls: HashMap<Arc<Acl>, Weak<Acl>>,
+    /// One `Arc` per distinct ACL in use, by the ACL's hash: held weakly, so
+    /// the last connection of an ACL frees it (a strong key would keep every
+    /// ACL ever seen, and the clean-up below would never drop one).
+    acls: HashMap<u64, Weak<Acl>>,
     /// The key of the `sub` hashes (random per process).
     hasher: RandomState,
 }
@@ -86,10 +88,12 @@ impl Tokens {
     }
 
     fn intern(&mut self, acl: Arc<Acl>) -> Arc<Acl> {
-        if let Some(shared) = self.acls.get(&acl).and_then(Weak::upgrade) {
-            return shared;
+        let hash = self.hasher.hash_one(&*acl);
+        if let Some(shared) = self.acls.get(&hash).and_then(Weak::upgrade) {
+            // Another ACL of the same hash (rare): this one goes unshared.
+            return if shared == acl { shared } else { acl };
         }
-        self.acls.insert(acl.clone(), Arc::downgrade(&acl));
+        self.acls.insert(hash, Arc::downgrade(&acl));
         if self.acls.len() > 2 * self.authenticated + 64 {
             self.acls.retain(|_, w| w.strong_count() > 0);
         }
@@ -237,24 +241,23 @@ impl Shard {
         let Some(verifier) = self.cfg.auth.clone() else {
             return self.error(key, "bad_request", "tokens are not checked on this server");
         };
+        // Each check costs a signature verification (hundreds of microseconds
+        // for ES256): a refused one is a strike, so a connection cannot keep
+        // the shard verifying tokens for nothing.
         let claims = match verifier.verify(token) {
             Ok(claims) => claims,
-            Err(why) => return self.error(key, "unauthorized", &why),
+            Err(why) => return self.refuse_refresh(key, &why),
         };
         let generation = self.conns[key].generation;
         let k = u32::try_from(key).expect("keys fit in 32 bits");
         let Some(old) = self.tokens.get(k) else {
-            return self.error(
-                key,
-                "unauthorized",
-                "this connection has no token to refresh",
-            );
+            return self.refuse_refresh(key, "this connection has no token to refresh");
         };
         if old.sub != self.tokens.sub_hash(&claims.sub) {
-            return self.error(key, "unauthorized", "the new token is for another sub");
+            return self.refuse_refresh(key, "the new token is for another sub");
         }
         if claims.exp <= u64::from(old.exp) {
-            return self.error(key, "unauthorized", "the new token does not expire later");
+            return self.refuse_refresh(key, "the new token does not expire later");
         }
         let exp = claims.exp;
         tracing::debug!(shard = self.id, key, generation, exp, "token refreshed");
@@ -276,6 +279,11 @@ impl Shard {
             self.after_topic_changes();
         }
         self.reply(key, pubsub::refreshed_reply(exp));
+    }
+
+    fn refuse_refresh(&mut self, key: usize, why: &str) {
+        self.error(key, "unauthorized", why);
+        self.strike(key);
     }
 }
 
@@ -311,5 +319,22 @@ mod tests {
         assert_eq!(t.authenticated, 3000);
         assert_eq!(t.by_key.len(), 3000);
         assert!(t.acls.len() <= 2 * t.authenticated + 64);
+    }
+
+    #[test]
+    fn an_acl_no_connection_holds_is_freed() {
+        // Found in review: interned by a strong key, every distinct ACL ever
+        // seen stayed (a topic per user: one per user who ever connected).
+        let mut t = Tokens::with_capacity(10);
+        for user in 0..10_000u32 {
+            let topic = format!("user.{user}");
+            t.insert(0, claims("u", 2_000_000_000, &[&topic]));
+            t.remove(0);
+        }
+        assert!(
+            t.acls.len() <= 64,
+            "{} ACLs kept for none in use",
+            t.acls.len()
+        );
     }
 }

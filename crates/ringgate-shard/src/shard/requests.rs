@@ -276,6 +276,12 @@ impl Shard {
     /// Answers a bad request; too many in a short time close the connection with 1008.
     fn bad_request(&mut self, key: usize, reason: &str) {
         self.error(key, "bad_request", reason);
+        self.strike(key);
+    }
+
+    /// Counts a request that cost the shard for nothing against the connection
+    /// (the sweep forgives one a tick); past `STRIKES_MAX` it is closed.
+    pub(super) fn strike(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         conn.strikes = conn.strikes.saturating_add(1);
         if conn.strikes > STRIKES_MAX {
