@@ -209,3 +209,26 @@ fn file_errors_give_the_line_and_what_is_allowed() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
 }
+
+/// Found in review: `--help` showed every RINGGATE_* variable's value, secrets
+/// included, to anyone running it in the service's environment.
+#[test]
+fn help_does_not_show_secrets_from_the_environment() {
+    let out = ringgate(
+        &["--help"],
+        &[
+            ("RINGGATE_CONTROL_TOKEN", "token-0123456789abcdef"),
+            (
+                "RINGGATE_AUTH_HS256_SECRET",
+                "secret-0123456789abcdef0123456789",
+            ),
+            ("RINGGATE_BROKER", "redis://u:hunter2hunter2@h:1/"),
+        ],
+    );
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("RINGGATE_CONTROL_TOKEN"), "{help}");
+    for secret in ["token-0123", "secret-0123", "hunter2"] {
+        assert!(!help.contains(secret), "{secret} shown in --help");
+    }
+}

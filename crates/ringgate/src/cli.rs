@@ -50,6 +50,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "RINGGATE_CONTROL_TOKEN",
+        hide_env_values = true,
         value_name = "TOKEN",
         conflicts_with = "control_token_file"
     )]
@@ -233,13 +234,18 @@ pub struct Cli {
     /// Make this host a fleet member: `redis://HOST:PORT/[DB]`. Events are numbered, kept
     /// (history) and fanned out through Redis, so every host delivers the same `seq` and epoch
     /// and a client recovers on any host [default: the embedded broker, one host].
-    #[arg(long, env = "RINGGATE_BROKER", value_name = "URL")]
+    #[arg(
+        long,
+        env = "RINGGATE_BROKER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub broker: Option<String>,
 
     /// Require a JWT signed with HS256 and this secret to open /ws (from ?token=,
     /// `Authorization: Bearer`, or a Sec-WebSocket-Protocol entry); its `topics` and `publish`
     /// claims are the connection's ACL.
-    #[arg(long, env = "RINGGATE_AUTH_HS256_SECRET", value_name = "SECRET", conflicts_with_all = ["auth_hs256_secret_file", "auth_public_key"])]
+    #[arg(long, env = "RINGGATE_AUTH_HS256_SECRET", hide_env_values = true, value_name = "SECRET", conflicts_with_all = ["auth_hs256_secret_file", "auth_public_key"])]
     pub auth_hs256_secret: Option<String>,
 
     /// Like --auth-hs256-secret, the secret being the file's first line.

@@ -306,12 +306,17 @@ pub fn hide_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
+    // As URL parsers read it (redis-rs' among them): the authority ends at the
+    // first '/', '?' or '#', and the user info at its last '@' (a password may
+    // hold '@').
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return url.to_string();
     };
     match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => format!("{scheme}://***@{host}{tail}"),
     }
 }
 
@@ -324,6 +329,9 @@ mod tests {
         assert_eq!(hide_password("redis://h:1/"), "redis://h:1/");
         assert_eq!(hide_password("redis://u:pw@h:1/"), "redis://u:***@h:1/");
         assert_eq!(hide_password("redis://pw@h:1/"), "redis://***@h:1/");
+        // Found in review: the user info ends at the last '@'.
+        assert_eq!(hide_password("redis://u:p@ss@h:1/"), "redis://u:***@h:1/");
+        assert_eq!(hide_password("redis://h:1/0?x=a@b"), "redis://h:1/0?x=a@b");
     }
 
     #[test]
