@@ -258,6 +258,44 @@ fn refused_refreshes_count_as_bad_requests() {
     assert!(refused <= 12, "{refused} refused before the close");
 }
 
+/// A refresh waits, as every request does, behind an unanswered subscribe (here
+/// a fleet member's, Redis being away). Found in review: the token's expiry
+/// closed the connection meanwhile although the refresh had come in time.
+#[test]
+fn a_refresh_waiting_behind_a_subscribe_keeps_the_connection_past_exp() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = format!("redis://127.0.0.1:{port}/");
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--auth-hs256-secret",
+        SECRET,
+        "--broker",
+        &broker,
+    ]);
+    let exp = now() + 2;
+    let short = hs256(json!({"sub": "u1", "exp": exp, "topics": ["a"]}));
+    let (mut s, head) = upgrade(&server, &format!("/ws?token={short}"), "");
+    assert_eq!(status(&head), 101, "{head}");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    send_text(&mut s, r#"{"op":"sub","topic":"a"}"#);
+    let later = hs256(json!({"sub": "u1", "exp": exp + 60, "topics": ["a"]}));
+    send_text(
+        &mut s,
+        &json!({"op": "refresh", "token": later}).to_string(),
+    );
+    // The subscribe is refused once it waited its most; then the refresh.
+    assert_eq!(read_json(&mut s)["code"], "busy");
+    assert_eq!(
+        read_json(&mut s),
+        json!({"op": "refreshed", "exp": exp + 60})
+    );
+}
+
 /// Reads frames until a close frame; returns its code and reason.
 fn read_close(s: &mut TcpStream) -> (u16, String) {
     loop {

@@ -208,6 +208,12 @@ impl Shard {
             .map(|(key, _)| key)
             .collect();
         for key in expired {
+            // A refresh the client sent in time may wait behind its unanswered
+            // subscribe or its replay (both bounded in time): it is judged
+            // when its turn comes, not the token expired meanwhile.
+            if self.refresh_waits(key) {
+                continue;
+            }
             self.tokens.remove(key as u32);
             let conn = self
                 .conns
@@ -279,6 +285,18 @@ impl Shard {
             self.after_topic_changes();
         }
         self.reply(key, pubsub::refreshed_reply(exp));
+    }
+
+    /// Whether a `refresh` is among the connection's waiting requests.
+    fn refresh_waits(&self, key: usize) -> bool {
+        self.outstanding.get(&key).is_some_and(|o| {
+            o.deferred.iter().any(|text| {
+                matches!(
+                    crate::pubsub::parse_request(text),
+                    Ok(crate::pubsub::Request::Refresh(_))
+                )
+            })
+        })
     }
 
     fn refuse_refresh(&mut self, key: usize, why: &str) {
