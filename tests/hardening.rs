@@ -218,11 +218,13 @@ fn sigterm_with_full_inboxes_exits_within_the_drain_timeout_and_publishes_get_50
     server.wait_for("full inboxes", Duration::from_secs(20), |s| {
         s.total("publish_waits_total") > 0 || s.total("publish_rejected_total") > 0
     });
+    let mut open = KeepAlive::connect(server.control);
     let sent = Instant::now();
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    // Draining: every publish is refused, and says why.
-    let (status, body) = post(server.control, "/publish/busy", b"1");
+    // Draining: every publish is refused, and says why (on a connection
+    // opened before: the control plane takes no new ones).
+    let (status, body, _) = open.request("POST", "/publish/busy", b"1");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
     let status = server.wait_exit(Duration::from_secs(10));

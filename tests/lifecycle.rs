@@ -229,7 +229,7 @@ fn bad_flags_and_busy_ports_fail_with_one_clear_line() {
     let err = run_and_fail(&["--listen", &addr, "--control", "127.0.0.1:0"]);
     assert!(err.contains("in use"), "{err}");
     let err = run_and_fail(&["--listen", "127.0.0.1:0", "--control", &addr]);
-    assert!(err.contains("control address"), "{err}");
+    assert!(err.contains("--control") && err.contains("in use"), "{err}");
 }
 
 #[test]
@@ -240,7 +240,21 @@ fn healthz_answers_ok() {
 
 #[test]
 fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
-    let mut old = Server::start(&["--shards", "2", "--drain-timeout", "10s"]);
+    // A fixed control address, as a deployment has: the new process shares it
+    // too (found in review: only --listen could be shared).
+    let control = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut old = Server::start(&[
+        "--shards",
+        "2",
+        "--drain-timeout",
+        "10s",
+        "--control",
+        &control,
+    ]);
     let address = old.ws.to_string();
     let mut subscribers: Vec<_> = (0..20).map(|_| raw_upgrade(&old, "/ws?topics=z")).collect();
     old.wait_for("20 subscriptions", Duration::from_secs(10), |s| {
@@ -258,8 +272,8 @@ fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
     assert!(!out.status.success(), "took the address without --takeover");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--takeover"), "{err}");
-    let new = Server::start(&["--listen", &address, "--takeover"]);
-    assert_eq!(new.ws, old.ws);
+    let new = Server::start(&["--listen", &address, "--control", &control, "--takeover"]);
+    assert_eq!((new.ws, new.control), (old.ws, old.control));
     old.signal(libc::SIGTERM);
     // Every client of the old process gets every event published before its
     // drain began, in order, and then Close 1001.

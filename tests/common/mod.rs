@@ -191,6 +191,44 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     parse_response(&response)
 }
 
+/// A keep-alive HTTP/1.1 connection to the control plane, for what must be
+/// asked on a connection opened earlier (the control plane takes no new
+/// connections once it drains).
+pub struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> KeepAlive {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        KeepAlive(s)
+    }
+
+    /// One request; returns (status, body, whether the answer closes the
+    /// connection). The body is read by its Content-Length.
+    pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String, bool) {
+        write!(
+            self.0,
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        self.0.write_all(body).unwrap();
+        let head = read_head(&mut self.0);
+        let (status, _) = parse_response(&head);
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let length: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+        let mut answer = vec![0; length];
+        self.0.read_exact(&mut answer).unwrap();
+        let closes = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        (status, String::from_utf8(answer).unwrap(), closes)
+    }
+}
+
 /// (status, body) of an HTTP response.
 pub fn parse_response(response: &str) -> (u16, String) {
     let status = response

@@ -89,6 +89,8 @@ pub struct Control {
     pub timeout: Duration,
     /// Room for publish bodies, in bytes ([`bodies_budget`]).
     pub bodies: Arc<Semaphore>,
+    /// Turns true when the server starts draining: the listeners close then.
+    pub leaving: tokio::sync::watch::Receiver<bool>,
     /// Connections open now.
     pub connections: AtomicU64,
     /// Connections refused at the cap.
@@ -124,6 +126,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    // So a process started with --takeover can listen beside this one (the
+    // start refuses an address in use without it: `address_is_free`).
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(connections_max() as i32)?;
     Ok(socket.into())
@@ -163,6 +168,10 @@ pub fn spawn(
                     .route("/stats", get(stats))
                     .route("/dashboard", get(crate::dashboard::page))
                     .route("/dashboard/stats", get(stats))
+                    .layer(axum::middleware::map_response_with_state(
+                        control.clone(),
+                        close_when_draining,
+                    ))
                     .with_state(control.clone());
                 if let Some(listener) = metrics {
                     let scrape = Router::new()
@@ -172,6 +181,10 @@ pub fn spawn(
                         .route("/readyz", get(readyz))
                         .route("/dashboard", get(crate::dashboard::page))
                         .route("/dashboard/stats", get(stats))
+                        .layer(axum::middleware::map_response_with_state(
+                            control.clone(),
+                            close_when_draining,
+                        ))
                         .with_state(control.clone());
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
@@ -188,11 +201,30 @@ pub fn spawn(
         })
 }
 
-/// Accepts connections under the cap and serves each with the timeouts.
+/// Accepts connections under the cap and serves each with the timeouts, until
+/// the server drains: then the listener closes (a process that took over with
+/// `--takeover` gets the new connections), and the connections still open are
+/// served, every answer closing its connection (`close_when_draining`).
 async fn serve(listener: tokio::net::TcpListener, app: Router, control: Arc<Control>) {
     let permits = Arc::new(Semaphore::new(connections_max()));
+    let mut leaving = control.leaving.clone();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => Some(accepted),
+            _ = leaving.wait_for(|&leaving| leaving) => None,
+        };
+        let Some(accepted) = accepted else {
+            tracing::info!(
+                address = ?listener.local_addr().ok(),
+                "draining: the control plane takes no new connections"
+            );
+            drop(listener);
+            // Not a return: the control listener's loop is what keeps the
+            // thread's runtime, and with it the connections still open and a
+            // fleet member's link to Redis, running to the end.
+            return std::future::pending().await;
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors or memory: wait rather than spin.
@@ -229,6 +261,21 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, control: Arc<Cont
             drop(permit);
         });
     }
+}
+
+/// While the server drains, every answer closes its connection, so a client's
+/// next request opens a new one and reaches the process that took over.
+async fn close_when_draining(
+    State(control): State<Arc<Control>>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if *control.leaving.borrow() {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 type Answer = (StatusCode, Json<Value>);
@@ -560,6 +607,7 @@ mod tests {
             message_bytes_max: 1024,
             timeout: Duration::from_secs(10),
             bodies: Arc::new(Semaphore::new(bodies_budget(1024))),
+            leaving: tokio::sync::watch::channel(false).1,
             connections: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),

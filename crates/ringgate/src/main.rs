@@ -186,7 +186,11 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
     let token = control_token(&cli)?;
     publish_wait_bounded(&cli)?;
     if !cli.takeover {
-        address_is_free(cli.listen)?;
+        address_is_free("--listen", cli.listen)?;
+        address_is_free("--control", cli.control)?;
+        if let Some(addr) = cli.metrics {
+            address_is_free("--metrics", addr)?;
+        }
     }
     let control_listener = control::bind(cli.control)
         .map_err(|e| format!("cannot listen on the control address {}: {e}", cli.control))?;
@@ -237,6 +241,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         .iter()
         .map(|_| Arc::new(AtomicBool::new(true)))
         .collect();
+    let (leave, leaving) = tokio::sync::watch::channel(false);
     let control = Arc::new(control::Control {
         shards: runtime.shards.iter().map(|s| s.stats.clone()).collect(),
         alive: alive.clone(),
@@ -248,6 +253,7 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         token,
         message_bytes_max: usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
         timeout: cli.control_timeout,
+        leaving,
         bodies: Arc::new(tokio::sync::Semaphore::new(control::bodies_budget(
             usize::try_from(cfg.limits.message_bytes_max).unwrap_or(usize::MAX),
         ))),
@@ -273,7 +279,26 @@ fn run(cli: Cli, settings: toml::Table) -> Result<(), String> {
         "READY=1\nSTATUS=serving WebSockets on {} ({shard_count} shards), control on {control_addr}",
         runtime.local_addr
     ));
-    serve(runtime.shards, &alive, &notifier, cli.drain_timeout, &bus)
+    let drain = Drain {
+        bus: &bus,
+        leave: &leave,
+    };
+    serve(runtime.shards, &alive, &notifier, cli.drain_timeout, drain)
+}
+
+/// What starting a drain does outside the shards: publishes are refused from
+/// then on, and the control plane leaves its ports (as the shards leave
+/// theirs), so new control connections reach a process that took over.
+struct Drain<'a> {
+    bus: &'a Bus,
+    leave: &'a tokio::sync::watch::Sender<bool>,
+}
+
+impl Drain<'_> {
+    fn start(&self) {
+        self.bus.start_draining();
+        self.leave.send_replace(true);
+    }
 }
 
 /// Waits for SIGTERM/SIGINT while watching the shards, then drains them.
@@ -282,7 +307,7 @@ fn serve(
     alive: &[Arc<AtomicBool>],
     notifier: &notify::Notifier,
     drain_timeout: Duration,
-    broker: &Bus,
+    drain_outside: Drain<'_>,
 ) -> Result<(), String> {
     let mut progress = ShardProgress::new(&shards);
     let signal = loop {
@@ -301,7 +326,7 @@ fn serve(
                 .join()
                 .err()
                 .map_or_else(|| "exited".to_string(), |e| e.to_string());
-            broker.start_draining();
+            drain_outside.start();
             let _ = drain(shards, Instant::now());
             return Err(format!("shard {id} stopped unexpectedly: {why}"));
         }
@@ -318,7 +343,7 @@ fn serve(
     );
     notifier.send("STOPPING=1\nSTATUS=draining");
     // From here a publish is answered 503: every subscriber is being closed.
-    broker.start_draining();
+    drain_outside.start();
     drain(shards, Instant::now() + drain_timeout)?;
     tracing::info!("bye");
     Ok(())
@@ -397,11 +422,12 @@ fn drain(shards: Vec<ringgate_shard::ShardHandle>, deadline: Instant) -> Result<
     }
 }
 
-/// Refuses a `--listen` address another process already listens on: the
-/// shards bind it with SO_REUSEPORT, which would silently split its
-/// connections with that process. A bind without SO_REUSEPORT fails exactly
-/// when someone holds the address.
-fn address_is_free(addr: std::net::SocketAddr) -> Result<(), String> {
+/// Refuses an address (`flag`'s) another process already listens on: the
+/// shards and the control plane bind theirs with SO_REUSEPORT, so that a
+/// process started with `--takeover` can listen beside the one it replaces,
+/// which would otherwise silently split connections with that process. A bind
+/// without SO_REUSEPORT fails exactly when someone holds the address.
+fn address_is_free(flag: &str, addr: std::net::SocketAddr) -> Result<(), String> {
     if addr.port() == 0 {
         return Ok(());
     }
@@ -418,7 +444,7 @@ fn address_is_free(addr: std::net::SocketAddr) -> Result<(), String> {
     match probe.bind(&addr.into()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
-            "--listen {addr} is in use by another process; pass --takeover to share it with a ringgate for a zero-downtime restart"
+            "{flag} {addr} is in use by another process; pass --takeover to share it with a ringgate for a zero-downtime restart"
         )),
         Err(e) => Err(format!("cannot listen on {addr}: {e}")),
     }
