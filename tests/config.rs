@@ -232,3 +232,45 @@ fn help_does_not_show_secrets_from_the_environment() {
         assert!(!help.contains(secret), "{secret} shown in --help");
     }
 }
+
+/// Found in review: a file key was passed on as a flag whenever its own
+/// setting came from no higher layer, so a flag conflicting with it (the
+/// token given, the file naming a token file) was refused as a conflict, and
+/// clap's first pass, before the file is read, refused a flag that needs a
+/// setting the file gives (`--allow-missing-origin` with the file's
+/// `allowed-origins`).
+#[test]
+fn a_flag_wins_over_a_conflicting_file_key_and_may_lean_on_the_file() {
+    let file = temp_file(
+        "conflicts.toml",
+        "control-token-file = \"/nonexistent/token\"\nallowed-origins = \"https://app.example\"\n",
+    );
+    let path = file.to_str().unwrap();
+    let server = Server::start(&[
+        "--config",
+        path,
+        "--control-token",
+        "a-token-of-16-bytes-or-more",
+        "--allow-missing-origin",
+    ]);
+    let settings = &server.stats()["settings"];
+    assert_eq!(settings["allowed-origins"], "https://app.example");
+    assert_eq!(settings["allow-missing-origin"], true);
+    let out = ringgate(
+        &[
+            "--allow-missing-origin",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow-missing-origin needs --allowed-origins"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(file);
+}

@@ -303,7 +303,10 @@ pub struct Cli {
     pub allowed_origins: Option<String>,
 
     /// With --allowed-origins: let requests without an Origin header in (non-browser clients).
-    #[arg(long, env = "RINGGATE_ALLOW_MISSING_ORIGIN", value_parser = BoolishValueParser::new(), requires = "allowed_origins")]
+    // Checked once every layer is in (`shard_config`), not by clap: clap's
+    // first pass, before the file is read, would refuse the flag with the list
+    // in the file.
+    #[arg(long, env = "RINGGATE_ALLOW_MISSING_ORIGIN", value_parser = BoolishValueParser::new())]
     pub allow_missing_origin: bool,
 
     /// With token checking on: the `aud` tokens must name.

@@ -115,11 +115,28 @@ fn file_arguments(path: &Path, matches: &ArgMatches) -> Result<(Vec<OsString>, S
                     at()
                 ))
             })?;
-        let id = arg.get_id().as_str();
-        if matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
+        // A flag or variable wins over the file: for this setting, and for
+        // any setting this one conflicts with (`--control-token` given, the
+        // file's `control-token-file` is not a conflict but a lower layer).
+        let overridden = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        // (A conflict is declared on one side only: look both ways.)
+        let conflicts = |a: &clap::Arg, b: &clap::Arg| {
+            command
+                .get_arg_conflicts_with(a)
+                .iter()
+                .any(|c| c.get_id() == b.get_id())
+        };
+        if overridden(arg.get_id().as_str())
+            || command.get_arguments().any(|other| {
+                (conflicts(arg, other) || conflicts(other, arg))
+                    && overridden(other.get_id().as_str())
+            })
+        {
             continue;
         }
         let flag = format!("--{key}");

@@ -629,6 +629,12 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
                 list,
                 cli.allow_missing_origin,
             )?)),
+            None if cli.allow_missing_origin => {
+                return Err(
+                    "--allow-missing-origin needs --allowed-origins (without a list every origin is let in)"
+                        .into(),
+                )
+            }
             None => None,
         },
     })
