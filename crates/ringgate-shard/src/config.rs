@@ -9,8 +9,8 @@ use std::time::Duration;
 use ringgate_codec::Limits;
 
 use crate::limits::{
-    BUFFERS_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS, REQUEST_BYTES_CEILING,
-    SENDS_INFLIGHT_MAX, SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
+    BUFFERS_MAX, FIXED_FILES_MAX, INBOX_CAPACITY_MAX, OP_BYTES_MAX, REJECT_SLOTS,
+    REQUEST_BYTES_CEILING, SENDS_INFLIGHT_MAX, SEND_QUEUE_LIMIT_MAX, SEND_QUEUE_LIMIT_MIN,
 };
 #[cfg(any(test, fuzzing))]
 use crate::limits::{FANOUT_BACKLOG_DEFAULT, INBOX_CAPACITY, SEND_SLOTS_DEFAULT};
@@ -142,6 +142,13 @@ impl ShardConfig {
         }
         if self.connections_max == 0 {
             return Err("--max-connections must be at least 1".into());
+        }
+        if self.fixed_files() > FIXED_FILES_MAX {
+            return Err(format!(
+                "a shard holds at most {} connections (the kernel's registered-file table is {FIXED_FILES_MAX} slots, {REJECT_SLOTS} kept for refusals), not {}: use more --shards",
+                FIXED_FILES_MAX - REJECT_SLOTS,
+                self.connections_max
+            ));
         }
         if let Some(pattern) = &self.client_publish {
             if !crate::pubsub::valid_publish_pattern(pattern) {
@@ -298,9 +305,16 @@ mod tests {
         let mut bad = c.clone();
         bad.tcp_keepalive = Some(Duration::from_millis(500));
         assert!(bad.validate().unwrap_err().contains("--tcp-keepalive"));
-        let mut bad = c;
+        let mut bad = c.clone();
         bad.limits.message_bytes_max = 10;
         assert!(bad.validate().unwrap_err().contains("--max-message-size"));
+        // The kernel's table bound, whatever RLIMIT_NOFILE allows.
+        let mut bad = c.clone();
+        bad.connections_max = FIXED_FILES_MAX - REJECT_SLOTS + 1;
+        assert!(bad.validate().unwrap_err().contains("--shards"));
+        let mut most = c;
+        most.connections_max = FIXED_FILES_MAX - REJECT_SLOTS;
+        assert!(most.validate().is_ok());
     }
 
     #[test]

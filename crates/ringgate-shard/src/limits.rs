@@ -68,6 +68,11 @@ pub const BUFFERS_MAX: u32 = 32768;
 /// limit can still be accepted and answered 503 instead of being reset.
 pub const REJECT_SLOTS: u32 = 64;
 
+/// Slots one ring's registered-file table may have: the kernel's
+/// IORING_MAX_FIXED_FILES (1 << 20); a larger table is refused (EMFILE)
+/// whatever RLIMIT_NOFILE allows.
+pub const FIXED_FILES_MAX: u32 = 1 << 20;
+
 /// One-shot accepts a shard keeps armed when it must see each client's
 /// address (`--max-connections-per-ip`; a multishot accept into the fixed-file
 /// table reports none). Each has its own address buffer, so a connect storm

@@ -557,10 +557,13 @@ fn history_limits(cli: &Cli) -> Result<HistoryLimits, String> {
 
 fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
     let nofile = ringgate_shard::nofile_soft_limit();
-    // One ring's fixed-file table holds at most the soft RLIMIT_NOFILE slots.
+    // One ring's fixed-file table holds at most the soft RLIMIT_NOFILE slots,
+    // and at most the kernel's own bound (a limit of "infinity" is common in
+    // containers).
     let table_max = nofile
+        .min(u64::from(ringgate_shard::limits::FIXED_FILES_MAX))
         .saturating_sub(u64::from(REJECT_SLOTS))
-        .clamp(1, u64::from(u32::MAX - REJECT_SLOTS));
+        .max(1);
     let per_shard = match cli.max_connections {
         None => table_max,
         Some(0) => return Err("--max-connections must be at least 1".into()),
@@ -568,7 +571,7 @@ fn shard_config(cli: &Cli, shards: usize) -> Result<ShardConfig, String> {
             let wanted = total.div_ceil(shards as u64);
             if wanted > table_max {
                 tracing::warn!(
-                    "--max-connections {total} is more than {shards} shards can hold: capacity is {} (one ring holds at most RLIMIT_NOFILE ({nofile}) sockets); use more --shards",
+                    "--max-connections {total} is more than {shards} shards can hold: capacity is {} (one ring holds at most RLIMIT_NOFILE ({nofile}) sockets, and at most 1,048,576); use more --shards",
                     table_max * shards as u64
                 );
             }
