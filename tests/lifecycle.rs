@@ -373,3 +373,59 @@ fn tcp_keepalive_is_armed_on_accepted_connections_only_when_asked() {
         "{stderr}"
     );
 }
+
+/// Shards are pinned to the CPUs the process may use. Found in review: they
+/// were pinned to CPUs 0, 1, ... whatever the process's affinity, so under
+/// `taskset -c 1` shard 0 escaped to CPU 0.
+#[test]
+fn shards_are_pinned_within_the_process_s_cpus() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return; // One CPU: nothing to choose from.
+    }
+    /// Killed however the test ends: a process left running would hold the
+    /// harness's output open.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(binary())
+        .args([
+            "--shards",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("taskset (util-linux)");
+    let stdout = child.stdout.take().unwrap();
+    let child = Killed(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(line.starts_with("ringgate ready"), "{line:?}");
+    let mut shards = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.0.id())).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        if !comm.starts_with("ringgate-shard") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(allowed, "1", "a shard pinned outside the process's CPUs");
+        shards += 1;
+    }
+    assert_eq!(shards, 2);
+}

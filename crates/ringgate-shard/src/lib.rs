@@ -261,13 +261,29 @@ pub fn start(
                 .map_err(|e| StartError::Bind(local_addr, e))?,
         );
     }
-    let cpus = sys::cpu_count();
+    // Shards are pinned to the CPUs the process may run on, in order (a CPU
+    // set or `taskset` is kept). Where a CPU quota (a cgroup's cpu.max,
+    // `docker --cpus`) rather than a set limits the process, pinning would
+    // crowd every such process onto the same first CPUs: the scheduler
+    // places the shards instead.
+    let allowed = sys::allowed_cpus();
+    let quota_bound = sys::cpu_count() < allowed.len();
+    if cfg.cpu.is_some() && quota_bound {
+        tracing::info!(
+            cpus = allowed.len(),
+            quota = sys::cpu_count(),
+            "a CPU quota limits this process: shards are not pinned"
+        );
+    }
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut shards = Vec::with_capacity(count);
     let mut filters = RouteFilter::with_writers(count).into_iter();
     for (id, listener) in listeners.into_iter().enumerate() {
         let mut shard_cfg = cfg.clone();
-        shard_cfg.cpu = cfg.cpu.map(|base| (base + id) % cpus);
+        shard_cfg.cpu = cfg
+            .cpu
+            .filter(|_| !quota_bound && !allowed.is_empty())
+            .map(|base| allowed[(base + id) % allowed.len()]);
         let inbox = Arc::new(Inbox::new(cfg.inbox_capacity).map_err(|e| StartError::Shard(id, e))?);
         let (routes, writer) = filters.next().expect("a filter per shard");
         let stats = Arc::new(ShardStats::default());

@@ -83,7 +83,7 @@ pub fn ring_eventfd(fd: RawFd) {
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes a bit inside `set`; cpu is bounds-checked by the macro's callers below.
+    // SAFETY: CPU_SET writes a bit inside `set`; the index is below CPU_SETSIZE.
     unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
     // SAFETY: passes a valid pointer to a cpu_set_t of the size given.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
@@ -91,6 +91,23 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The CPUs this process may run on (its affinity mask), in order; all of
+/// `0..cpu_count()` if the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: passes a valid pointer to a cpu_set_t of the size given.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return (0..cpu_count()).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads a bit inside `set`; cpu < CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
 }
 
 /// The soft RLIMIT_NOFILE: the most fixed-file slots one ring may register.
