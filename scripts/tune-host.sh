@@ -44,7 +44,7 @@ proc_sys() { printf '%s/proc/sys/%s' "${root%/}" "${1//.//}"; }
 # tcp_mem from this host's memory, in pages: pressure starts at 1/16 of RAM,
 # the hard limit is 1/8 (the kernel's own defaults are about 1/32 to 1/16).
 mem_kib=$(awk '/^MemTotal:/ {print $2}' "${root%/}/proc/meminfo")
-page_kib=4
+page_kib=$(( $(getconf PAGESIZE 2>/dev/null || echo 4096) / 1024 ))
 pages=$((mem_kib / page_kib))
 tcp_mem="$((pages / 24)) $((pages / 16)) $((pages / 8))"
 

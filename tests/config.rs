@@ -81,6 +81,16 @@ fn config_errors_name_the_key_and_the_line() {
     assert!(!out.status.success(), "a start would refuse it");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--publish-wait must be at most 30s"), "{err}");
+    // Found in review: a control timeout of 0 passed, and timed out every
+    // request that needed a second read.
+    let no_time = temp_file("no-time.toml", "control-timeout = \"0s\"\n");
+    let out = ringgate(&["check-config", no_time.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--control-timeout must be at least 100ms"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(no_time);
     let broker = temp_file("broker.toml", "broker = \"redis://127.0.0.1:1/\"\n");
     let out = ringgate(&["check-config", broker.to_str().unwrap()], &[]);
     assert!(

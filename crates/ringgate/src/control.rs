@@ -510,9 +510,17 @@ pub(crate) fn stats_document(control: &Control) -> Value {
     let mut totals = Map::new();
     for shard in &per_shard {
         for (name, value) in shard {
-            let sum =
-                totals.get(name).and_then(Value::as_u64).unwrap_or(0) + value.as_u64().unwrap_or(0);
-            totals.insert(name.clone(), json!(sum));
+            let (was, value) = (
+                totals.get(name).and_then(Value::as_u64).unwrap_or(0),
+                value.as_u64().unwrap_or(0),
+            );
+            // Counts add up over the shards; an age does not: the oldest.
+            let total = if name == crate::metrics::OLDEST_QUEUED {
+                was.max(value)
+            } else {
+                was + value
+            };
+            totals.insert(name.clone(), json!(total));
         }
     }
     // Latency percentiles are not sums: per shard, and of the merged histogram.
@@ -719,6 +727,22 @@ mod tests {
         drop(held);
         assert_eq!(post(None).0, StatusCode::OK);
         assert_eq!(control.bodies.available_permits(), BODIES_BYTES_MAX);
+    }
+
+    #[test]
+    fn stats_totals_add_counts_and_take_the_oldest_age() {
+        // Found in review: the ages of the shards' oldest queued events were
+        // summed (four shards with a 10 s backlog each showed 40 s).
+        let mut control = Arc::try_unwrap(control_with_inbox(1)).ok().unwrap();
+        let shards = [ShardStats::default(), ShardStats::default()].map(Arc::new);
+        shards[0].send_queue_oldest_us.set(10);
+        shards[1].send_queue_oldest_us.set(30);
+        shards[0].messages_sent.add(2);
+        shards[1].messages_sent.add(3);
+        control.shards = shards.to_vec();
+        let doc = stats_document(&control);
+        assert_eq!(doc["totals"]["send_queue_oldest_microseconds"], 30);
+        assert_eq!(doc["totals"]["messages_sent_total"], 5);
     }
 
     #[test]

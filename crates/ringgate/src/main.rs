@@ -145,8 +145,18 @@ fn publish_wait_bounded(cli: &Cli) -> Result<(), String> {
             bus::PUBLISH_WAIT_MAX
         ));
     }
+    // A request's headers and body each get this long: at 0 every request
+    // needing a second read would time out.
+    if cli.control_timeout < CONTROL_TIMEOUT_MIN {
+        return Err(format!(
+            "--control-timeout must be at least {CONTROL_TIMEOUT_MIN:?}"
+        ));
+    }
     Ok(())
 }
+
+/// The shortest `--control-timeout`.
+const CONTROL_TIMEOUT_MIN: Duration = Duration::from_millis(100);
 
 fn first_line(text: &str) -> String {
     text.lines()

@@ -301,12 +301,13 @@ pub fn shard_counters(s: &ShardStats) -> Vec<(String, u64)> {
             counter.get(),
         ));
     }
-    out.push((
-        "send_queue_oldest_microseconds".into(),
-        s.send_queue_oldest_us.get(),
-    ));
+    out.push((OLDEST_QUEUED.into(), s.send_queue_oldest_us.get()));
     out
 }
+
+/// The `/stats` name of the oldest queued event's age: its total over the
+/// shards is their largest, not their sum.
+pub const OLDEST_QUEUED: &str = "send_queue_oldest_microseconds";
 
 /// The broker's figures: (name, type, help, value).
 pub fn broker_figures(control: &Control) -> Vec<(&'static str, &'static str, &'static str, u64)> {
