@@ -219,6 +219,9 @@ fn sigterm_with_full_inboxes_exits_within_the_drain_timeout_and_publishes_get_50
         s.total("publish_waits_total") > 0 || s.total("publish_rejected_total") > 0
     });
     let mut open = KeepAlive::connect(server.control);
+    // Answered, so accepted: one still in the listen queue when the listener
+    // closes is reset.
+    assert_eq!(open.request("GET", "/healthz", b"").0, 200);
     let sent = Instant::now();
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
