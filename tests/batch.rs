@@ -96,9 +96,13 @@ fn a_batch_is_bounded_and_guarded() {
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("10000"), "{body}");
     let big = format!("{{\"topic\":\"a\",\"data\":\"{}\"}}", "x".repeat(100));
+    // Nothing in it could be published: an error status, the line saying why.
     let (status, body) = post(server.control, "/publish", big.as_bytes());
-    assert_eq!(status, 207, "{body}");
+    assert_eq!(status, 400, "{body}");
     assert!(body.contains("--max-message-size"), "{body}");
+    let both = format!("{big}\n{{\"topic\":\"a\",\"data\":1}}\n");
+    let (status, body) = post(server.control, "/publish", both.as_bytes());
+    assert_eq!(status, 207, "{body}");
     let guarded = Server::start(&["--control-token", "s3cret-control-token-0123"]);
     let (status, _) = post(guarded.control, "/publish", b"{\"topic\":\"a\",\"data\":1}");
     assert_eq!(status, 401);

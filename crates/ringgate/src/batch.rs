@@ -2,9 +2,12 @@
 //! per line, `{"topic":T,"data":D}` (D any JSON value). The answer is JSON
 //! lines in the same order, `{"topic":T,"seq":N,"epoch":E}` per accepted event
 //! or `{"topic":T,"error":REASON}` per refused one (`"topic":null` when the line
-//! is not such an object); 200 when every event was accepted, 207 otherwise. A
-//! bad line refuses that line only. Events of one topic are numbered in the
-//! order of their lines. Blank lines are skipped.
+//! is not such an object); 200 when every event was accepted, 207 when some
+//! were. When none was, the status is an error, as for one event: 503 if the
+//! server refused any (inboxes full, shutting down, Redis away; retry later),
+//! else 400 (every line was bad); the lines still say why, each. A bad line
+//! refuses that line only. Events of one topic are numbered in the order of
+//! their lines. Blank lines are skipped.
 //!
 //! Bounds: at most [`BATCH_EVENTS_MAX`] events and [`BATCH_BYTES_MAX`] bytes
 //! per request (413 past either), each event's data at most
@@ -17,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::broker::Published;
+use crate::broker::{PublishError, Published};
 use crate::bus::Bus;
 
 /// Events one batch request may carry.
@@ -123,26 +126,33 @@ pub async fn publish(bus: &Bus, body: &[u8], message_bytes_max: usize) -> (u16, 
         .collect();
     let mut answers = bus.publish_many(&events).await.into_iter();
     let mut out = Vec::with_capacity(parsed.len() * 64);
-    let mut all_accepted = true;
+    let (mut accepted, mut refused_by_server) = (0, false);
     for (topic, data) in &parsed {
         let topic = topic.as_deref();
         match data {
             Ok(_) => match answers.next().expect("one answer per event") {
-                Ok(Published { seq, epoch, .. }) => accepted_line(&mut out, topic, seq, &epoch),
+                Ok(Published { seq, epoch, .. }) => {
+                    accepted += 1;
+                    accepted_line(&mut out, topic, seq, &epoch);
+                }
                 Err(e) => {
-                    all_accepted = false;
+                    refused_by_server |= !matches!(e, PublishError::BadTopic);
                     refused_line(&mut out, topic, &e.message());
                 }
             },
-            Err(why) => {
-                all_accepted = false;
-                refused_line(&mut out, topic, why);
-            }
+            Err(why) => refused_line(&mut out, topic, why),
         }
     }
     assert!(answers.next().is_none(), "one answer per event");
     let out = String::from_utf8(out).expect("JSON lines are UTF-8");
-    (if all_accepted { 200 } else { 207 }, out)
+    // A 2xx says events were queued: none was, none is answered.
+    let status = match accepted {
+        n if n == parsed.len() => 200,
+        0 if refused_by_server => 503,
+        0 => 400,
+        _ => 207,
+    };
+    (status, out)
 }
 
 /// `{"topic":T,"seq":N,"epoch":E}` and a newline, written by hand: a batch
