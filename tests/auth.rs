@@ -263,12 +263,7 @@ fn refused_refreshes_count_as_bad_requests() {
 /// closed the connection meanwhile although the refresh had come in time.
 #[test]
 fn a_refresh_waiting_behind_a_subscribe_keeps_the_connection_past_exp() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let broker = format!("redis://127.0.0.1:{port}/");
+    let broker = format!("redis://127.0.0.1:{}/", free_port());
     let server = Server::start(&[
         "--shards",
         "1",

@@ -25,6 +25,15 @@ fn ringgate(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .unwrap()
 }
 
+/// The error of a start with `args` (on free ports), which must fail.
+fn refused_start(args: &[&str]) -> String {
+    let mut all = vec!["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let out = ringgate(&all, &[]);
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn flag_beats_environment_beats_file_beats_default() {
     let file = temp_file(
@@ -158,19 +167,7 @@ fn every_flag_has_a_variable_and_booleans_take_the_usual_spellings() {
 
 #[test]
 fn a_client_publish_pattern_that_cannot_match_is_refused() {
-    let out = ringgate(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--client-publish",
-            "a*b",
-        ],
-        &[],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&["--client-publish", "a*b"]);
     assert!(
         err.contains("--client-publish") && err.contains("prefix"),
         "{err}"
@@ -266,18 +263,7 @@ fn a_flag_wins_over_a_conflicting_file_key_and_may_lean_on_the_file() {
     let settings = &server.stats()["settings"];
     assert_eq!(settings["allowed-origins"], "https://app.example");
     assert_eq!(settings["allow-missing-origin"], true);
-    let out = ringgate(
-        &[
-            "--allow-missing-origin",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&["--allow-missing-origin"]);
     assert!(
         err.contains("--allow-missing-origin needs --allowed-origins"),
         "{err}"

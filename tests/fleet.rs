@@ -26,11 +26,7 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut redis = Redis { child: None, port };
         redis.restart();
         redis
@@ -75,6 +71,18 @@ impl Redis {
         s.write_all(command.as_bytes())?;
         let mut reader = std::io::BufReader::new(s);
         read_reply(&mut reader)
+    }
+
+    /// Waits (10 s at most) until `want` hosts are subscribed to `topic`'s channel.
+    fn wait_numsub(&self, topic: &str, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.numsub(topic) != want {
+            assert!(
+                Instant::now() < deadline,
+                "NUMSUB of {topic} never reached {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Hosts subscribed to `topic`'s channel.
@@ -306,14 +314,7 @@ fn the_last_local_subscriber_leaving_drops_the_hosts_redis_subscription() {
     let mut by_query = raw_upgrade(&a, "/ws?topics=alerts");
     let mut by_op = raw_upgrade(&a, "/ws");
     assert_eq!(sub(&mut by_op, "alerts", None)["op"], "subscribed");
-    let wait = |want: u64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.numsub("alerts") != want {
-            assert!(Instant::now() < deadline, "NUMSUB never reached {want}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait(1);
+    redis.wait_numsub("alerts", 1);
     assert_eq!(metric(&a, "broker_subscriptions"), 1);
     publish(&a, "alerts", 1);
     read_events(&mut by_query, "alerts", 1..=1);
@@ -323,7 +324,7 @@ fn the_last_local_subscriber_leaving_drops_the_hosts_redis_subscription() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(redis.numsub("alerts"), 1, "one local subscriber is left");
     drop(by_query);
-    wait(0);
+    redis.wait_numsub("alerts", 0);
     a.wait_for("no subscriptions", Duration::from_secs(5), |s| {
         metric(s, "broker_subscriptions") == 0
     });
@@ -451,11 +452,7 @@ fn a_host_following_a_topic_keeps_its_link_past_two_pings() {
     let redis = Redis::start();
     let a = host(&redis.url(), &[]);
     let mut client = raw_upgrade(&a, "/ws?topics=kept");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.numsub("kept") != 1 {
-        assert!(Instant::now() < deadline, "the host never followed kept");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    redis.wait_numsub("kept", 1);
     std::thread::sleep(Duration::from_secs(11));
     assert_eq!(metric(&a, "broker_reconnects_total"), 0);
     assert_eq!(metric(&a, "broker_up"), 1);
@@ -599,11 +596,7 @@ fn a_redis_restart_answers_503_then_events_flow_again_after_a_gap_notice() {
 
 #[test]
 fn a_host_starts_without_redis_serves_clients_and_joins_when_it_comes() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/");
     let a = Server::start(&["--shards", "2", "--broker", &url]);
     let (status, body) = a.control_get("/readyz");
@@ -637,11 +630,7 @@ fn a_host_starts_without_redis_serves_clients_and_joins_when_it_comes() {
 /// is answered busy at once.
 #[test]
 fn requests_waiting_behind_a_subscribe_stay_within_the_shards_input_budget() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/");
     let a = Server::start(&[
         "--shards",

@@ -242,11 +242,7 @@ fn healthz_answers_ok() {
 fn a_new_process_takes_over_the_port_while_the_old_one_drains() {
     // A fixed control address, as a deployment has: the new process shares it
     // too (found in review: only --listen could be shared).
-    let control = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let control = format!("127.0.0.1:{}", free_port());
     let mut old = Server::start(&[
         "--shards",
         "2",

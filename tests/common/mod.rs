@@ -191,6 +191,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     parse_response(&response)
 }
 
+/// A loopback port free now (bound, then released): for a server started
+/// later on it, or for an address nothing listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A keep-alive HTTP/1.1 connection to the control plane, for what must be
 /// asked on a connection opened earlier (the control plane takes no new
 /// connections once it drains).
