@@ -306,17 +306,16 @@ pub fn hide_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    // As URL parsers read it (redis-rs' among them): the authority ends at the
-    // first '/', '?' or '#', and the user info at its last '@' (a password may
-    // hold '@').
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+    // Up to the last '@' anywhere: a password may hold '@', and also '/', '?'
+    // or '#' (unencoded base64), which a URL parser would take for the end of
+    // the user info and refuse. Hiding too much (an '@' in the path) is the
+    // safe side.
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_string();
     };
     match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => format!("{scheme}://***@{host}{tail}"),
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
     }
 }
 
@@ -331,7 +330,7 @@ mod tests {
         assert_eq!(hide_password("redis://pw@h:1/"), "redis://***@h:1/");
         // Found in review: the user info ends at the last '@'.
         assert_eq!(hide_password("redis://u:p@ss@h:1/"), "redis://u:***@h:1/");
-        assert_eq!(hide_password("redis://h:1/0?x=a@b"), "redis://h:1/0?x=a@b");
+        assert_eq!(hide_password("redis://u:ab/c+d@h:1/"), "redis://u:***@h:1/");
     }
 
     #[test]
