@@ -392,7 +392,12 @@ fn a_redis_refusing_writes_makes_the_host_unready_until_it_takes_them() {
 fn a_corrupt_numbering_in_redis_starts_the_topic_afresh() {
     let redis = Redis::start();
     let a = host(&redis.url(), &[]);
-    for (topic, seq, epoch) in [("e", "5", "NOT-OURS!"), ("s", "many", "0123456789")] {
+    for (topic, seq, epoch) in [
+        ("e", "5", "NOT-OURS!"),
+        ("s", "many", "0123456789"),
+        // Digits, but no count HINCRBY takes.
+        ("z", "007", "0123456789"),
+    ] {
         let meta = format!("ringgate:{{{topic}}}:meta");
         redis
             .query(&["HSET", &meta, "seq", seq, "epoch", epoch])

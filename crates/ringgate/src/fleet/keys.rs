@@ -38,12 +38,25 @@ pub fn channel(topic: &str) -> String {
     format!("{PREFIX}{topic}}}:events")
 }
 
-/// A key the link's write probe expires and nobody sets.
-pub const WRITE_PROBE: &str = "ringgate:write-probe";
+/// A key the link's write probe expires and nobody sets; in the keys'
+/// namespace (`ringgate:{*`), so a Redis ACL limited to it allows the probe.
+pub const WRITE_PROBE: &str = "ringgate:{probe}:write";
 
 /// The topic a channel name carries, if it is one of ours.
 pub fn topic_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix(PREFIX)?.strip_suffix("}:events")
+}
+
+/// Lua both scripts start with: whether a `seq` read back is a count as
+/// HINCRBY takes it (no sign, no leading zero, below 2^63). A numbering with
+/// anything else is not of ringgate's making.
+macro_rules! is_count_lua {
+    () => {
+        r"local function is_count(s)
+  return s == '0' or (#s <= 18 and string.match(s, '^[1-9]%d*$') ~= nil)
+end
+"
+    };
 }
 
 /// Numbers, keeps and publishes events, atomically and in order (one event, or
@@ -54,9 +67,10 @@ pub fn topic_of_channel(channel: &str) -> Option<&str> {
 /// history TTL (s), meta TTL (s), then for each event its channel, its data
 /// and a fresh epoch (used if the topic has no state).
 /// Returns {seq, epoch, hosts that received it} per event.
-pub const PUBLISH: &str = r"
-redis.replicate_commands()
-local size = tonumber(ARGV[1])
+pub const PUBLISH: &str = concat!(
+    "redis.replicate_commands()\n",
+    is_count_lua!(),
+    r"local size = tonumber(ARGV[1])
 local now = redis.call('TIME')[1]
 local answers = {}
 for i = 1, #KEYS / 2 do
@@ -65,7 +79,7 @@ for i = 1, #KEYS / 2 do
   -- A numbering not of our making (a seq that is no count, an epoch not ten
   -- of [0-9a-z]) is no numbering: the topic starts a new one.
   local count, epoch = unpack(redis.call('HMGET', meta, 'seq', 'epoch'))
-  if (count and not string.match(count, '^%d+$'))
+  if (count and not is_count(count))
     or (epoch and not string.match(epoch, '^[0-9a-z]+$'))
     or (epoch and #epoch ~= 10) then
     redis.call('HDEL', meta, 'seq', 'epoch')
@@ -89,7 +103,8 @@ for i = 1, #KEYS / 2 do
   answers[i] = {seq, epoch, hosts}
 end
 return answers
-";
+"
+);
 
 /// Where a topic stands, made if unknown (seq 0, the fresh epoch), and the
 /// history from a given `seq` on. A host that delivered further under the same
@@ -100,10 +115,11 @@ return answers
 /// wanted (0: none), the asking host's epoch ("" if none) and last delivered `seq`.
 /// Returns {seq, epoch, Redis' clock (s), {entries from the first wanted}};
 /// fewer entries than `seq - first + 1` means the history no longer reaches it.
-pub const STANDING: &str = r"
-redis.replicate_commands()
-local count, epoch = unpack(redis.call('HMGET', KEYS[1], 'seq', 'epoch'))
-local seq = count and string.match(count, '^%d+$') and tonumber(count)
+pub const STANDING: &str = concat!(
+    "redis.replicate_commands()\n",
+    is_count_lua!(),
+    r"local count, epoch = unpack(redis.call('HMGET', KEYS[1], 'seq', 'epoch'))
+local seq = count and is_count(count) and tonumber(count)
 -- An epoch not of our making (ten of [0-9a-z]) is no epoch.
 if epoch and (#epoch ~= 10 or not string.match(epoch, '^[0-9a-z]+$')) then
   epoch = nil
@@ -124,7 +140,8 @@ if from > 0 and from <= seq then
   entries = redis.call('LRANGE', KEYS[2], from - seq - 1, -1)
 end
 return {seq, epoch, redis.call('TIME')[1], entries}
-";
+"
+);
 
 /// The event data as it travels the bus: JSON text.
 pub fn data_json<'a>(data: &EventData<'a>) -> Cow<'a, str> {
