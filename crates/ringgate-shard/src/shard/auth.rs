@@ -45,6 +45,10 @@ pub(super) struct ConnAuth {
 
 const _: () = assert!(std::mem::size_of::<Option<ConnAuth>>() == 16);
 
+/// How long past `exp` a connection whose `refresh` waits behind its earlier
+/// requests is kept for that refresh to be judged.
+const REFRESH_WAIT_SECS: u32 = 10;
+
 /// Every authenticated connection's token state on a shard.
 #[derive(Default)]
 pub(super) struct Tokens {
@@ -199,19 +203,19 @@ impl Shard {
             return;
         }
         let now = u32::try_from(unix_now()).unwrap_or(u32::MAX);
-        let expired: Vec<usize> = self
+        let expired: Vec<(usize, u32)> = self
             .tokens
             .by_key
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.as_ref().is_some_and(|a| a.exp <= now))
-            .map(|(key, _)| key)
+            .filter_map(|(key, a)| a.as_ref().filter(|a| a.exp <= now).map(|a| (key, a.exp)))
             .collect();
-        for key in expired {
+        for (key, exp) in expired {
             // A refresh the client sent in time may wait behind its unanswered
-            // subscribe or its replay (both bounded in time): it is judged
-            // when its turn comes, not the token expired meanwhile.
-            if self.refresh_waits(key) {
+            // subscribe or its replay: it is judged when its turn comes, if
+            // that comes within REFRESH_WAIT_SECS of exp (a replay kept going
+            // by live events could hold it back for good).
+            if now < exp.saturating_add(REFRESH_WAIT_SECS) && self.refresh_waits(key) {
                 continue;
             }
             self.tokens.remove(key as u32);

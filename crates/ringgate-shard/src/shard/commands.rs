@@ -133,15 +133,18 @@ impl Shard {
     }
 
     /// Stops taking connections at once; closes the open ones once the inbox
-    /// is empty (`close_open_connections`). The broker refuses publishes before
-    /// a shutdown is requested, so what the inbox holds then is all there is.
+    /// is empty (`close_open_connections`), or at half the drain time. The
+    /// embedded broker refuses publishes before a shutdown is requested, so
+    /// what the inbox holds then is all there is; a fleet member's link may go
+    /// on delivering other hosts' events, hence the bound.
     pub(super) fn begin_shutdown(&mut self, deadline: Instant) {
         if self.shutdown_deadline.is_some() {
             return;
         }
         tracing::info!(shard = self.id, connections = self.conns.len(), "draining");
         self.shutdown_deadline = Some(deadline);
-        self.going_away = true;
+        let now = Instant::now();
+        self.going_away_by = Some(now + deadline.saturating_duration_since(now) / 2);
         self.cancel_accepts();
         // The armed accept holds its own reference to the socket until the
         // cancel completes (a turn from now); then closing ours takes this shard
@@ -159,11 +162,8 @@ impl Shard {
 
     /// Sends every open connection Close 1001, after whatever it has queued.
     pub(super) fn close_open_connections(&mut self) {
-        assert!(
-            self.going_away && !self.inbox_pending,
-            "connections close once the inbox is empty"
-        );
-        self.going_away = false;
+        assert!(self.going_away_by.is_some(), "closing for a shutdown");
+        self.going_away_by = None;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];

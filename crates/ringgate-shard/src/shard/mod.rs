@@ -157,9 +157,10 @@ pub(crate) struct Shard {
     shutdown_deadline: Option<Instant>,
     /// Shutting down, and the open connections are still to be sent Close
     /// 1001: that waits until the inbox is empty, so every event accepted
-    /// before the shutdown reaches its subscribers first (the drain deadline
-    /// bounds the wait).
-    going_away: bool,
+    /// before the shutdown reaches its subscribers first, or until this time
+    /// (half the drain time: a fleet member's inbox keeps taking other hosts'
+    /// events, which the clients recover from Redis on their next host).
+    going_away_by: Option<Instant>,
 }
 
 impl Shard {
@@ -245,7 +246,7 @@ impl Shard {
             next_generation: 0,
             accepting,
             shutdown_deadline: None,
-            going_away: false,
+            going_away_by: None,
         })
     }
 
@@ -313,8 +314,11 @@ impl Shard {
                 self.handle_commands();
                 self.offer_send_slots();
             }
-            if self.going_away && !self.inbox_pending {
+        }
+        if let Some(by) = self.going_away_by {
+            if !self.inbox_pending || Instant::now() >= by {
                 self.close_open_connections();
+                self.offer_send_slots();
             }
         }
         assert!(
