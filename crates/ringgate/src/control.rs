@@ -32,7 +32,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use ringgate_shard::{EventData, ShardStats, Upstream};
@@ -51,8 +52,8 @@ pub const CONNECTIONS_MAX: usize = 512;
 /// largest batch ([`crate::batch::BATCH_BYTES_MAX`]), or one largest event
 /// where `--max-message-size` is larger ([`bodies_budget`]). Without it,
 /// [`CONNECTIONS_MAX`] publishers could make it hold 512 batches of 16 MiB. A
-/// request reserves its body's bound (its Content-Length, else its route's
-/// limit) before reading it, and waits `--control-timeout` at most for room.
+/// body takes room as its bytes arrive; one that finds none is answered 503
+/// (`read_body`).
 pub const BODIES_BYTES_MAX: usize = 4 * crate::batch::BATCH_BYTES_MAX;
 
 /// The bodies' budget for a largest event of `message_bytes_max`.
@@ -284,29 +285,64 @@ fn answer(status: StatusCode, body: Value) -> Answer {
     (status, Json(body))
 }
 
-/// Reserves room in the bodies' budget for a body of at most `limit` bytes
-/// (its Content-Length where that is smaller), waiting `--control-timeout` at
-/// most; 503 past it. The room is given back when the permit drops.
-async fn reserve_body(
+/// A publish body, read within `--control-timeout` and `limit` bytes
+/// (`too_large` says what the limit is), with the room it takes in the bodies'
+/// budget, given back when the permit drops. Room is taken as the bytes
+/// arrive, never waited for: a body finding none is answered 503 at once, so
+/// no request holds room it has not filled (a slow upload declaring 16 MiB
+/// holds what it sent), and no large request waiting blocks small ones.
+async fn read_body(
     control: &Control,
-    headers: &axum::http::HeaderMap,
+    body: Body,
     limit: usize,
-) -> Result<tokio::sync::OwnedSemaphorePermit, Answer> {
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let bytes = declared.map_or(limit, |n| n.min(limit));
-    let permits = u32::try_from(bytes).expect("bodies are at most 1 GiB");
-    let reserve = control.bodies.clone().acquire_many_owned(permits);
-    match tokio::time::timeout(control.timeout, reserve).await {
-        Ok(permit) => Ok(permit.expect("the bodies' semaphore is never closed")),
+    too_large: impl FnOnce() -> String,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Answer> {
+    let mut room = control
+        .bodies
+        .clone()
+        .try_acquire_many_owned(0)
+        .expect("no room is always there");
+    let read = async {
+        let (mut body, mut chunks, mut len) = (body, Vec::new(), 0);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                let msg = format!("reading the body failed: {e}");
+                answer(StatusCode::BAD_REQUEST, json!({ "error": msg }))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            len += data.len();
+            if len > limit {
+                return Err(answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({ "error": too_large() }),
+                ));
+            }
+            let bytes = u32::try_from(data.len()).expect("a frame under the body limit");
+            let more = control
+                .bodies
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .map_err(|_| {
+                    let msg =
+                        "the control plane holds as many publish bodies as it may: retry later";
+                    answer(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": msg }))
+                })?;
+            room.merge(more);
+            chunks.push(data);
+        }
+        Ok(match chunks.len() {
+            1 => chunks.pop().expect("one"),
+            _ => Bytes::from(chunks.concat()),
+        })
+    };
+    match tokio::time::timeout(control.timeout, read).await {
+        Ok(Ok(bytes)) => Ok((bytes, room)),
+        Ok(Err(refused)) => Err(refused),
         Err(_) => {
-            let msg = "the control plane holds as many publish bodies as it may: retry later";
-            Err(answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": msg }),
-            ))
+            let msg = "the body did not arrive within --control-timeout";
+            Err(answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": msg })))
         }
     }
 }
@@ -350,28 +386,11 @@ async fn publish(
         let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
         return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg }));
     }
-    let _room = match reserve_body(&control, &headers, control.message_bytes_max).await {
-        Ok(room) => room,
+    let max = control.message_bytes_max;
+    let too_large = || format!("the event is larger than --max-message-size ({max} bytes)");
+    let (body, _room) = match read_body(&control, body, max, too_large).await {
+        Ok(read) => read,
         Err(refused) => return refused,
-    };
-    let limited = Limited::new(body, control.message_bytes_max);
-    let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            let msg = format!(
-                "the event is larger than --max-message-size ({} bytes)",
-                control.message_bytes_max
-            );
-            return answer(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": msg }));
-        }
-        Ok(Err(e)) => {
-            let msg = format!("reading the body failed: {e}");
-            return answer(StatusCode::BAD_REQUEST, json!({ "error": msg }));
-        }
-        Err(_) => {
-            let msg = "the body did not arrive within --control-timeout";
-            return answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": msg }));
-        }
     };
     let data = match EventData::classify(&body) {
         Ok(data) => data,
@@ -423,28 +442,11 @@ async fn publish_batch(
         let msg = "POST /publish needs Authorization: Bearer <the --control-token>";
         return answer(StatusCode::UNAUTHORIZED, json!({ "error": msg })).into_response();
     }
-    let _room = match reserve_body(&control, &headers, crate::batch::BATCH_BYTES_MAX).await {
-        Ok(room) => room,
+    let max = crate::batch::BATCH_BYTES_MAX;
+    let too_large = || format!("the batch is larger than {max} bytes: split it");
+    let (body, _room) = match read_body(&control, body, max, too_large).await {
+        Ok(read) => read,
         Err(refused) => return refused.into_response(),
-    };
-    let limited = Limited::new(body, crate::batch::BATCH_BYTES_MAX);
-    let body = match tokio::time::timeout(control.timeout, limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            let msg = format!(
-                "the batch is larger than {} bytes: split it",
-                crate::batch::BATCH_BYTES_MAX
-            );
-            return answer(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": msg })).into_response();
-        }
-        Ok(Err(e)) => {
-            let msg = format!("reading the body failed: {e}");
-            return answer(StatusCode::BAD_REQUEST, json!({ "error": msg })).into_response();
-        }
-        Err(_) => {
-            let msg = "the body did not arrive within --control-timeout";
-            return answer(StatusCode::REQUEST_TIMEOUT, json!({ "error": msg })).into_response();
-        }
     };
     let (status, lines) =
         crate::batch::publish(&control.bus, &body, control.message_bytes_max).await;
@@ -691,10 +693,8 @@ mod tests {
     }
 
     #[test]
-    fn bodies_wait_for_room_in_their_budget_then_get_503() {
-        let mut control = Arc::try_unwrap(control_with_inbox(10)).ok().unwrap();
-        control.timeout = Duration::from_millis(200);
-        let control = Arc::new(control);
+    fn a_body_takes_room_as_it_arrives_and_finding_none_gets_503() {
+        let control = control_with_inbox(10);
         let others = BODIES_BYTES_MAX - 500;
         let held = control
             .bodies
@@ -705,27 +705,24 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let post = |length: Option<usize>| {
-            let mut headers = axum::http::HeaderMap::new();
-            if let Some(n) = length {
-                headers.insert(axum::http::header::CONTENT_LENGTH, n.into());
-            }
+        let post = |body: Vec<u8>| {
             runtime.block_on(publish(
                 State(control.clone()),
                 Path("t".to_string()),
-                headers,
-                Body::from("1"),
+                axum::http::HeaderMap::new(),
+                Body::from(body),
             ))
         };
-        // No length given: the route's limit (1,024) does not fit in 500.
-        let (status, Json(body)) = post(None);
+        let big = format!("\"{}\"", "x".repeat(598)).into_bytes();
+        // 600 bytes do not fit in the 500 left: refused at once, not waited for.
+        let (status, Json(body)) = post(big.clone());
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
-        // A declared length that fits goes through, and gives its room back.
-        assert_eq!(post(Some(1)).0, StatusCode::OK);
+        // A body that fits goes through, and gives its room back.
+        assert_eq!(post(b"1".to_vec()).0, StatusCode::OK);
         assert_eq!(control.bodies.available_permits(), 500);
         drop(held);
-        assert_eq!(post(None).0, StatusCode::OK);
+        assert_eq!(post(big).0, StatusCode::OK);
         assert_eq!(control.bodies.available_permits(), BODIES_BYTES_MAX);
     }
 
