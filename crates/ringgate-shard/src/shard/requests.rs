@@ -38,10 +38,16 @@ pub(super) struct Outstanding {
     pub generation: u32,
     /// Subscribes sent and not yet answered.
     pub pending: u16,
-    /// Requests received since, in order.
+    /// Requests received since, in order; their bytes count in the shard's
+    /// unfinished input.
     pub deferred: VecDeque<Box<[u8]>>,
-    /// Their bytes, counted in the shard's unfinished input.
-    pub deferred_bytes: usize,
+}
+
+impl Outstanding {
+    /// Bytes of the requests waiting (at most `REQUESTS_DEFERRED_MAX` of them).
+    pub fn deferred_bytes(&self) -> usize {
+        self.deferred.iter().map(|text| text.len()).sum()
+    }
 }
 
 impl Shard {
@@ -113,14 +119,13 @@ impl Shard {
             return self.error(key, "busy", "too many requests in flight, slow down");
         }
         entry.deferred.push_back(text);
-        entry.deferred_bytes += len;
         self.unfinished += len;
     }
 
     /// Forgets what connection `key` waits for, its waiting requests with it.
     pub(super) fn drop_outstanding(&mut self, key: usize) {
         if let Some(entry) = self.outstanding.remove(&key) {
-            self.unfinished -= entry.deferred_bytes;
+            self.unfinished -= entry.deferred_bytes();
         }
     }
 
@@ -130,7 +135,6 @@ impl Shard {
             generation,
             pending: 0,
             deferred: VecDeque::new(),
-            deferred_bytes: 0,
         });
         assert_eq!(entry.generation, generation, "a stale outstanding entry");
         entry
@@ -153,7 +157,6 @@ impl Shard {
                 self.drop_outstanding(key);
                 return;
             };
-            waiting.deferred_bytes -= text.len();
             self.unfinished -= text.len();
             if self.conns[key].state != State::Open {
                 self.drop_outstanding(key);

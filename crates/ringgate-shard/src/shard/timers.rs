@@ -113,7 +113,7 @@ impl Shard {
         unfinished += self
             .outstanding
             .values()
-            .map(|o| o.deferred_bytes)
+            .map(super::requests::Outstanding::deferred_bytes)
             .sum::<usize>();
         // The running count of unfinished input (waiting requests included)
         // must agree with the records.
