@@ -262,7 +262,7 @@ pub fn measure_floor(args: &Args) -> Result<Floor, String> {
     if args.events == 0 || args.size == 0 || args.rate <= 0.0 {
         return Err("--events, --size and --rate must be above 0".into());
     }
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let listener = listener()?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let pattern = args.pattern(conns);
     let per_event = pattern.per_event;
@@ -445,6 +445,23 @@ pub fn reader(
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{got}");
     Ok(())
+}
+
+/// A listener on a free loopback port whose accept queue holds a reader's
+/// bursts. std's backlog of 128 overflowed here when a reader connected
+/// 10,000 sockets (the kernel dropped SYNs, and each retransmit held that
+/// reader a second or more: 10-28 s a reader, past the others' 60 s wait).
+pub(crate) fn listener() -> Result<TcpListener, String> {
+    use socket2::{Domain, Socket, Type};
+    let socket =
+        Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| format!("socket: {e}"))?;
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("a loopback address");
+    socket
+        .bind(&addr.into())
+        .map_err(|e| format!("bind: {e}"))?;
+    // The kernel caps it at net.core.somaxconn (4,096 here).
+    socket.listen(65_535).map_err(|e| format!("listen: {e}"))?;
+    Ok(socket.into())
 }
 
 /// `conns` connections accepted from `listener`, with TCP_NODELAY as ringgate's

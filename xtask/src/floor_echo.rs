@@ -9,7 +9,6 @@
 //! echo figure.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ pub fn measure(conns: usize, size: usize, seconds: f64) -> Result<EchoFloor, Str
     if conns == 0 || conns > 18_000 || size == 0 || seconds <= 0.0 {
         return Err("--conns must be from 1 to 18000; --size and --seconds above 0".into());
     }
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let listener = crate::floor::listener()?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut client = KillOnDrop(

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -270,7 +270,7 @@ fn start_floor(conns: usize) -> Result<Server, String> {
 /// socket registered for input in one epoll set and answers pings with pongs
 /// until stdin closes.
 pub fn idle_server(conns: usize) -> Result<(), String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let listener = crate::floor::listener()?;
     println!("{}", listener.local_addr().map_err(|e| e.to_string())?);
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let mut sockets = Vec::with_capacity(conns);

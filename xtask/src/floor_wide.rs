@@ -13,13 +13,15 @@
 //!
 //! There is no plain `send()` row here: it needs an fd per socket.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 use io_uring::IoUring;
 
-use crate::floor::{measure, pin, send_batch, sender_ring, Args, KillOnDrop, SQ_ENTRIES};
+use crate::floor::{
+    accept_all, measure, pin, send_batch, sender_ring, Args, KillOnDrop, SQ_ENTRIES,
+};
 
 /// Registered files per ring: under the open-file limit (20,000 here), which
 /// bounds a ring's table.
@@ -57,7 +59,7 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
     let mut rings = (0..conns.div_ceil(FILES_PER_RING))
         .map(|r| Ring::new(FILES_PER_RING.min(conns - r * FILES_PER_RING)))
         .collect::<Result<Vec<_>, _>>()?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let listener = crate::floor::listener()?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children = Vec::with_capacity(readers);
@@ -80,12 +82,18 @@ pub fn measure_wide(args: &Args) -> Result<f64, String> {
                 .spawn()
                 .map_err(|e| format!("starting reader {r}: {e}"))?,
         ));
-        for socket in first..first + share {
-            let (s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            rings[socket / FILES_PER_RING].hold(socket % FILES_PER_RING, &s)?;
-            // `s` closes here; the ring's table keeps the socket open.
+        // The reader's sockets (at most SOCKETS_PER_READER fds open at once),
+        // then one table update per ring they fall in, not one per socket.
+        let accepted = accept_all(&listener, share, false)?;
+        let mut at = 0;
+        while at < accepted.len() {
+            let socket = first + at;
+            let (ring, slot) = (socket / FILES_PER_RING, socket % FILES_PER_RING);
+            let run = (FILES_PER_RING - slot).min(accepted.len() - at);
+            rings[ring].hold(slot, &accepted[at..at + run])?;
+            at += run;
         }
+        // `accepted` closes here; the rings' tables keep the sockets open.
     }
     pin(0);
     let payload = vec![b'x'; args.size];
@@ -126,12 +134,21 @@ impl Ring {
         Ok(Ring { ring })
     }
 
-    /// Puts `socket` in the table at `slot`; the caller may then close its fd.
-    fn hold(&mut self, slot: usize, socket: &TcpStream) -> Result<(), String> {
-        self.ring
+    /// Puts `sockets` in the table from `slot` on, in one update; the caller
+    /// may then close their fds.
+    fn hold(&mut self, slot: usize, sockets: &[TcpStream]) -> Result<(), String> {
+        let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let done = self
+            .ring
             .submitter()
-            .register_files_update(slot as u32, &[socket.as_raw_fd()])
+            .register_files_update(slot as u32, &fds)
             .map_err(|e| format!("register_files_update: {e}"))?;
+        if done != fds.len() {
+            return Err(format!(
+                "register_files_update took {done} of {}",
+                fds.len()
+            ));
+        }
         Ok(())
     }
 }
